@@ -1,0 +1,42 @@
+# fw_tier: PGXS build.  `make && make install`; `make fwsim` builds the simulator.
+MODULE_big = fw_tier
+OBJS = \
+	src/fw_tier.o \
+	src/shmem.o \
+	src/escalation.o \
+	src/calllog.o \
+	src/worker.o \
+	src/status.o \
+	src/http.o \
+	src/workloads.o \
+	src/fixtures.o \
+	src/budget.o \
+	src/progress.o \
+	src/fwjson.o \
+	src/engine.o \
+	src/sqlfuncs.o
+
+EXTENSION = fw_tier
+DATA = $(wildcard sql/fw_tier--*.sql)
+PGFILEDESC = "fw_tier - Fireworks AI calls from SQL with tier routing"
+
+PG_CPPFLAGS = -I$(srcdir)/src $(shell curl-config --cflags)
+SHLIB_LINK = $(shell curl-config --libs)
+
+# Regression suite: run against the simulator by test/run-regress.sh, which
+# writes test/regress.conf and exports FWSIM_URL.
+REGRESS = install complete chat routing failures cancel secrets privileges
+REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=$(srcdir)/tmp_check
+
+# TAP tests (t/*.pl) are run by test/run-tap.sh with prove.
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+.PHONY: fwsim
+fwsim:
+	$(MAKE) -C test/fwsim
+
+# PGXS tracks no header dependencies: rebuild everything when one changes.
+$(OBJS): $(wildcard src/*.h)

@@ -1,0 +1,57 @@
+# Sourced by the benchmarks: a throwaway cluster with fw_tier preloaded and
+# an nginx fixed-answer endpoint, both on loopback, both stopped on exit.
+# Run as root (the cluster runs as fwtest).
+set -euo pipefail
+BINDIR=$(pg_config --bindir)
+BENCH_WORK=$(mktemp -d /tmp/fw_tier-bench.XXXXXX)
+chown fwtest "$BENCH_WORK"
+PGPORT_BENCH=$((20000 + RANDOM % 20000))
+_bench_cleanup() {
+	su fwtest -s /bin/bash -c "'$BINDIR/pg_ctl' -D '$BENCH_WORK/data' -m fast stop" >/dev/null 2>&1 || true
+	[ -f "$BENCH_WORK/nginx.pid" ] && kill "$(cat "$BENCH_WORK/nginx.pid")" 2>/dev/null || true
+	[ -n "${FWSIM_PID:-}" ] && kill "$FWSIM_PID" 2>/dev/null || true
+	rm -rf "$BENCH_WORK"
+}
+trap _bench_cleanup EXIT
+
+# start_nginx PORT: POST anywhere -> a fixed chat.completion
+start_nginx() {
+	local port=$1
+	cat > "$BENCH_WORK/nginx.conf" <<CONF
+worker_processes 1;
+pid $BENCH_WORK/nginx.pid;
+error_log $BENCH_WORK/nginx.err;
+events { worker_connections 1024; }
+http {
+	access_log off;
+	keepalive_requests 10000000;
+	keepalive_timeout 300s;
+	client_body_temp_path $BENCH_WORK/nginx_tmp;
+	server {
+		listen 127.0.0.1:$port;
+		location / {
+			default_type application/json;
+			return 200 '{"id":"fixed","object":"chat.completion","created":1,"model":"accounts/fireworks/models/kimi-k2p6","choices":[{"index":0,"message":{"role":"assistant","content":"fixed answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6,"prompt_tokens_details":{"cached_tokens":0}}}';
+		}
+	}
+}
+CONF
+	nginx -c "$BENCH_WORK/nginx.conf"
+	for _ in $(seq 1 50); do [ -s "$BENCH_WORK/nginx.pid" ] && break; sleep 0.1; done
+}
+
+# start_cluster EXTRA_CONF: initdb + start, fw_tier created in postgres
+start_cluster() {
+	su fwtest -s /bin/bash -c "'$BINDIR/initdb' -D '$BENCH_WORK/data' -A trust -U postgres" >/dev/null
+	cat >> "$BENCH_WORK/data/postgresql.conf" <<CONF
+port = $PGPORT_BENCH
+listen_addresses = ''
+unix_socket_directories = '$BENCH_WORK'
+shared_preload_libraries = 'fw_tier'
+$1
+CONF
+	su fwtest -s /bin/bash -c "'$BINDIR/pg_ctl' -D '$BENCH_WORK/data' -l '$BENCH_WORK/pg.log' -w start" >/dev/null
+	bpsql -c "CREATE EXTENSION fw_tier" >/dev/null
+}
+
+bpsql() { su fwtest -s /bin/bash -c "$(printf '%q ' "$BINDIR/psql" -X -q -A -t -h "$BENCH_WORK" -p "$PGPORT_BENCH" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@")"; }

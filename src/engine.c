@@ -1,0 +1,658 @@
+/*-------------------------------------------------------------------------
+ *
+ * engine.c
+ *		One SQL call, or a batch of them: route, attempt, classify, retry,
+ *		log.
+ *
+ * fw_complete is a batch of one: every call runs through fw_engine_run,
+ * which keeps up to `concurrency` attempts in flight on the backend's
+ * libcurl multi handle, starts retries when their backoff ends, and never
+ * sleeps past the statement's deadline.  No threads.
+ *
+ * Each attempt is classified (README "Failure classes"), counted in shared
+ * memory, pushed to the call-log ring, and then decides what happens next:
+ * done, fail, retry at once on Priority (escalation), or retry after a
+ * backoff.  Cancel (pg_cancel_backend, statement_timeout) is noticed within
+ * one poll: in-flight attempts are logged as cancelled, every transfer is
+ * released, and CHECK_FOR_INTERRUPTS raises 57014.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "commands/dbcommands.h"
+#include "common/pg_prng.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "access/xact.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "budget.h"
+#include "engine.h"
+#include "fixtures.h"
+#include "fwjson.h"
+#include "http.h"
+
+/* Longest single sleep: bounds cancel latency should a signal slip by. */
+#define FW_POLL_SLICE_MS	20
+
+/* Unavailable and transport failures get one short retry, then fail. */
+#define FW_UNAVAILABLE_ATTEMPTS 2
+
+static char *fw_dbname = NULL;
+
+static TimestampTz
+fw_statement_deadline(void)
+{
+	if (StatementTimeout <= 0)
+		return DT_NOEND;
+	return GetCurrentStatementStartTimestamp() +
+		(TimestampTz) StatementTimeout * 1000;
+}
+
+FwOnError
+fw_call_on_error(Jsonb *options)
+{
+	char	   *v = fw_option_text(options, "on_error");
+
+	if (v == NULL)
+		return (FwOnError) fw_on_error;
+	if (strcmp(v, "null") == 0)
+		return FW_ONERROR_NULL;
+	if (strcmp(v, "raise") == 0)
+		return FW_ONERROR_RAISE;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid on_error option \"%s\"", v),
+			 errhint("Use \"raise\" or \"null\".")));
+	return FW_ONERROR_RAISE;	/* keep compiler quiet */
+}
+
+/*
+ * Resolve everything about a call that does not change between attempts.
+ * Errors here (unknown workload, bad options) are the caller's mistakes and
+ * are raised whatever on_error says.
+ */
+void
+fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
+			 Jsonb *options, bool want_text)
+{
+	char	   *forced;
+	char	   *model;
+
+	memset(call, 0, sizeof(*call));
+	fw_workload_get(workload, &call->wl);
+	call->messages = messages;
+	call->options = options;
+	call->want_text = want_text;
+
+	call->configured = call->wl.path;
+	forced = fw_option_text(options, "path");
+	if (forced && !fw_parse_path(forced, &call->configured))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid path option \"%s\"", forced),
+				 errhint("Use \"standard\", \"priority\" or \"fast\".")));
+
+	model = fw_option_text(options, "model");
+	call->model = model ? model : (call->wl.model ? call->wl.model : fw_default_model);
+	if (call->model == NULL || call->model[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("no model for workload \"%s\"", call->wl.name),
+				 errhint("Set fw_tier.default_model or the workload's model.")));
+
+	if (call->configured == FW_PATH_FAST &&
+		(call->wl.fast_model == NULL || call->wl.fast_model[0] == '\0'))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("workload \"%s\" has no fast_model", call->wl.name),
+				 errhint("Set fast_model in fw_tier.workloads to the Fast model id.")));
+
+	call->affinity = fw_option_text(options, "session_affinity");
+	call->budget_model = (call->configured == FW_PATH_FAST) ? call->wl.fast_model : call->model;
+	/* about four bytes a token: only a pacing estimate, settled later */
+	call->est_prompt = (int) (VARSIZE(messages) / 4);
+	call->body_path = FW_NUM_PATHS;
+	call->outcome = FW_OK;
+}
+
+/* Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^n)]. */
+static int64
+fw_backoff_ms(int attempt)
+{
+	double		ceiling = (double) fw_backoff_base_ms;
+
+	for (int i = 1; i < attempt && ceiling < fw_backoff_cap_ms; i++)
+		ceiling *= 2;
+	ceiling = Min(ceiling, (double) fw_backoff_cap_ms);
+	return (int64) (pg_prng_double(&pg_global_prng_state) * ceiling);
+}
+
+static FwOutcome
+fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
+{
+	memset(parsed, 0, sizeof(*parsed));
+	parsed->prompt_tokens = parsed->cached_tokens = parsed->completion_tokens = -1;
+
+	if (r->cancelled)
+		return FW_CANCELLED;
+	if (r->timed_out)
+		return FW_TIMEOUT;
+	if (r->failed)
+		return (r->status >= 200 && r->status < 300 &&
+				strstr(r->errmsg, "64 MB")) ? FW_BAD_RESPONSE : FW_TRANSPORT;
+	if (r->status >= 200 && r->status < 300)
+		return fw_parse_completion(r->body, r->body_len, call->want_text, parsed)
+			? FW_OK : FW_BAD_RESPONSE;
+	if (r->status == 429)
+		return FW_RATE_LIMITED;
+	if (r->status == 503)
+		return (r->body && strcasestr(r->body, "overload")) ? FW_OVERLOADED : FW_UNAVAILABLE;
+	if (r->status >= 500)
+		return FW_UNAVAILABLE;
+	/* 4xx, and 3xx: redirects are never followed, the URL is wrong. */
+	return FW_CLIENT_ERROR;
+}
+
+static void
+fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
+			   const FwParsed *parsed)
+{
+	FwCallRecord rec;
+
+	if (fw_dbname == NULL)
+	{
+		char	   *db = get_database_name(MyDatabaseId);
+
+		fw_dbname = MemoryContextStrdup(TopMemoryContext, db ? db : "");
+	}
+
+	memset(&rec, 0, sizeof(rec));
+	rec.call_id = call->call_id;
+	rec.attempt = call->attempt;
+	rec.started_at = call->attempt_start;
+	namestrcpy(&rec.dbname, fw_dbname);
+	namestrcpy(&rec.username, GetUserNameFromId(GetUserId(), false));
+	strlcpy(rec.workload, call->wl.name, sizeof(rec.workload));
+	strlcpy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
+			sizeof(rec.model));
+	rec.path = (int8) call->path_sent;
+	rec.outcome = (int8) outcome;
+	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
+	rec.escalated = call->escalated;
+	rec.http_status = r ? (int32) r->status : 0;
+	rec.prompt_tokens = parsed->prompt_tokens >= 0 ? parsed->prompt_tokens :
+		(r ? r->hdr_prompt_tokens : -1);
+	rec.cached_prompt_tokens = parsed->cached_tokens >= 0 ? parsed->cached_tokens :
+		(r ? r->hdr_cached_tokens : -1);
+	rec.completion_tokens = parsed->completion_tokens;
+	rec.latency_us = r ? (int32) Min(r->latency_us, PG_INT32_MAX) :
+		(int32) Min(GetCurrentTimestamp() - call->attempt_start, PG_INT32_MAX);
+	rec.ttfb_us = r ? (int32) Min(r->ttfb_us, PG_INT32_MAX) : -1;
+	if (r)
+		strlcpy(rec.request_id, r->request_id, sizeof(rec.request_id));
+	if (outcome != FW_OK && call->detail)
+		strlcpy(rec.error, call->detail, sizeof(rec.error));
+
+	fw_calllog_push(&rec,
+					fw_log_content ? call->prompt_text : NULL,
+					fw_log_content ? call->content : NULL);
+}
+
+/* Build (or reuse) the body for the path this attempt takes. */
+static void
+fw_prepare_attempt(FwCall *call)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	FwPath		path = call->configured;
+
+	if (path == FW_PATH_STANDARD)
+		path = fw_route(call->wl.slot, FW_PATH_STANDARD, now);
+	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
+	call->path_sent = path;
+	call->attempt++;
+	call->attempt_start = now;
+	if (call->call_id == 0)
+		call->call_id = fw_next_call_id();
+
+	if (call->body_path != path)
+	{
+		const char *model = (path == FW_PATH_FAST) ? call->wl.fast_model : call->model;
+
+		if (call->body)
+			pfree(call->body);
+		call->body = fw_build_request(model, call->messages, call->options,
+									  path == FW_PATH_PRIORITY, &call->body_len);
+		call->body_path = path;
+	}
+}
+
+/*
+ * The attempt's own timeout is fw_tier.request_timeout; statement_timeout
+ * is left to fire on its own, so that it reports 57014 like any cancel.
+ */
+static void
+fw_start_attempt(FwCall *call, const char *url, const char *key)
+{
+	call->xfer = fw_http_start(url, call->body, call->body_len, key,
+							   call->affinity, fw_request_timeout_ms, call);
+}
+
+/*
+ * Decide what follows an attempt.  Returns true when the call is finished
+ * (successfully or not); otherwise call->not_before says when to retry.
+ */
+static bool
+fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
+				 FwParsed *parsed, TimestampTz deadline)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int64		wait_ms = 0;
+	int			limit = fw_max_attempts;
+
+	call->outcome = outcome;
+	call->http_status = r ? (int) r->status : 0;
+
+	if (outcome == FW_OK)
+	{
+		call->ok = true;
+		call->content = parsed->content;
+		call->response = parsed->response;
+		call->detail = NULL;
+	}
+	else if (r == NULL)
+		;						/* detail set by the fixture source */
+	else if (r->failed)
+		call->detail = pstrdup(r->errmsg);
+	else if (outcome == FW_BAD_RESPONSE)
+		call->detail = pstrdup(parsed->problem ? parsed->problem : "unusable response");
+	else
+		call->detail = fw_error_excerpt(r->body, r->body_len);
+
+	fw_count_attempt(call->wl.slot, call->path_sent, outcome);
+	fw_log_attempt(call, r, outcome, parsed);
+
+	switch (outcome)
+	{
+		case FW_OK:
+			call->finished = true;
+			return true;
+
+		case FW_RATE_LIMITED:
+			/* The account's own limit: slow down, never change the path. */
+			wait_ms = (r && r->retry_after_ms >= 0)
+				? Min(r->retry_after_ms, fw_retry_after_cap_ms)
+				: fw_backoff_ms(call->attempt);
+			/* every backend using this model waits as long */
+			fw_budget_pause(call->budget_model, now + wait_ms * 1000);
+			break;
+
+		case FW_OVERLOADED:
+			if (call->configured == FW_PATH_STANDARD &&
+				fw_on_overloaded(call->wl.slot, call->path_sent,
+								 call->wl.on_overload,
+								 call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
+								 now))
+				wait_ms = 0;	/* shed before generation: retry at once on Priority */
+			else if (call->wl.on_overload == FW_ONOVERLOAD_FAIL)
+				limit = 0;
+			else
+				wait_ms = fw_backoff_ms(call->attempt);
+			break;
+
+		case FW_UNAVAILABLE:
+		case FW_TRANSPORT:
+			limit = Min(limit, FW_UNAVAILABLE_ATTEMPTS);
+			wait_ms = fw_backoff_ms(call->attempt);
+			break;
+
+		case FW_CLIENT_ERROR:
+		case FW_BAD_RESPONSE:
+		case FW_TIMEOUT:
+		case FW_CANCELLED:
+		default:
+			/* Fail fast: retrying would repeat the mistake or pay twice. */
+			limit = 0;
+			break;
+	}
+
+	if (call->attempt >= limit)
+	{
+		call->finished = true;
+		return true;
+	}
+	if (deadline != DT_NOEND && now + wait_ms * 1000 >= deadline)
+	{
+		/* Waiting would outlast statement_timeout: fail now, and say so. */
+		call->detail = psprintf("%s (no retry: the wait would outlast statement_timeout)",
+								call->detail ? call->detail : fw_outcome_name(outcome));
+		call->finished = true;
+		return true;
+	}
+	call->not_before = now + wait_ms * 1000;
+	return false;
+}
+
+/*
+ * Does the shared rate budget of c's model let it start now?  If not, c
+ * waits (not_before) and *wake learns when to look again.
+ */
+static bool
+fw_budget_allows(FwCall *c, TimestampTz now, TimestampTz *wake)
+{
+	int64		wait_ms;
+
+	if (fw_mode == FW_MODE_REPLAY)
+		return true;
+	wait_ms = fw_budget_acquire(c->budget_model, c->est_prompt, now);
+	if (wait_ms <= 0)
+		return true;
+	c->not_before = now + wait_ms * 1000;
+	*wake = Min(*wake, c->not_before);
+	return false;
+}
+
+/*
+ * Start call c's next attempt.  In replay mode the answer comes from a
+ * fixture at once and no connection is opened: returns true when the call
+ * finished that way.  Otherwise the attempt is in flight; returns false
+ * (a replayed failure that will be retried also returns false, with
+ * nothing in flight).
+ */
+static bool
+fw_launch(FwCall *c, const char *url, const char *key, TimestampTz deadline,
+		  int *in_flight)
+{
+	fw_prepare_attempt(c);
+	if (fw_mode == FW_MODE_REPLAY)
+	{
+		FwParsed	parsed;
+		FwHttpResult *r = fw_fixture_replay(c);
+		FwOutcome	o = fw_classify(r, c, &parsed);
+
+		return fw_after_attempt(c, r, o, &parsed, deadline);
+	}
+	fw_start_attempt(c, url, key);
+	(*in_flight)++;
+	return false;
+}
+
+/* Log the attempts a cancel interrupts, then give every handle back. */
+static void
+fw_cancel_in_flight(FwCall *calls, int ncalls)
+{
+	FwParsed	none;
+
+	memset(&none, 0, sizeof(none));
+	none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
+	for (int i = 0; i < ncalls; i++)
+	{
+		if (calls[i].xfer == NULL)
+			continue;
+		calls[i].detail = pstrdup("canceled by the statement");
+		fw_http_release(calls[i].xfer);
+		calls[i].xfer = NULL;
+		fw_count_attempt(calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
+		fw_log_attempt(&calls[i], NULL, FW_CANCELLED, &none);
+	}
+	fw_http_abort_all();
+}
+
+static bool
+fw_cancel_pending(void)
+{
+	return InterruptPending && (QueryCancelPending || ProcDiePending);
+}
+
+static void
+fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
+{
+	char	   *url = psprintf("%s/chat/completions", fw_base_url);
+	const char *key = fw_effective_api_key();
+	TimestampTz deadline = fw_statement_deadline();
+	int			next = 0;		/* first call never started */
+	int			remaining = ncalls;
+	int			in_flight = 0;
+	int			done = 0;
+	int			failed = 0;
+	int			limit = concurrency;	/* lowered by 429s, regained slowly */
+	int			streak = 0;		/* successes since the limit last moved */
+
+	for (int i = 0; i < ncalls; i++)
+		if (calls[i].wl.name[0])
+		{
+			fw_progress_begin(calls[i].wl.name, ncalls);
+			break;
+		}
+
+	while (remaining > 0)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+		TimestampTz wake = DT_NOEND;
+		long		sleep_ms;
+		FwHttpXfer *x;
+
+		/* Start due work: retries first (they hold a place), then new calls. */
+		for (int i = 0; i < next && in_flight < limit; i++)
+		{
+			FwCall	   *c = &calls[i];
+
+			if (c->finished || c->xfer != NULL)
+				continue;
+			if (c->not_before > now)
+			{
+				wake = Min(wake, c->not_before);
+				continue;
+			}
+			if (!fw_budget_allows(c, now, &wake))
+				continue;
+			if (fw_launch(c, url, key, deadline, &in_flight))
+			{
+				remaining--;	/* answered from a fixture */
+				done++;
+				failed += c->ok ? 0 : 1;
+			}
+		}
+		while (next < ncalls && in_flight < limit)
+		{
+			FwCall	   *c = &calls[next++];
+
+			if (c->finished)
+				remaining--;	/* NULL input: nothing to send */
+			else if (!fw_budget_allows(c, now, &wake))
+				continue;		/* picked up by the loop above when due */
+			else if (fw_launch(c, url, key, deadline, &in_flight))
+			{
+				remaining--;	/* answered from a fixture */
+				done++;
+				failed += c->ok ? 0 : 1;
+			}
+		}
+		if (remaining == 0)
+			break;
+
+		/* Sleep until activity, the next retry, or the poll slice. */
+		sleep_ms = FW_POLL_SLICE_MS;
+		if (wake != DT_NOEND)
+			sleep_ms = Min(sleep_ms, Max((wake - now) / 1000, 0));
+		if (in_flight > 0)
+			fw_http_poll(sleep_ms);
+		else if (sleep_ms > 0)
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 sleep_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+
+		if (fw_cancel_pending())
+		{
+			fw_cancel_in_flight(calls, ncalls);
+			CHECK_FOR_INTERRUPTS();
+			/* Cancel held off (e.g. inside a commit): report it ourselves. */
+			ereport(ERROR,
+					(errcode(ERRCODE_QUERY_CANCELED),
+					 errmsg("canceling statement due to user request")));
+		}
+		CHECK_FOR_INTERRUPTS();
+
+		while ((x = fw_http_next_done()) != NULL)
+		{
+			FwCall	   *c = (FwCall *) fw_http_owner(x);
+			const FwHttpResult *r = fw_http_result(x);
+			FwParsed	parsed;
+			FwOutcome	o = fw_classify(r, c, &parsed);
+
+			if (fw_mode == FW_MODE_RECORD && o != FW_CANCELLED)
+				fw_fixture_record(c, r);
+			c->xfer = NULL;
+			in_flight--;
+			fw_budget_settle(c->budget_model, c->est_prompt, parsed.prompt_tokens,
+							 parsed.completion_tokens, r->rl_prompt_per_s,
+							 r->rl_generated_per_s, GetCurrentTimestamp());
+			if (fw_after_attempt(c, r, o, &parsed, deadline))
+			{
+				remaining--;
+				done++;
+				if (!c->ok)
+					failed++;
+			}
+
+			/* AIMD on the account's limit: halve on 429, +1 per full round */
+			if (o == FW_RATE_LIMITED)
+			{
+				limit = Max(1, limit / 2);
+				streak = 0;
+			}
+			else if (o == FW_OK && limit < concurrency && ++streak >= limit)
+			{
+				limit++;
+				streak = 0;
+			}
+			/* The result points into the transfer's buffer: release last. */
+			fw_http_release(x);
+			if (stop_on_error && c->finished && !c->ok)
+			{
+				/* The statement will fail: stop paying for the rest. */
+				fw_cancel_in_flight(calls, ncalls);
+				remaining = 0;
+				break;
+			}
+		}
+		fw_progress_update(done, in_flight, failed, limit);
+	}
+	fw_progress_end();
+	pfree(url);
+}
+
+/*
+ * Run calls to completion, at most concurrency attempts at once.  Calls
+ * already marked finished (NULL prompts) are skipped.  With stop_on_error
+ * the run ends at the first failed call (the caller raises it).  On any
+ * error every transfer is released before the error propagates.
+ */
+void
+fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
+{
+	concurrency = Max(1, Min(concurrency, ncalls));
+	fw_http_reserve(concurrency);
+
+	PG_TRY();
+	{
+		fw_engine_loop(calls, ncalls, concurrency, stop_on_error);
+	}
+	PG_CATCH();
+	{
+		fw_http_abort_all();
+		fw_progress_end();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+}
+
+/* Raise the error a failed call stands for (README "Failure classes"). */
+void
+fw_call_raise(FwCall *c)
+{
+	int			code;
+	const char *what;
+	const char *hint = NULL;
+
+	switch (c->outcome)
+	{
+		case FW_CLIENT_ERROR:
+			what = "fireworks rejected the request";
+			switch (c->http_status)
+			{
+				case 401:
+					code = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+					hint = "Set fw_tier.api_key, fw_tier.api_key_file or the server's FIREWORKS_API_KEY.";
+					break;
+				case 403:
+					code = ERRCODE_INSUFFICIENT_PRIVILEGE;
+					break;
+				case 402:
+				case 412:
+					code = ERRCODE_INSUFFICIENT_RESOURCES;
+					hint = "Check the Fireworks account's billing.";
+					break;
+				case 404:
+					code = ERRCODE_UNDEFINED_OBJECT;
+					hint = "Check the model id and fw_tier.base_url.";
+					break;
+				case 413:
+					code = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+					break;
+				default:
+					code = ERRCODE_INVALID_PARAMETER_VALUE;
+					break;
+			}
+			break;
+		case FW_RATE_LIMITED:
+			code = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+			what = "fireworks rate limit exceeded";
+			hint = "Lower the request rate or raise the account's limits; fw_tier.max_attempts bounds the retries.";
+			break;
+		case FW_OVERLOADED:
+			code = ERRCODE_INSUFFICIENT_RESOURCES;
+			what = "fireworks is overloaded";
+			break;
+		case FW_UNAVAILABLE:
+			code = ERRCODE_CONNECTION_FAILURE;
+			what = "fireworks is unavailable";
+			break;
+		case FW_TIMEOUT:
+			code = ERRCODE_CONNECTION_FAILURE;
+			what = "fireworks request timed out";
+			hint = "Raise fw_tier.request_timeout or fw_tier.connect_timeout.";
+			break;
+		case FW_TRANSPORT:
+			code = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+			what = "could not complete the request to fireworks";
+			break;
+		case FW_CANCELLED:
+			code = ERRCODE_QUERY_CANCELED;
+			what = "fireworks request canceled";
+			break;
+		case FW_BAD_RESPONSE:
+		default:
+			code = ERRCODE_DATA_EXCEPTION;
+			what = "fireworks returned an unusable response";
+			break;
+	}
+
+	ereport(ERROR,
+			(errcode(code),
+			 c->http_status ? errmsg("%s (HTTP %d)", what, c->http_status)
+			 : errmsg("%s", what),
+			 errdetail("Workload \"%s\", path %s, %d attempt%s: %s",
+					   c->wl.name, fw_path_name(c->path_sent), c->attempt,
+					   c->attempt == 1 ? "" : "s",
+					   c->detail ? c->detail : fw_outcome_name(c->outcome)),
+			 hint ? errhint("%s", hint) : 0));
+}

@@ -1,0 +1,61 @@
+/*-------------------------------------------------------------------------
+ *
+ * engine.h
+ *		One SQL call, or a batch of them: route, attempt, classify, retry,
+ *		log.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef FW_ENGINE_H
+#define FW_ENGINE_H
+
+#include "fw_tier.h"
+#include "workloads.h"
+
+struct FwHttpXfer;
+
+typedef struct FwCall
+{
+	/* ---- set by the caller ---- */
+	FwWorkloadConf	wl;				/* copy of the workload's settings */
+	Jsonb	   *messages;
+	Jsonb	   *options;		/* may be NULL */
+	bool		want_text;		/* fw_complete: need message.content */
+	const char *prompt_text;	/* for the call log with log_content */
+
+	/* ---- results ---- */
+	bool		finished;
+	bool		ok;
+	char	   *content;		/* want_text: the answer */
+	Jsonb	   *response;		/* the provider's whole response */
+	FwOutcome	outcome;		/* of the last attempt */
+	int			http_status;
+	char	   *detail;			/* provider's message or transport error */
+
+	/* ---- engine state ---- */
+	FwPath		configured;
+	char	   *model;
+	char	   *affinity;
+	int64		call_id;
+	int			attempt;
+	TimestampTz not_before;		/* backoff: next attempt not before */
+	TimestampTz attempt_start;
+	FwPath		path_sent;
+	bool		escalated;
+	char	   *body;			/* request body for path_sent */
+	size_t		body_len;
+	FwPath		body_path;		/* path body was built for */
+	struct FwHttpXfer *xfer;	/* in flight, or NULL */
+	char	   *fingerprint;	/* record/replay key, computed on demand */
+	const char *budget_model;	/* the model id the rate budget is kept for */
+	int			est_prompt;		/* prompt tokens taken from the budget */
+} FwCall;
+
+extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
+						 Jsonb *options, bool want_text);
+extern void fw_engine_run(FwCall *calls, int ncalls, int concurrency,
+						  bool stop_on_error);
+extern FwOnError fw_call_on_error(Jsonb *options);
+extern void fw_call_raise(FwCall *call);
+
+#endif							/* FW_ENGINE_H */

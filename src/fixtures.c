@@ -1,0 +1,241 @@
+/*-------------------------------------------------------------------------
+ *
+ * fixtures.c
+ *		Record and replay of request/response pairs (fw_tier.mode).
+ *
+ * A fixture is keyed by the request's fingerprint (what decides the
+ * answer: model, messages, generation options; never the key or the tier)
+ * and a path: 'standard', 'priority' or 'fast' for an answer that only
+ * that path gives (a recorded or hand-written 503 Overloaded on Standard),
+ * 'any' for an answer every path gives.  Replay looks for the attempt's
+ * own path first, then 'any', so a fixture pair "standard: 503 Overloaded"
+ * + "any: 200" replays an escalation exactly as the fleet would play it.
+ *
+ * A fixture may also name the attempt it answers (attempt > 0): a call's
+ * attempts are replayed in order, so "attempt 1: 429" + "any: 200" is a
+ * rate limit that clears on the retry.  attempt 0 answers every attempt.
+ * The most specific row wins: own attempt before every attempt, own path
+ * before 'any'.  Recording stores a failure under its path and attempt
+ * number, a 2xx under ('any', 0), so a recorded sequence replays exactly as
+ * it happened.
+ *
+ * Replay never opens a connection.  A miss is an ERROR naming the
+ * fingerprint and the start of the prompt, so the user knows what to
+ * record.  Recording writes in the caller's transaction: fixtures are test
+ * data, and a rolled-back test should not leave any.
+ *
+ * The SQL side (fw_fingerprint, fw_fixture, the export and import views)
+ * is in the extension script; fw_fixture_key() below is what it calls, so
+ * a hand-written fixture is keyed exactly as the engine will look it up.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+
+#include "fixtures.h"
+#include "fwjson.h"
+
+static const char *
+fw_fixture_model(FwCall *call)
+{
+	return call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model;
+}
+
+static void
+fw_fixture_key(FwCall *call)
+{
+	if (call->fingerprint == NULL)
+		call->fingerprint = fw_fingerprint(fw_fixture_model(call),
+										   call->messages, call->options);
+}
+
+#define FW_EXCERPT_CHARS	60
+
+/*
+ * A short excerpt of the prompt for the miss error: the last message's
+ * content when it is a string (what fw_complete sent), else the messages
+ * as JSON.
+ */
+static char *
+fw_prompt_excerpt(FwCall *call)
+{
+	char	   *text = NULL;
+	int			len;
+	int			n = JB_ROOT_COUNT(call->messages);
+
+	if (JB_ROOT_IS_ARRAY(call->messages) && n > 0)
+	{
+		JsonbValue *last = getIthJsonbValueFromContainer(&call->messages->root, n - 1);
+		JsonbValue	content;
+
+		if (last && last->type == jbvBinary &&
+			JsonContainerIsObject(last->val.binary.data) &&
+			getKeyJsonValueFromContainer(last->val.binary.data, "content", 7, &content) &&
+			content.type == jbvString)
+			text = pnstrdup(content.val.string.val, content.val.string.len);
+	}
+	if (text == NULL)
+		text = JsonbToCString(NULL, &call->messages->root, VARSIZE(call->messages));
+
+	len = strlen(text);
+	if (pg_mbstrlen_with_len(text, len) > FW_EXCERPT_CHARS)
+	{
+		len = pg_mbcharcliplen(text, len, FW_EXCERPT_CHARS - 3);
+		return psprintf("\"%.*s...\"", len, text);
+	}
+	return psprintf("\"%s\"", text);
+}
+
+FwHttpResult *
+fw_fixture_replay(FwCall *call)
+{
+	FwHttpResult *r = palloc0(sizeof(FwHttpResult));
+	Oid			types[3] = {TEXTOID, TEXTOID, INT4OID};
+	Datum		values[3];
+	int			ret;
+
+	fw_fixture_key(call);
+	values[0] = CStringGetTextDatum(call->fingerprint);
+	values[1] = CStringGetTextDatum(fw_path_name(call->path_sent));
+	values[2] = Int32GetDatum((int32) call->attempt);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_with_args("SELECT http_status, response, retry_after"
+								" FROM fw_tier.fixtures"
+								" WHERE fingerprint = $1 AND path IN ($2, 'any')"
+								" AND attempt IN ($3, 0)"
+								" ORDER BY attempt = 0, path = 'any' LIMIT 1",
+								3, types, values, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read fw_tier.fixtures: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+	{
+		char	   *fp = pstrdup(call->fingerprint);
+
+		SPI_finish();
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no fw_tier fixture for request %s", fp),
+				 errdetail("Workload \"%s\", model \"%s\", path %s, attempt %d, prompt %s.",
+						   call->wl.name, fw_fixture_model(call),
+						   fw_path_name(call->path_sent), call->attempt,
+						   fw_prompt_excerpt(call)),
+				 errhint("Record it with SET fw_tier.mode = 'record', or write it with fw_fixture().")));
+	}
+	else
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *status = SPI_getvalue(tup, desc, 1);
+		char	   *retry = SPI_getvalue(tup, desc, 3);
+		char	   *body = SPI_getvalue(tup, desc, 2);
+
+		r->status = strtol(status, NULL, 10);
+		r->retry_after_ms = retry ? (int) Min(strtol(retry, NULL, 10), INT_MAX / 1000) * 1000 : -1;
+		/* SPI_palloc: out of SPI memory, which SPI_finish frees. */
+		r->body = SPI_palloc(strlen(body) + 1);
+		strcpy(r->body, body);
+		r->body_len = strlen(body);
+	}
+	r->hdr_prompt_tokens = r->hdr_cached_tokens = -1;
+	r->rl_prompt_per_s = r->rl_generated_per_s = -1;
+	SPI_finish();
+	return r;
+}
+
+void
+fw_fixture_record(FwCall *call, const FwHttpResult *r)
+{
+	Oid			types[8] = {TEXTOID, TEXTOID, JSONBOID, INT4OID, TEXTOID, INT4OID, TEXTOID, INT4OID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	bool		success = (r->status >= 200 && r->status < 300);
+	int			ret;
+
+	/* Only HTTP answers are fixtures; a transport failure is not one. */
+	if (r->failed || r->status == 0)
+		return;
+	fw_fixture_key(call);
+
+	values[0] = CStringGetTextDatum(call->fingerprint);
+	values[1] = CStringGetTextDatum(success ? "any" : fw_path_name(call->path_sent));
+	values[2] = PointerGetDatum(call->messages);
+	values[3] = Int32GetDatum((int32) r->status);
+	values[4] = CStringGetTextDatum(r->body ? r->body : "");
+	values[5] = Int32GetDatum(r->retry_after_ms / 1000);
+	nulls[5] = r->retry_after_ms >= 0 ? ' ' : 'n';
+	values[6] = CStringGetTextDatum(fw_fixture_model(call));
+	values[7] = Int32GetDatum(success ? 0 : (int32) call->attempt);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_with_args("INSERT INTO fw_tier.fixtures"
+								" (fingerprint, path, attempt, request, http_status, response, retry_after)"
+								" VALUES ($1, $2, $8, jsonb_build_object('model', $7, 'messages', $3), $4, $5, $6)"
+								" ON CONFLICT (fingerprint, path, attempt) DO UPDATE"
+								" SET request = EXCLUDED.request, http_status = EXCLUDED.http_status,"
+								" response = EXCLUDED.response, retry_after = EXCLUDED.retry_after,"
+								" recorded_at = EXCLUDED.recorded_at",
+								8, types, values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "could not write fw_tier.fixtures: %s", SPI_result_code_string(ret));
+	SPI_finish();
+}
+
+PG_FUNCTION_INFO_V1(fw_fixture_key_sql);
+
+/*
+ * fw_tier.fixture_key(messages jsonb, workload text, options jsonb,
+ *					   OUT fingerprint text, OUT model text)
+ *
+ * The key the engine will use for this request, resolved exactly as
+ * fw_call_init resolves a call (workload's model, options' model and path,
+ * the Fast model on the Fast path), and the model it stands for.  Raises
+ * what the call itself would raise for an unknown workload or bad options.
+ */
+Datum
+fw_fixture_key_sql(PG_FUNCTION_ARGS)
+{
+	FwCall		call;
+	TupleDesc	desc;
+	Datum		values[2];
+	bool		nulls[2] = {false, false};
+	Jsonb	   *messages;
+	Jsonb	   *options;
+
+	fw_require_preload();
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("messages and workload must not be NULL")));
+	messages = PG_GETARG_JSONB_P(0);
+	options = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
+	fw_check_messages(messages);
+	if (options && (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("options must be a JSON object")));
+
+	fw_call_init(&call, text_to_cstring(PG_GETARG_TEXT_PP(1)), messages,
+				 options, false);
+	/* Priority and Standard share the model; only Fast changes it. */
+	call.path_sent = call.configured;
+	fw_fixture_key(&call);
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[0] = CStringGetTextDatum(call.fingerprint);
+	values[1] = CStringGetTextDatum(fw_fixture_model(&call));
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc),
+													  values, nulls)));
+}

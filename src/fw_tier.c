@@ -1,0 +1,349 @@
+/*-------------------------------------------------------------------------
+ *
+ * fw_tier.c
+ *		Module magic and _PG_init: GUCs, the preload check, shared memory
+ *		hooks and the background worker registration.
+ *
+ * fw_tier needs shared memory (escalation windows, the call-log ring) and a
+ * background worker, so it only works from shared_preload_libraries.  When
+ * loaded any other way _PG_init returns quietly and every SQL function
+ * raises ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE through
+ * fw_require_preload().
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/stat.h>
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/fd.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+
+#include "fw_tier.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+/* GUC variables; see _PG_init for meaning and defaults */
+char	   *fw_base_url = NULL;
+char	   *fw_api_key = NULL;
+char	   *fw_api_key_file = NULL;
+char	   *fw_default_model = NULL;
+char	   *fw_database = NULL;
+int			fw_connect_timeout_ms = 10000;
+int			fw_request_timeout_ms = 60000;
+int			fw_max_attempts = 3;
+int			fw_backoff_base_ms = 250;
+int			fw_backoff_cap_ms = 8000;
+int			fw_retry_after_cap_ms = 30000;
+int			fw_on_error = FW_ONERROR_RAISE;
+int			fw_mode = FW_MODE_LIVE;
+int			fw_priority_window_s = 1800;
+int			fw_alert_windows = 3;
+int			fw_max_workloads = 64;
+int			fw_log_buffer_kb = 4096;
+int			fw_flush_interval_ms = 1000;
+bool		fw_log_content = false;
+int			fw_max_concurrency = 16;
+int			fw_max_concurrency_cap = 64;
+
+bool		fw_preloaded = false;
+
+static const struct config_enum_entry fw_on_error_options[] = {
+	{"raise", FW_ONERROR_RAISE, false},
+	{"null", FW_ONERROR_NULL, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry fw_mode_options[] = {
+	{"live", FW_MODE_LIVE, false},
+	{"record", FW_MODE_RECORD, false},
+	{"replay", FW_MODE_REPLAY, false},
+	{NULL, 0, false}
+};
+
+static const char *const fw_path_names[FW_NUM_PATHS] = {
+	"standard", "priority", "fast"
+};
+
+static const char *const fw_outcome_names[FW_NUM_OUTCOMES] = {
+	"ok", "rate_limited", "overloaded", "unavailable", "client_error",
+	"timeout", "transport", "cancelled", "bad_response"
+};
+
+/*
+ * The key must never be readable back through SQL, not even by the
+ * superuser who set it: SHOW, current_setting() and pg_settings all go
+ * through this hook.
+ */
+static const char *
+fw_api_key_show(void)
+{
+	return (fw_api_key && fw_api_key[0]) ? "********" : "";
+}
+
+void
+_PG_init(void)
+{
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	DefineCustomStringVariable("fw_tier.base_url",
+							   "Base URL of the Fireworks OpenAI-compatible API.",
+							   "Requests go to {base_url}/chat/completions.",
+							   &fw_base_url,
+							   "https://api.fireworks.ai/inference/v1",
+							   PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("fw_tier.api_key",
+							   "Fireworks API key (superuser only; never shown).",
+							   "Empty: use fw_tier.api_key_file, then the server's FIREWORKS_API_KEY environment variable.",
+							   &fw_api_key, "",
+							   PGC_SUSET,
+							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
+							   NULL, NULL, fw_api_key_show);
+
+	DefineCustomStringVariable("fw_tier.api_key_file",
+							   "File holding the Fireworks API key, read by the server.",
+							   NULL,
+							   &fw_api_key_file, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("fw_tier.default_model",
+							   "Model used by workloads whose model is NULL.",
+							   NULL,
+							   &fw_default_model,
+							   "accounts/fireworks/models/kimi-k2p6",
+							   PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("fw_tier.database",
+							   "Database the fw_tier background worker connects to.",
+							   "fw_tier must be created in this database; its tables receive the call log.",
+							   &fw_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.connect_timeout",
+							"Time allowed to establish a connection to the API.",
+							NULL,
+							&fw_connect_timeout_ms, 10000, 100, 600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.request_timeout",
+							"Time allowed for one HTTP attempt, from connect to last byte.",
+							NULL,
+							&fw_request_timeout_ms, 60000, 100, 3600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.max_attempts",
+							"Maximum HTTP attempts for one call, retries included.",
+							NULL,
+							&fw_max_attempts, 3, 1, 100,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.backoff_base",
+							"Base delay of the exponential backoff between retries.",
+							NULL,
+							&fw_backoff_base_ms, 250, 0, 600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.backoff_cap",
+							"Upper bound of one backoff delay.",
+							NULL,
+							&fw_backoff_cap_ms, 8000, 0, 3600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.retry_after_cap",
+							"Upper bound on a wait requested by a Retry-After header.",
+							NULL,
+							&fw_retry_after_cap_ms, 30000, 0, 3600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("fw_tier.on_error",
+							 "What a failed call returns: raise an error, or NULL.",
+							 "Per call, options->>'on_error' overrides it.",
+							 &fw_on_error, FW_ONERROR_RAISE, fw_on_error_options,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("fw_tier.mode",
+							 "live calls the API; record also stores fixtures; replay answers from fixtures only.",
+							 NULL,
+							 &fw_mode, FW_MODE_LIVE, fw_mode_options,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.priority_window",
+							"How long a workload stays on Priority after 503 Service Overloaded.",
+							"A workload's own priority_window overrides it.",
+							&fw_priority_window_s, 1800, 1, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.alert_windows",
+							"Consecutive Priority windows after which fw_tier raises a capacity alert.",
+							NULL,
+							&fw_alert_windows, 3, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.max_workloads",
+							"Maximum number of workloads tracked in shared memory.",
+							NULL,
+							&fw_max_workloads, 64, 1, 10000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.log_buffer",
+							"Size of the shared ring that carries call-log records to the worker.",
+							NULL,
+							&fw_log_buffer_kb, 4096, 8, 1024 * 1024,
+							PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.flush_interval",
+							"Longest time a call-log record waits in the ring before the worker writes it.",
+							NULL,
+							&fw_flush_interval_ms, 1000, 10, 600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("fw_tier.log_content",
+							 "Store prompt and answer text in fw_tier.calls.",
+							 NULL,
+							 &fw_log_content, false,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.max_concurrency",
+							"Requests one statement may have in flight at once (batch calls).",
+							"Capped by fw_tier.max_concurrency_cap.",
+							&fw_max_concurrency, 16, 1, 1024,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.max_concurrency_cap",
+							"Upper bound a superuser puts on fw_tier.max_concurrency.",
+							NULL,
+							&fw_max_concurrency_cap, 64, 1, 1024,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("fw_tier");
+
+	fw_shmem_install_hooks();
+	fw_register_worker();
+
+	fw_preloaded = true;
+}
+
+void
+fw_require_preload(void)
+{
+	if (!fw_preloaded)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("fw_tier must be loaded via shared_preload_libraries"),
+				 errhint("Add fw_tier to shared_preload_libraries in postgresql.conf and restart the server.")));
+}
+
+const char *
+fw_path_name(FwPath path)
+{
+	Assert(path >= 0 && path < FW_NUM_PATHS);
+	return fw_path_names[path];
+}
+
+const char *
+fw_outcome_name(FwOutcome outcome)
+{
+	Assert(outcome >= 0 && outcome < FW_NUM_OUTCOMES);
+	return fw_outcome_names[outcome];
+}
+
+bool
+fw_parse_path(const char *s, FwPath *path)
+{
+	for (int i = 0; i < FW_NUM_PATHS; i++)
+	{
+		if (strcmp(s, fw_path_names[i]) == 0)
+		{
+			*path = (FwPath) i;
+			return true;
+		}
+	}
+	return false;
+}
+
+bool
+fw_parse_on_overload(const char *s, FwOnOverload *policy)
+{
+	if (strcmp(s, "priority") == 0)
+		*policy = FW_ONOVERLOAD_PRIORITY;
+	else if (strcmp(s, "retry") == 0)
+		*policy = FW_ONOVERLOAD_RETRY;
+	else if (strcmp(s, "fail") == 0)
+		*policy = FW_ONOVERLOAD_FAIL;
+	else
+		return false;
+	return true;
+}
+
+/*
+ * The API key in force: fw_tier.api_key, else the first line of
+ * fw_tier.api_key_file, else FIREWORKS_API_KEY from the server's
+ * environment.  The file is re-read only when its name or mtime changes.
+ * Returns "" when there is no key (the request then goes out without
+ * Authorization, and the provider answers 401).
+ */
+const char *
+fw_effective_api_key(void)
+{
+	static char *file_key = NULL;
+	static char *file_name = NULL;
+	static time_t file_mtime = 0;
+	const char *env;
+
+	if (fw_api_key && fw_api_key[0])
+		return fw_api_key;
+
+	if (fw_api_key_file && fw_api_key_file[0])
+	{
+		struct stat st;
+
+		if (stat(fw_api_key_file, &st) != 0)
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("could not stat fw_tier.api_key_file \"%s\": %m",
+							fw_api_key_file)));
+
+		if (file_key == NULL || file_name == NULL ||
+			strcmp(file_name, fw_api_key_file) != 0 || st.st_mtime != file_mtime)
+		{
+			FILE	   *f;
+			char		buf[1024];
+			size_t		len;
+
+			f = AllocateFile(fw_api_key_file, "r");
+			if (f == NULL)
+				ereport(ERROR,
+						(errcode_for_file_access(),
+						 errmsg("could not open fw_tier.api_key_file \"%s\": %m",
+								fw_api_key_file)));
+			if (fgets(buf, sizeof(buf), f) == NULL)
+				buf[0] = '\0';
+			FreeFile(f);
+			len = strlen(buf);
+			while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r' ||
+							   buf[len - 1] == ' ' || buf[len - 1] == '\t'))
+				buf[--len] = '\0';
+
+			if (file_key)
+				pfree(file_key);
+			if (file_name)
+				pfree(file_name);
+			file_key = MemoryContextStrdup(TopMemoryContext, buf);
+			file_name = MemoryContextStrdup(TopMemoryContext, fw_api_key_file);
+			file_mtime = st.st_mtime;
+			explicit_bzero(buf, sizeof(buf));
+		}
+		return file_key;
+	}
+
+	env = getenv("FIREWORKS_API_KEY");
+	return env ? env : "";
+}

@@ -1,0 +1,269 @@
+/*-------------------------------------------------------------------------
+ *
+ * fw_tier.h
+ *		Declarations shared by the fw_tier modules.
+ *
+ * Each module owns one concern (see STYLE.md); this header is the contract
+ * between them.  Nothing here includes curl.h: only http.c does.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef FW_TIER_H
+#define FW_TIER_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "lib/stringinfo.h"
+#include "port/atomics.h"
+#include "storage/condition_variable.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "utils/jsonb.h"
+
+#define FW_NAMELEN		64		/* workload name, incl. terminator */
+#define FW_MODELLEN		160		/* model id, incl. terminator */
+#define FW_REQIDLEN		64		/* provider request id */
+#define FW_ERRLEN		256		/* error text kept in the call log */
+
+/* The three synchronous serving paths. */
+typedef enum FwPath
+{
+	FW_PATH_STANDARD = 0,
+	FW_PATH_PRIORITY,
+	FW_PATH_FAST,
+	FW_NUM_PATHS
+} FwPath;
+
+/* Classification of one HTTP attempt (README "Failure classes"). */
+typedef enum FwOutcome
+{
+	FW_OK = 0,
+	FW_RATE_LIMITED,			/* 429 */
+	FW_OVERLOADED,				/* 503 whose body mentions "overload" */
+	FW_UNAVAILABLE,				/* other 503, 500, 502, 504, proxy pages */
+	FW_CLIENT_ERROR,			/* 4xx other than 429 */
+	FW_TIMEOUT,					/* fw_tier.request_timeout or connect timeout */
+	FW_TRANSPORT,				/* connection refused, reset, DNS, TLS ... */
+	FW_CANCELLED,				/* statement cancel / timeout while in flight */
+	FW_BAD_RESPONSE,			/* 200 without a usable completion */
+	FW_NUM_OUTCOMES
+} FwOutcome;
+
+/* What a workload does when Standard is shed with 503 Overloaded. */
+typedef enum FwOnOverload
+{
+	FW_ONOVERLOAD_PRIORITY = 0, /* escalate to Priority for a window */
+	FW_ONOVERLOAD_RETRY,		/* stay on the path, back off and retry */
+	FW_ONOVERLOAD_FAIL			/* raise at once */
+} FwOnOverload;
+
+/* fw_tier.mode */
+typedef enum FwMode
+{
+	FW_MODE_LIVE = 0,
+	FW_MODE_RECORD,
+	FW_MODE_REPLAY
+} FwMode;
+
+/* fw_tier.on_error */
+typedef enum FwOnError
+{
+	FW_ONERROR_RAISE = 0,
+	FW_ONERROR_NULL
+} FwOnError;
+
+/* ---- fw_tier.c: GUC variables ---- */
+extern char *fw_base_url;
+extern char *fw_api_key;
+extern char *fw_api_key_file;
+extern char *fw_default_model;
+extern char *fw_database;
+extern int	fw_connect_timeout_ms;
+extern int	fw_request_timeout_ms;
+extern int	fw_max_attempts;
+extern int	fw_backoff_base_ms;
+extern int	fw_backoff_cap_ms;
+extern int	fw_retry_after_cap_ms;
+extern int	fw_on_error;
+extern int	fw_mode;
+extern int	fw_priority_window_s;
+extern int	fw_alert_windows;
+extern int	fw_max_workloads;
+extern int	fw_log_buffer_kb;
+extern int	fw_flush_interval_ms;
+extern bool fw_log_content;
+extern int	fw_max_concurrency;
+extern int	fw_max_concurrency_cap;
+
+extern bool fw_preloaded;
+
+extern const char *fw_path_name(FwPath path);
+extern const char *fw_outcome_name(FwOutcome outcome);
+extern bool fw_parse_path(const char *s, FwPath *path);
+extern bool fw_parse_on_overload(const char *s, FwOnOverload *policy);
+extern void fw_require_preload(void);
+extern const char *fw_effective_api_key(void);
+
+/* ---- shmem.c: shared state and its lifecycle ---- */
+extern void fw_shmem_install_hooks(void);
+
+/*
+ * Shared state of one workload.  The locking protocol is in shmem.c's
+ * header comment: priority_until, window_us and the attempt counters are
+ * atomics read without a lock (the hot path); every other field is
+ * protected by FwSharedState.wl_lock.
+ */
+typedef struct FwWorkload
+{
+	bool		in_use;
+	char		name[FW_NAMELEN];
+	pg_atomic_uint64 priority_until;	/* TimestampTz; 0 = never escalated */
+	pg_atomic_uint64 window_us; /* window length, for the per-backend jitter;
+								 * 0 after a de-escalation (no jitter) */
+	TimestampTz window_started; /* start of the current/last window */
+	TimestampTz last_overloaded;
+	int64		escalations;
+	int64		priority_overloaded;	/* 503 Overloaded while on Priority */
+	int32		windows_in_row;
+	bool		manual;			/* current window opened by fw_escalate() */
+	bool		alerted;		/* alert raised for the current run */
+	bool		alert_notified; /* worker has sent WARNING + NOTIFY */
+	/* what the worker last wrote to fw_tier.escalations (worker only) */
+	TimestampTz mirrored_started;
+	TimestampTz mirrored_until;
+	bool		mirrored_closed;
+	pg_atomic_uint64 attempts[FW_NUM_PATHS][FW_NUM_OUTCOMES];
+} FwWorkload;
+
+typedef struct FwSharedState
+{
+	LWLock	   *wl_lock;		/* workload slots (escalation.c) */
+	LWLock	   *ring_lock;		/* call-log ring head/tail (calllog.c) */
+	pg_atomic_uint64 next_call_id;
+	pg_atomic_uint32 flush_requested;	/* fw_flush() asks the worker */
+	pg_atomic_uint32 worker_pid;	/* 0 = worker not running */
+	Latch	   *worker_latch;	/* set by the worker; read racily (a stale
+								 * latch only costs a spurious wakeup) */
+	ConditionVariable ring_space_cv;	/* broadcast when the tail moves */
+	ConditionVariable ring_flushed_cv;	/* idem, for fw_flush() */
+	pg_atomic_uint64 ring_waits;	/* writers that had to wait for space */
+	pg_atomic_uint64 records_pushed;
+	pg_atomic_uint64 records_flushed;
+	pg_atomic_uint64 records_skipped;	/* unpublished after a crash, or
+										 * rejected by the table */
+	int			num_workloads;	/* slots in use; wl_lock */
+	FwWorkload	workloads[FLEXIBLE_ARRAY_MEMBER];
+} FwSharedState;
+
+extern PGDLLIMPORT FwSharedState *fw_shared;
+
+extern void fw_wake_worker(void);
+
+/* ---- escalation.c: per-workload window state (shared) ---- */
+
+/*
+ * Snapshot of one workload's shared state, copied out under the lock for
+ * the status view and the worker.
+ */
+typedef struct FwWorkloadSnapshot
+{
+	char		name[FW_NAMELEN];
+	TimestampTz priority_until; /* 0 = not escalated */
+	TimestampTz window_started; /* start of the current escalation, 0 = none */
+	TimestampTz last_overloaded;
+	int64		escalations;	/* windows opened since startup or restore */
+	int32		windows_in_row; /* consecutive windows, 1 for a fresh one */
+	bool		alerted;		/* alert raised for the current run */
+	int64		attempts[FW_NUM_PATHS][FW_NUM_OUTCOMES];
+} FwWorkloadSnapshot;
+
+extern int	fw_workload_slot(const char *name);
+extern FwPath fw_route(int slot, FwPath configured, TimestampTz now);
+extern bool fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
+							 int window_s, TimestampTz now);
+extern void fw_count_attempt(int slot, FwPath path, FwOutcome outcome);
+extern void fw_escalate_now(const char *workload, int64 window_ms);
+extern void fw_deescalate_now(const char *workload);
+extern int	fw_workload_snapshots(FwWorkloadSnapshot **out);
+
+/* worker side: restore an open window read back from fw_tier.escalations */
+extern void fw_restore_window(const char *workload, TimestampTz started,
+							  TimestampTz until, int32 windows_in_row,
+							  bool manual);
+
+/* worker side: windows whose state differs from fw_tier.escalations */
+typedef struct FwWindowSync
+{
+	int			slot;
+	char		name[FW_NAMELEN];
+	TimestampTz started;
+	TimestampTz until;
+	bool		closed;			/* until <= now: write ended = until */
+	bool		manual;
+	int32		windows_in_row;
+	bool		alert;			/* alert due: WARNING + NOTIFY */
+} FwWindowSync;
+
+extern int	fw_windows_to_sync(FwWindowSync *out, TimestampTz now,
+							   TimestampTz *next_expiry);
+extern void fw_windows_synced(const FwWindowSync *w);
+
+/* ---- calllog.c: the shared ring of call records ---- */
+
+/*
+ * One HTTP attempt (or one replayed fixture).  Integer fields use -1 for
+ * "unknown" (logged as NULL).  Strings are NUL-terminated and truncated.
+ */
+typedef struct FwCallRecord
+{
+	int64		call_id;		/* groups the attempts of one SQL call */
+	int32		attempt;		/* 1-based */
+	TimestampTz started_at;
+	NameData	dbname;
+	NameData	username;
+	char		workload[FW_NAMELEN];
+	char		model[FW_MODELLEN];
+	int8		path;			/* FwPath */
+	int8		outcome;		/* FwOutcome */
+	bool		priority_sent;	/* service_tier "priority" was in the body */
+	bool		escalated;		/* on Priority because of an escalation */
+	int32		http_status;	/* 0 = no HTTP status */
+	int32		prompt_tokens;
+	int32		cached_prompt_tokens;
+	int32		completion_tokens;
+	int32		latency_us;
+	int32		ttfb_us;
+	char		request_id[FW_REQIDLEN];
+	char		error[FW_ERRLEN];
+} FwCallRecord;
+
+extern int64 fw_next_call_id(void);
+extern void fw_calllog_push(const FwCallRecord *rec,
+							const char *prompt, const char *answer);
+
+/* shmem.c calls these from the request and startup hooks */
+extern Size fw_calllog_shmem_size(void);
+extern void fw_calllog_startup(void);
+
+/* A record copied out of the ring by the worker (palloc'd strings). */
+typedef struct FwDrainedRecord
+{
+	FwCallRecord rec;
+	int			encoding;		/* database encoding of the writer */
+	char	   *prompt;			/* NULL when not logged */
+	char	   *answer;
+} FwDrainedRecord;
+
+extern int	fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos);
+extern void fw_calllog_advance(uint64 end_pos, int nrecords);
+extern void fw_calllog_usage(uint64 *size, uint64 *used, uint64 *head,
+							 uint64 *tail);
+extern bool fw_calllog_pending(void);
+extern void fw_flush_wait(void);
+
+/* ---- worker.c ---- */
+extern void fw_register_worker(void);
+extern PGDLLEXPORT void fw_worker_main(Datum arg);
+
+#endif							/* FW_TIER_H */

@@ -1,0 +1,399 @@
+/*-------------------------------------------------------------------------
+ *
+ * fwjson.c
+ *		Request building and response parsing with PostgreSQL's jsonb.
+ *
+ * Bodies are built with pushJsonbValue and printed with JsonbToCString;
+ * responses are checked with the non-throwing JSON parser first, so a
+ * provider that answers with HTML or half a body is classified as
+ * bad_response instead of raising a parse error, and only then turned
+ * into jsonb.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "common/cryptohash.h"
+#include "common/jsonapi.h"
+#include "common/sha2.h"
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+
+#include "fwjson.h"
+
+/*
+ * Option keys fw_tier consumes itself.  Everything else in options is
+ * passed through to the provider.
+ */
+static const char *const fw_own_keys[] = {
+	"path", "on_error", "model", "session_affinity", NULL
+};
+
+/* Keys that do not change the answer: left out of fixture fingerprints. */
+static const char *const fw_unfingerprinted_keys[] = {
+	"path", "on_error", "session_affinity", "user", "service_tier", NULL
+};
+
+static bool
+fw_key_in(const JsonbValue *k, const char *const *list)
+{
+	for (int i = 0; list[i]; i++)
+		if (k->val.string.len == (int) strlen(list[i]) &&
+			memcmp(k->val.string.val, list[i], k->val.string.len) == 0)
+			return true;
+	return false;
+}
+
+static void
+fw_push_key(JsonbParseState **st, const char *key)
+{
+	JsonbValue	k;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	pushJsonbValue(st, WJB_KEY, &k);
+}
+
+static void
+fw_push_string(JsonbParseState **st, const char *key, const char *val)
+{
+	JsonbValue	v;
+
+	fw_push_key(st, key);
+	v.type = jbvString;
+	v.val.string.val = (char *) val;
+	v.val.string.len = strlen(val);
+	pushJsonbValue(st, WJB_VALUE, &v);
+}
+
+static void
+fw_push_container(JsonbParseState **st, const char *key, Jsonb *jb)
+{
+	JsonbValue	v;
+
+	fw_push_key(st, key);
+	v.type = jbvBinary;
+	v.val.binary.data = &jb->root;
+	v.val.binary.len = VARSIZE(jb) - VARHDRSZ;
+	pushJsonbValue(st, WJB_VALUE, &v);
+}
+
+/* [{"role": "user", "content": prompt}] */
+Jsonb *
+fw_messages_from_prompt(const char *prompt)
+{
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+
+	pushJsonbValue(&st, WJB_BEGIN_ARRAY, NULL);
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	fw_push_string(&st, "role", "user");
+	fw_push_string(&st, "content", prompt);
+	pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	res = pushJsonbValue(&st, WJB_END_ARRAY, NULL);
+	return JsonbValueToJsonb(res);
+}
+
+void
+fw_check_messages(Jsonb *messages)
+{
+	if (!JB_ROOT_IS_ARRAY(messages) || JB_ROOT_IS_SCALAR(messages) ||
+		JB_ROOT_COUNT(messages) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("messages must be a non-empty JSON array"),
+				 errhint("Pass messages like '[{\"role\": \"user\", \"content\": \"Hello\"}]'.")));
+}
+
+static void
+fw_check_options(Jsonb *options)
+{
+	if (options && (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("options must be a JSON object")));
+}
+
+/* options->>key as a palloc'd string, NULL when absent or JSON null. */
+char *
+fw_option_text(Jsonb *options, const char *key)
+{
+	JsonbValue	v;
+
+	if (options == NULL || !JB_ROOT_IS_OBJECT(options))
+		return NULL;
+	if (!getKeyJsonValueFromContainer(&options->root, key, strlen(key), &v))
+		return NULL;
+	if (v.type == jbvString)
+		return pnstrdup(v.val.string.val, v.val.string.len);
+	if (v.type == jbvNull)
+		return NULL;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("option \"%s\" must be a string", key)));
+	return NULL;				/* keep compiler quiet */
+}
+
+/*
+ * Push options' top-level pairs, skipping the keys in skip.  Nested values
+ * arrive as jbvBinary and pushJsonbValue copies them whole.
+ */
+static void
+fw_push_options(JsonbParseState **st, Jsonb *options, const char *const *skip,
+				bool check)
+{
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	if (options == NULL)
+		return;
+	it = JsonbIteratorInit(&options->root);
+	tok = JsonbIteratorNext(&it, &k, true);
+	Assert(tok == WJB_BEGIN_OBJECT);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) == WJB_KEY)
+	{
+		tok = JsonbIteratorNext(&it, &v, true);
+		Assert(tok == WJB_VALUE);
+		if (check)
+		{
+			if (k.val.string.len == 12 &&
+				memcmp(k.val.string.val, "service_tier", 12) == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("options may not set service_tier"),
+						 errdetail("fw_tier chooses the serving tier from the workload and its escalation state."),
+						 errhint("Use \"path\": \"priority\" to force the Priority path.")));
+			if (k.val.string.len == 6 &&
+				memcmp(k.val.string.val, "stream", 6) == 0 &&
+				!(v.type == jbvBool && !v.val.boolean) && v.type != jbvNull)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("streaming responses are not supported")));
+		}
+		if (fw_key_in(&k, skip))
+			continue;
+		pushJsonbValue(st, WJB_KEY, &k);
+		pushJsonbValue(st, WJB_VALUE, &v);
+	}
+}
+
+/*
+ * The request body: model, messages, pass-through options and, on the
+ * Priority path only, "service_tier": "priority".  A Fast model id never
+ * carries service_tier; the caller guarantees priority is false there.
+ */
+char *
+fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
+				 bool priority, size_t *len)
+{
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	Jsonb	   *jb;
+	StringInfoData buf;
+
+	fw_check_options(options);
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	fw_push_string(&st, "model", model);
+	fw_push_container(&st, "messages", messages);
+	fw_push_options(&st, options, fw_own_keys, true);
+	if (priority)
+		fw_push_string(&st, "service_tier", "priority");
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	jb = JsonbValueToJsonb(res);
+
+	initStringInfo(&buf);
+	JsonbToCString(&buf, &jb->root, VARSIZE(jb));
+	pfree(jb);
+	*len = buf.len;
+	return buf.data;
+}
+
+/*
+ * Parse a provider body into jsonb without ever raising on bad input:
+ * NULL when the body is not valid UTF-8 JSON.
+ */
+Jsonb *
+fw_parse_json(const char *body, size_t len)
+{
+	JsonLexContext *lex;
+	JsonParseErrorType err;
+	char	   *text;
+
+	if (len == 0 || !pg_verify_mbstr(PG_UTF8, body, len, true))
+		return NULL;
+	text = pg_any_to_server(body, len, PG_UTF8);
+	lex = makeJsonLexContextCstringLen(text, strlen(text),
+									   GetDatabaseEncoding(), true);
+	err = pg_parse_json(lex, &nullSemAction);
+	if (err != JSON_SUCCESS)
+		return NULL;
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+}
+
+static int
+fw_int_field(JsonbContainer *c, const char *key)
+{
+	JsonbValue	v;
+
+	if (c && getKeyJsonValueFromContainer(c, key, strlen(key), &v) &&
+		v.type == jbvNumeric)
+		return DatumGetInt32(DirectFunctionCall1(numeric_int4,
+												 NumericGetDatum(v.val.numeric)));
+	return -1;
+}
+
+static JsonbContainer *
+fw_object_field(JsonbContainer *c, const char *key)
+{
+	JsonbValue	v;
+
+	if (c && getKeyJsonValueFromContainer(c, key, strlen(key), &v) &&
+		v.type == jbvBinary && JsonContainerIsObject(v.val.binary.data))
+		return v.val.binary.data;
+	return NULL;
+}
+
+/*
+ * Is this 200 body a usable chat completion?  Fills out; returns false
+ * with out->problem set when not.  need_text: fw_complete wants
+ * choices[0].message.content as a string.
+ */
+bool
+fw_parse_completion(const char *body, size_t len, bool need_text, FwParsed *out)
+{
+	JsonbValue	v;
+	JsonbValue *first;
+	JsonbContainer *root;
+	JsonbContainer *usage;
+	JsonbContainer *msg;
+
+	memset(out, 0, sizeof(*out));
+	out->prompt_tokens = out->cached_tokens = out->completion_tokens = -1;
+
+	out->response = fw_parse_json(body, len);
+	if (out->response == NULL)
+	{
+		out->problem = "response body is not valid JSON";
+		return false;
+	}
+	if (!JB_ROOT_IS_OBJECT(out->response))
+	{
+		out->problem = "response body is not a JSON object";
+		return false;
+	}
+	root = &out->response->root;
+
+	usage = fw_object_field(root, "usage");
+	if (usage)
+	{
+		JsonbContainer *details = fw_object_field(usage, "prompt_tokens_details");
+
+		out->prompt_tokens = fw_int_field(usage, "prompt_tokens");
+		out->completion_tokens = fw_int_field(usage, "completion_tokens");
+		out->cached_tokens = fw_int_field(details, "cached_tokens");
+	}
+
+	if (!getKeyJsonValueFromContainer(root, "choices", 7, &v) ||
+		v.type != jbvBinary || !JsonContainerIsArray(v.val.binary.data) ||
+		JsonContainerSize(v.val.binary.data) == 0)
+	{
+		out->problem = "response has no choices";
+		return false;
+	}
+	if (!need_text)
+		return true;
+
+	first = getIthJsonbValueFromContainer(v.val.binary.data, 0);
+	if (first == NULL || first->type != jbvBinary ||
+		!JsonContainerIsObject(first->val.binary.data) ||
+		(msg = fw_object_field(first->val.binary.data, "message")) == NULL ||
+		!getKeyJsonValueFromContainer(msg, "content", 7, &v) ||
+		v.type != jbvString)
+	{
+		out->problem = "choices[0].message.content is not a string";
+		return false;
+	}
+	out->content = pnstrdup(v.val.string.val, v.val.string.len);
+	return true;
+}
+
+/*
+ * A short, printable excerpt of an error body for errdetail and the call
+ * log: error.message when the body is JSON, else the start of the text.
+ */
+char *
+fw_error_excerpt(const char *body, size_t len)
+{
+	Jsonb	   *jb = fw_parse_json(body, len);
+	StringInfoData buf;
+
+	if (jb && JB_ROOT_IS_OBJECT(jb))
+	{
+		JsonbContainer *err = fw_object_field(&jb->root, "error");
+		JsonbValue	v;
+
+		if ((err && getKeyJsonValueFromContainer(err, "message", 7, &v) &&
+			 v.type == jbvString) ||
+			(getKeyJsonValueFromContainer(&jb->root, "message", 7, &v) &&
+			 v.type == jbvString) ||
+			(getKeyJsonValueFromContainer(&jb->root, "error", 5, &v) &&
+			 v.type == jbvString))
+			return pnstrdup(v.val.string.val, Min(v.val.string.len, FW_ERRLEN - 1));
+	}
+
+	initStringInfo(&buf);
+	for (size_t i = 0; i < len && buf.len < 200; i++)
+	{
+		unsigned char c = (unsigned char) body[i];
+
+		if (c == '\n' || c == '\r' || c == '\t')
+			c = ' ';
+		if (c >= 0x20 && c < 0x7f)
+			appendStringInfoChar(&buf, (char) c);
+	}
+	return buf.data;
+}
+
+/*
+ * Fixture key: SHA-256 of the canonical jsonb text of what decides the
+ * answer (model, messages, generation options) but not the key, the tier
+ * or routing hints.
+ */
+char *
+fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
+{
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	Jsonb	   *jb;
+	char	   *text;
+	uint8		digest[PG_SHA256_DIGEST_LENGTH];
+	char	   *hex;
+	pg_cryptohash_ctx *ctx;
+
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	fw_push_string(&st, "model", model);
+	fw_push_container(&st, "messages", messages);
+	fw_push_options(&st, options, fw_unfingerprinted_keys, false);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	jb = JsonbValueToJsonb(res);
+	text = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+
+	ctx = pg_cryptohash_create(PG_SHA256);
+	if (pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (uint8 *) text, strlen(text)) < 0 ||
+		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
+	{
+		pg_cryptohash_free(ctx);
+		elog(ERROR, "could not compute SHA-256 fingerprint");
+	}
+	pg_cryptohash_free(ctx);
+
+	hex = palloc(PG_SHA256_DIGEST_LENGTH * 2 + 1);
+	hex_encode((char *) digest, PG_SHA256_DIGEST_LENGTH, hex);
+	hex[PG_SHA256_DIGEST_LENGTH * 2] = '\0';
+	return hex;
+}

@@ -1,0 +1,35 @@
+/*-------------------------------------------------------------------------
+ *
+ * fwjson.h
+ *		Request building and response parsing with PostgreSQL's jsonb.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef FW_JSON_H
+#define FW_JSON_H
+
+#include "fw_tier.h"
+
+/* What a 200 response yielded. */
+typedef struct FwParsed
+{
+	Jsonb	   *response;		/* the whole body, NULL if not JSON */
+	char	   *content;		/* choices[0].message.content, or NULL */
+	int			prompt_tokens;	/* -1: unknown */
+	int			cached_tokens;
+	int			completion_tokens;
+	const char *problem;		/* why it is not a usable completion */
+} FwParsed;
+
+extern Jsonb *fw_messages_from_prompt(const char *prompt);
+extern void fw_check_messages(Jsonb *messages);
+extern char *fw_option_text(Jsonb *options, const char *key);
+extern char *fw_build_request(const char *model, Jsonb *messages,
+							  Jsonb *options, bool priority, size_t *len);
+extern Jsonb *fw_parse_json(const char *body, size_t len);
+extern bool fw_parse_completion(const char *body, size_t len, bool need_text,
+								FwParsed *out);
+extern char *fw_error_excerpt(const char *body, size_t len);
+extern char *fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options);
+
+#endif							/* FW_JSON_H */

@@ -1,0 +1,249 @@
+/*-------------------------------------------------------------------------
+ *
+ * status.c
+ *		SQL functions over the shared state: the per-workload state behind
+ *		the fw_tier.status view, the call-log ring counters, the operator's
+ *		fw_escalate() / fw_deescalate(), and fw_flush().
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "fw_tier.h"
+
+PG_FUNCTION_INFO_V1(fw_tier_workload_state);
+PG_FUNCTION_INFO_V1(fw_tier_log_state);
+PG_FUNCTION_INFO_V1(fw_escalate);
+PG_FUNCTION_INFO_V1(fw_deescalate);
+PG_FUNCTION_INFO_V1(fw_flush);
+
+#define FW_STATE_COLS	16
+
+/*
+ * fw_tier_workload_state(): one row per workload tracked in shared memory
+ * (a workload appears once a call used it or it was escalated).
+ */
+Datum
+fw_tier_workload_state(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	FwWorkloadSnapshot *snaps;
+	int			n;
+
+	fw_require_preload();
+	InitMaterializedSRF(fcinfo, 0);
+
+	n = fw_workload_snapshots(&snaps);
+	for (int i = 0; i < n; i++)
+	{
+		FwWorkloadSnapshot *s = &snaps[i];
+		Datum		values[FW_STATE_COLS];
+		bool		nulls[FW_STATE_COLS];
+		int64		total = 0;
+		int64		per_outcome[FW_NUM_OUTCOMES];
+		int64		per_path[FW_NUM_PATHS];
+		int			c = 0;
+
+		memset(nulls, 0, sizeof(nulls));
+		memset(per_outcome, 0, sizeof(per_outcome));
+		memset(per_path, 0, sizeof(per_path));
+		for (int p = 0; p < FW_NUM_PATHS; p++)
+			for (int o = 0; o < FW_NUM_OUTCOMES; o++)
+			{
+				per_outcome[o] += s->attempts[p][o];
+				per_path[p] += s->attempts[p][o];
+				total += s->attempts[p][o];
+			}
+
+		values[c++] = CStringGetTextDatum(s->name);
+		values[c] = TimestampTzGetDatum(s->priority_until);
+		nulls[c++] = (s->priority_until == 0);
+		values[c] = TimestampTzGetDatum(s->window_started);
+		nulls[c++] = (s->window_started == 0);
+		values[c] = TimestampTzGetDatum(s->last_overloaded);
+		nulls[c++] = (s->last_overloaded == 0);
+		values[c++] = Int64GetDatum(s->escalations);
+		values[c++] = Int32GetDatum(s->windows_in_row);
+		values[c++] = BoolGetDatum(s->alerted);
+		values[c++] = Int64GetDatum(total);
+		values[c++] = Int64GetDatum(per_outcome[FW_OK]);
+		values[c++] = Int64GetDatum(per_outcome[FW_OVERLOADED]);
+		values[c++] = Int64GetDatum(per_outcome[FW_RATE_LIMITED]);
+		values[c++] = Int64GetDatum(per_outcome[FW_UNAVAILABLE]);
+		values[c++] = Int64GetDatum(per_path[FW_PATH_STANDARD]);
+		values[c++] = Int64GetDatum(per_path[FW_PATH_PRIORITY]);
+		values[c++] = Int64GetDatum(per_path[FW_PATH_FAST]);
+		values[c++] = Int64GetDatum(s->attempts[FW_PATH_PRIORITY][FW_OVERLOADED]);
+		Assert(c == FW_STATE_COLS);
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * fw_tier_log_state(): the call-log ring, one row.
+ */
+Datum
+fw_tier_log_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[8];
+	bool		nulls[8];
+	uint64		size,
+				used,
+				head,
+				tail;
+	uint32		pid;
+
+	fw_require_preload();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	fw_calllog_usage(&size, &used, &head, &tail);
+	pid = pg_atomic_read_u32(&fw_shared->worker_pid);
+
+	memset(nulls, 0, sizeof(nulls));
+	values[0] = Int64GetDatum((int64) size);
+	values[1] = Int64GetDatum((int64) used);
+	values[2] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->records_pushed));
+	values[3] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->records_flushed));
+	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->ring_waits));
+	values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->records_skipped));
+	values[6] = Int32GetDatum((int32) pid);
+	nulls[6] = (pid == 0);
+	values[7] = Int64GetDatum((int64) head);
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * The workload's priority_window from fw_tier.workloads, in microseconds
+ * (0 when NULL).  Raises 22023 when the workload does not exist.
+ */
+static int64
+fw_status_workload_window(const char *workload)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1];
+	int			ret;
+	int64		window_us = 0;
+	bool		found;
+
+	args[0] = CStringGetTextDatum(workload);
+
+	SPI_connect();
+	ret = SPI_execute_with_args("SELECT priority_window FROM fw_tier.workloads"
+								" WHERE workload = $1",
+								1, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_with_args failed: %s",
+			 SPI_result_code_string(ret));
+	found = (SPI_processed > 0);
+	if (found)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+		{
+			Interval   *iv = DatumGetIntervalP(d);
+
+			window_us = iv->time +
+				(int64) iv->day * USECS_PER_DAY +
+				(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+		}
+	}
+	SPI_finish();
+
+	if (!found)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("workload \"%s\" does not exist", workload),
+				 errhint("Workloads are rows of fw_tier.workloads.")));
+	return window_us;
+}
+
+/*
+ * fw_escalate(workload text, duration interval DEFAULT NULL)
+ *	Put the workload on Priority now, for duration (NULL: the workload's
+ *	priority_window, else fw_tier.priority_window).  Returns the new end.
+ */
+Datum
+fw_escalate(PG_FUNCTION_ARGS)
+{
+	char	   *workload;
+	int64		window_us;
+	int			slot;
+
+	fw_require_preload();
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("workload must not be null")));
+	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	window_us = fw_status_workload_window(workload);
+	if (!PG_ARGISNULL(1))
+	{
+		Interval   *iv = PG_GETARG_INTERVAL_P(1);
+
+		window_us = iv->time +
+			(int64) iv->day * USECS_PER_DAY +
+			(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+		if (window_us <= 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("escalation duration must be positive")));
+	}
+	else if (window_us <= 0)
+		window_us = (int64) fw_priority_window_s * USECS_PER_SEC;
+
+	/* whole milliseconds, at least one */
+	fw_escalate_now(workload, Max(window_us / 1000, 1));
+
+	slot = fw_workload_slot(workload);
+	PG_RETURN_TIMESTAMPTZ((TimestampTz)
+						  pg_atomic_read_u64(&fw_shared->workloads[slot].priority_until));
+}
+
+/*
+ * fw_deescalate(workload text): end the workload's window now.
+ */
+Datum
+fw_deescalate(PG_FUNCTION_ARGS)
+{
+	char	   *workload;
+
+	fw_require_preload();
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("workload must not be null")));
+	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	(void) fw_status_workload_window(workload);
+	fw_deescalate_now(workload);
+	PG_RETURN_VOID();
+}
+
+/*
+ * fw_flush(): returns once every record pushed before the call is in
+ * fw_tier.calls.  Waits for the worker; statement_timeout applies.
+ */
+Datum
+fw_flush(PG_FUNCTION_ARGS)
+{
+	fw_require_preload();
+	fw_flush_wait();
+	PG_RETURN_VOID();
+}

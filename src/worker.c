@@ -1,0 +1,685 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The fw_tier background worker: drains the call-log ring into
+ *		fw_tier.calls, mirrors Priority windows into fw_tier.escalations,
+ *		expires them on time and raises the capacity alert.
+ *
+ * The worker_spi skeleton: SIGHUP reloads the configuration, SIGTERM asks
+ * for a shutdown, and the loop sleeps on its latch until the earliest
+ * deadline (the next flush of a non-empty ring, the end of the earliest
+ * open window), never on a fixed poll.  Backends set the latch when the
+ * ring goes from empty to non-empty, when it is more than half full, when a
+ * window opens, moves or ends, and from fw_flush().
+ *
+ * One transaction per batch; no LWLock is ever held across SPI.  After the
+ * shutdown request the ring is drained one last time (autoprewarm style);
+ * what cannot be written stays in the ring file for the next start.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/extension.h"
+#include "common/string.h"
+#include "executor/spi.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "fw_tier.h"
+
+#define FW_BATCH_MAX		1000	/* records per transaction */
+#define FW_NOEXT_RECHECK_MS	10000	/* extension missing: look again */
+#define FW_RETRY_MAX_MS		10000	/* longest pause after a failed batch */
+
+static MemoryContext fw_worker_cxt = NULL;	/* lives as long as the worker */
+static MemoryContext fw_batch_cxt = NULL;	/* reset per batch */
+static SPIPlanPtr fw_insert_plan = NULL;
+static FwDrainedRecord *fw_batch = NULL;
+static FwWindowSync *fw_sync = NULL;
+static int	fw_fail_count = 0;
+
+#define FW_INSERT_NARGS 21
+
+static const char *fw_insert_sql =
+"INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
+"  workload, path, model, service_tier, escalated, http_status, outcome,"
+"  prompt_tokens, cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
+"  cost_usd, request_id, error, prompt, answer)"
+" SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
+"  $16, $17,"
+"  CASE WHEN $13 IS NULL AND $15 IS NULL AND $12 <> 'ok' THEN 0"
+"       WHEN p.model IS NULL THEN NULL"
+"       ELSE ((coalesce($13, 0) - coalesce($14, 0)) * p.input_usd_per_mtok"
+"             + coalesce($14, 0) * p.cached_input_usd_per_mtok"
+"             + coalesce($15, 0) * p.output_usd_per_mtok) / 1000000 END,"
+"  $18, $19, $20, $21"
+" FROM (SELECT 1) AS one"
+" LEFT JOIN fw_tier.prices p ON p.model = $8 AND p.path = $7"
+" ON CONFLICT (call_id, attempt) DO NOTHING";
+
+void
+fw_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	strlcpy(worker.bgw_library_name, "fw_tier", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "fw_worker_main", BGW_MAXLEN);
+	strlcpy(worker.bgw_name, "fw_tier worker", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, "fw_tier worker", BGW_MAXLEN);
+	worker.bgw_main_arg = (Datum) 0;
+	worker.bgw_notify_pid = 0;
+	RegisterBackgroundWorker(&worker);
+}
+
+static void
+fw_worker_detach(int code, Datum arg)
+{
+	if (fw_shared == NULL)
+		return;
+	fw_shared->worker_latch = NULL;
+	pg_atomic_write_u32(&fw_shared->worker_pid, 0);
+}
+
+/*
+ * Is the extension created in our database?  Says so once when it is not,
+ * and once when it appears.
+ */
+static bool
+fw_worker_extension_ready(void)
+{
+	static bool warned = false;
+	bool		ok;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	ok = OidIsValid(get_extension_oid("fw_tier", true));
+	CommitTransactionCommand();
+
+	if (!ok && !warned)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("fw_tier worker: extension \"fw_tier\" is not installed in database \"%s\"",
+						fw_database),
+				 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full, fw_tier calls wait for space."),
+				 errhint("Run CREATE EXTENSION fw_tier in database \"%s\", or set fw_tier.database to the database where it is installed.",
+						 fw_database)));
+		warned = true;
+	}
+	else if (ok && warned)
+	{
+		ereport(LOG,
+				(errmsg("fw_tier worker: extension \"fw_tier\" found in database \"%s\"",
+						fw_database)));
+		warned = false;
+	}
+	return ok;
+}
+
+/*
+ * Text safe to store in this database: the writer's database may use
+ * another encoding; non-ASCII bytes we cannot vouch for become '?'.
+ */
+static Datum
+fw_text_datum(const char *s, int encoding, bool empty_is_null, bool *isnull)
+{
+	int			len;
+	char	   *copy;
+
+	*isnull = false;
+	if (s == NULL || (empty_is_null && s[0] == '\0'))
+	{
+		*isnull = true;
+		return (Datum) 0;
+	}
+	len = strlen(s);
+	if (pg_is_ascii(s) ||
+		(encoding == GetDatabaseEncoding() &&
+		 pg_verify_mbstr(encoding, s, len, true)))
+		return CStringGetTextDatum(s);
+
+	copy = pstrdup(s);
+	for (char *p = copy; *p; p++)
+		if (IS_HIGHBIT_SET(*p))
+			*p = '?';
+	return CStringGetTextDatum(copy);
+}
+
+static Datum
+fw_int_datum(int32 v, bool *isnull)
+{
+	*isnull = (v < 0);
+	return Int32GetDatum(v);
+}
+
+static void
+fw_worker_prepare_insert(void)
+{
+	Oid			argtypes[FW_INSERT_NARGS] = {
+		INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
+		TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
+		INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
+		TEXTOID, TEXTOID, TEXTOID, TEXTOID
+	};
+
+	if (fw_insert_plan != NULL)
+		return;
+	fw_insert_plan = SPI_prepare(fw_insert_sql, FW_INSERT_NARGS, argtypes);
+	if (fw_insert_plan == NULL)
+		elog(ERROR, "SPI_prepare failed for the fw_tier call-log insert: %s",
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(fw_insert_plan);
+}
+
+static void
+fw_worker_insert(FwDrainedRecord *d)
+{
+	FwCallRecord *r = &d->rec;
+	Datum		values[FW_INSERT_NARGS];
+	bool		isnull[FW_INSERT_NARGS];
+	char		nulls[FW_INSERT_NARGS];
+	int			ret;
+	FwPath		path = (r->path >= 0 && r->path < FW_NUM_PATHS) ?
+		(FwPath) r->path : FW_PATH_STANDARD;
+	FwOutcome	outcome = (r->outcome >= 0 && r->outcome < FW_NUM_OUTCOMES) ?
+		(FwOutcome) r->outcome : FW_BAD_RESPONSE;
+
+	/* fixed-size strings from another process: terminate them */
+	r->dbname.data[NAMEDATALEN - 1] = '\0';
+	r->username.data[NAMEDATALEN - 1] = '\0';
+	r->workload[FW_NAMELEN - 1] = '\0';
+	r->model[FW_MODELLEN - 1] = '\0';
+	r->request_id[FW_REQIDLEN - 1] = '\0';
+	r->error[FW_ERRLEN - 1] = '\0';
+
+	memset(isnull, 0, sizeof(isnull));
+	values[0] = Int64GetDatum(r->call_id);
+	values[1] = Int32GetDatum(r->attempt);
+	values[2] = TimestampTzGetDatum(r->started_at);
+	values[3] = NameGetDatum(&r->dbname);
+	values[4] = NameGetDatum(&r->username);
+	values[5] = fw_text_datum(r->workload, d->encoding, false, &isnull[5]);
+	values[6] = CStringGetTextDatum(fw_path_name(path));
+	values[7] = fw_text_datum(r->model, d->encoding, false, &isnull[7]);
+	if (r->priority_sent)
+		values[8] = CStringGetTextDatum("priority");
+	else
+		isnull[8] = true;
+	values[9] = BoolGetDatum(r->escalated);
+	values[10] = Int32GetDatum(r->http_status);
+	isnull[10] = (r->http_status <= 0);
+	values[11] = CStringGetTextDatum(fw_outcome_name(outcome));
+	values[12] = fw_int_datum(r->prompt_tokens, &isnull[12]);
+	values[13] = fw_int_datum(r->cached_prompt_tokens, &isnull[13]);
+	values[14] = fw_int_datum(r->completion_tokens, &isnull[14]);
+	values[15] = Float8GetDatum(r->latency_us / 1000.0);
+	isnull[15] = (r->latency_us < 0);
+	values[16] = Float8GetDatum(r->ttfb_us / 1000.0);
+	isnull[16] = (r->ttfb_us < 0);
+	values[17] = fw_text_datum(r->request_id, d->encoding, true, &isnull[17]);
+	values[18] = fw_text_datum(r->error, d->encoding, true, &isnull[18]);
+	values[19] = fw_text_datum(d->prompt, d->encoding, false, &isnull[19]);
+	values[20] = fw_text_datum(d->answer, d->encoding, false, &isnull[20]);
+	/* NOT NULL columns: never leave them empty-handed */
+	if (isnull[5])
+	{
+		values[5] = CStringGetTextDatum("");
+		isnull[5] = false;
+	}
+	if (isnull[7])
+	{
+		values[7] = CStringGetTextDatum("");
+		isnull[7] = false;
+	}
+
+	for (int i = 0; i < FW_INSERT_NARGS; i++)
+		nulls[i] = isnull[i] ? 'n' : ' ';
+
+	ret = SPI_execute_plan(fw_insert_plan, values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "fw_tier call-log insert failed: %s",
+			 SPI_result_code_string(ret));
+}
+
+/*
+ * One batch: copy records out of the ring, insert them in one
+ * transaction, commit, then release their space.  Returns the number of
+ * records written; -1 when nothing was left to read.
+ */
+static int
+fw_worker_drain_batch(void)
+{
+	uint64		end_pos;
+	uint64		size,
+				used,
+				head,
+				tail;
+	int			n;
+
+	fw_calllog_usage(&size, &used, &head, &tail);
+	if (used == 0)
+		return -1;
+
+	MemoryContextReset(fw_batch_cxt);
+	{
+		MemoryContext old = MemoryContextSwitchTo(fw_batch_cxt);
+
+		n = fw_calllog_read(fw_batch, FW_BATCH_MAX, &end_pos);
+		MemoryContextSwitchTo(old);
+	}
+	if (end_pos == tail)
+		return -1;				/* the first record is still being written */
+
+	if (n > 0)
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "fw_tier: writing the call log");
+
+		fw_worker_prepare_insert();
+		/* the datums built here live in SPI's context, freed by SPI_finish */
+		for (int i = 0; i < n; i++)
+			fw_worker_insert(&fw_batch[i]);
+
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+
+	/* only now, after COMMIT, may the space be reused */
+	fw_calllog_advance(end_pos, n);
+	return n;
+}
+
+/*
+ * Write fw_tier.escalations from shared memory: for each window whose
+ * state changed, close older open rows of the workload, then update the
+ * row of this window or insert it.  Idempotent, so a crash between COMMIT
+ * and fw_windows_synced() only repeats the work.
+ */
+static void
+fw_worker_sync_rows(FwWindowSync *ws, int n)
+{
+	for (int i = 0; i < n; i++)
+	{
+		FwWindowSync *w = &ws[i];
+		Datum		args[6];
+		char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+		Oid			types2[2] = {TEXTOID, TIMESTAMPTZOID};
+		Oid			types4[4] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+		Oid			types6[6] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, TEXTOID, INT4OID};
+		int			ret;
+
+		args[0] = CStringGetTextDatum(w->name);
+		args[1] = TimestampTzGetDatum(w->started);
+		args[2] = TimestampTzGetDatum(w->until);
+		args[3] = TimestampTzGetDatum(w->until);
+		if (!w->closed)
+			nulls[3] = 'n';
+		args[4] = CStringGetTextDatum(w->manual ? "manual" : "overloaded");
+		args[5] = Int32GetDatum(w->windows_in_row);
+
+		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
+									" SET ended = LEAST(priority_until, $2)"
+									" WHERE workload = $1 AND ended IS NULL AND started <> $2",
+									2, types2, args, nulls, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "fw_tier: closing old windows failed: %s",
+				 SPI_result_code_string(ret));
+
+		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
+									" SET priority_until = $3, ended = $4"
+									" WHERE workload = $1 AND started = $2",
+									4, types4, args, nulls, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "fw_tier: updating a window failed: %s",
+				 SPI_result_code_string(ret));
+
+		if (SPI_processed == 0)
+		{
+			ret = SPI_execute_with_args("INSERT INTO fw_tier.escalations"
+										" (workload, started, priority_until, ended, trigger, windows_in_row)"
+										" VALUES ($1, $2, $3, $4, $5, $6)",
+										6, types6, args, nulls, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "fw_tier: recording a window failed: %s",
+					 SPI_result_code_string(ret));
+		}
+
+		if (w->alert)
+		{
+			StringInfoData payload;
+
+			ereport(WARNING,
+					(errmsg("fw_tier: workload \"%s\" has been escalated to priority for %d windows in a row",
+							w->name, w->windows_in_row),
+					 errdetail("The current window lasts until %s.",
+							   timestamptz_to_str(w->until)),
+					 errhint("Sustained 503 Service Overloaded on the standard path is a capacity problem, not a spike: review the workload's path and capacity.")));
+
+			initStringInfo(&payload);
+			appendStringInfoString(&payload, "{\"workload\": ");
+			escape_json(&payload, w->name);
+			appendStringInfo(&payload, ", \"windows_in_row\": %d, \"priority_until\": ",
+							 w->windows_in_row);
+			escape_json(&payload, timestamptz_to_str(w->until));
+			appendStringInfoChar(&payload, '}');
+			/* delivered at COMMIT */
+			Async_Notify("fw_tier_alert", payload.data);
+		}
+	}
+}
+
+/*
+ * At start: put back windows still open in fw_tier.escalations (a server
+ * restart inside a window keeps Priority), then close rows whose window
+ * passed while we were away.  Runs after fw_worker_sync_rows() in the same
+ * transaction, so windows still in shared memory (worker restart without
+ * crash) were written first and are not closed.
+ */
+static void
+fw_worker_restore(void)
+{
+	typedef struct
+	{
+		char		name[FW_NAMELEN];
+		TimestampTz started;
+		TimestampTz until;
+		int32		windows_in_row;
+		bool		manual;
+	} FwOpenRow;
+	FwOpenRow  *rows;
+	int			nrows;
+	int			ret;
+
+	ret = SPI_execute("SELECT workload, started, priority_until, windows_in_row,"
+					  " trigger = 'manual'"
+					  " FROM fw_tier.escalations"
+					  " WHERE ended IS NULL AND priority_until > now()"
+					  " ORDER BY id", true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "fw_tier: reading open windows failed: %s",
+			 SPI_result_code_string(ret));
+
+	nrows = (int) SPI_processed;
+	rows = palloc0(sizeof(FwOpenRow) * Max(nrows, 1));
+	for (int i = 0; i < nrows; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		char	   *name = SPI_getvalue(tup, desc, 1);
+
+		strlcpy(rows[i].name, name ? name : "", FW_NAMELEN);
+		rows[i].started = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
+		rows[i].until = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
+		rows[i].windows_in_row = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+		rows[i].manual = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+	}
+
+	/* takes wl_lock per call; no SPI while it is held */
+	for (int i = 0; i < nrows; i++)
+	{
+		if (rows[i].name[0] == '\0')
+			continue;
+		fw_restore_window(rows[i].name, rows[i].started, rows[i].until,
+						  rows[i].windows_in_row, rows[i].manual);
+		ereport(LOG,
+				(errmsg("fw_tier worker: workload \"%s\" stays on priority until %s",
+						rows[i].name, timestamptz_to_str(rows[i].until))));
+	}
+
+	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until"
+					  " WHERE ended IS NULL AND priority_until <= now()",
+					  false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "fw_tier: closing expired windows failed: %s",
+			 SPI_result_code_string(ret));
+}
+
+/*
+ * Mirror the windows; at start, restore too.  Returns the earliest end of
+ * an open window (0 = none): the worker's next deadline.
+ */
+static TimestampTz
+fw_worker_sync_windows(bool at_start)
+{
+	TimestampTz next_expiry;
+	int			n;
+
+	n = fw_windows_to_sync(fw_sync, GetCurrentTimestamp(), &next_expiry);
+	if (n == 0 && !at_start)
+		return next_expiry;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "fw_tier: recording priority windows");
+
+	fw_worker_sync_rows(fw_sync, n);
+	if (at_start)
+		fw_worker_restore();
+
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	for (int i = 0; i < n; i++)
+		fw_windows_synced(&fw_sync[i]);
+
+	if (at_start)
+	{
+		/* restored windows have deadlines of their own */
+		(void) fw_windows_to_sync(fw_sync, GetCurrentTimestamp(), &next_expiry);
+	}
+	return next_expiry;
+}
+
+/*
+ * Log and clean up after an error in a transaction of ours; the worker
+ * keeps running and retries later (records stay in the ring).
+ */
+static void
+fw_worker_recover_error(void)
+{
+	MemoryContextSwitchTo(fw_worker_cxt);
+	EmitErrorReport();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	/* the plan may refer to a dropped table: prepare it again */
+	if (fw_insert_plan)
+	{
+		SPI_freeplan(fw_insert_plan);
+		fw_insert_plan = NULL;
+	}
+	pgstat_report_activity(STATE_IDLE, NULL);
+	fw_fail_count++;
+}
+
+static long
+fw_ms_until(TimestampTz deadline, TimestampTz now)
+{
+	if (deadline <= now)
+		return 0;
+	/* round up: waking a hair early would only loop once more */
+	return (long) Min((deadline - now + 999) / 1000, (int64) INT_MAX);
+}
+
+void
+fw_worker_main(Datum main_arg)
+{
+	bool		restored = false;
+	TimestampTz flush_deadline = 0;
+	TimestampTz retry_at = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(fw_database, NULL, 0);
+
+	fw_worker_cxt = AllocSetContextCreate(TopMemoryContext,
+										  "fw_tier worker",
+										  ALLOCSET_DEFAULT_SIZES);
+	fw_batch_cxt = AllocSetContextCreate(fw_worker_cxt,
+										 "fw_tier worker batch",
+										 ALLOCSET_DEFAULT_SIZES);
+	fw_batch = MemoryContextAllocZero(fw_worker_cxt,
+									  sizeof(FwDrainedRecord) * FW_BATCH_MAX);
+	fw_sync = MemoryContextAllocZero(fw_worker_cxt,
+									 sizeof(FwWindowSync) * fw_max_workloads);
+
+	before_shmem_exit(fw_worker_detach, (Datum) 0);
+	fw_shared->worker_latch = MyLatch;
+	pg_atomic_write_u32(&fw_shared->worker_pid, (uint32) MyProcPid);
+
+	ereport(LOG,
+			(errmsg("fw_tier worker started in database \"%s\"", fw_database)));
+
+	for (;;)
+	{
+		TimestampTz now;
+		TimestampTz next_expiry = 0;
+		TimestampTz deadline = 0;
+		bool		ext_ok;
+		int			events;
+		long		timeout = -1;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		MemoryContextSwitchTo(fw_worker_cxt);
+		ext_ok = fw_worker_extension_ready();
+		now = GetCurrentTimestamp();
+
+		if (ext_ok && (retry_at == 0 || now >= retry_at || ShutdownRequestPending))
+		{
+			PG_TRY();
+			{
+				bool		flush_now;
+				uint64		size,
+							used,
+							head,
+							tail;
+
+				next_expiry = fw_worker_sync_windows(!restored);
+				restored = true;
+
+				fw_calllog_usage(&size, &used, &head, &tail);
+				now = GetCurrentTimestamp();
+				if (used > 0 && flush_deadline == 0)
+					flush_deadline = now + (int64) fw_flush_interval_ms * 1000;
+				flush_now = pg_atomic_exchange_u32(&fw_shared->flush_requested, 0) != 0 ||
+					used > size / 2 ||
+					(flush_deadline != 0 && now >= flush_deadline) ||
+					ShutdownRequestPending;
+
+				if (used > 0 && flush_now)
+				{
+					/*
+					 * Drain; a bounded number of batches per wake so that
+					 * windows are still mirrored under a flood, and
+					 * everything at shutdown.
+					 */
+					int			batches = 0;
+
+					while (fw_worker_drain_batch() >= 0)
+					{
+						if (!fw_calllog_pending())
+							break;
+						if (++batches >= 16 && !ShutdownRequestPending)
+						{
+							/* come back at once */
+							pg_atomic_write_u32(&fw_shared->flush_requested, 1);
+							SetLatch(MyLatch);
+							break;
+						}
+					}
+					flush_deadline = fw_calllog_pending() ?
+						GetCurrentTimestamp() + (int64) fw_flush_interval_ms * 1000 : 0;
+				}
+				fw_fail_count = 0;
+				retry_at = 0;
+			}
+			PG_CATCH();
+			{
+				fw_worker_recover_error();
+				retry_at = GetCurrentTimestamp() +
+					(int64) Min(fw_flush_interval_ms * (1 << Min(fw_fail_count, 10)),
+								FW_RETRY_MAX_MS) * 1000;
+			}
+			PG_END_TRY();
+		}
+
+		if (ShutdownRequestPending)
+			break;
+
+		/* sleep until the earliest deadline */
+		now = GetCurrentTimestamp();
+		if (!ext_ok)
+			deadline = now + (int64) FW_NOEXT_RECHECK_MS * 1000;
+		else if (retry_at != 0)
+			deadline = retry_at;
+		else
+		{
+			if (flush_deadline != 0)
+				deadline = flush_deadline;
+			if (next_expiry != 0 && (deadline == 0 || next_expiry < deadline))
+				deadline = next_expiry;
+		}
+		events = WL_LATCH_SET | WL_EXIT_ON_PM_DEATH;
+		if (deadline != 0)
+		{
+			events |= WL_TIMEOUT;
+			timeout = fw_ms_until(deadline, now);
+		}
+		(void) WaitLatch(MyLatch, events, timeout, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+
+	/* shutdown: the final drain above ran with ShutdownRequestPending set */
+	if (fw_calllog_pending())
+	{
+		uint64		size,
+					used,
+					head,
+					tail;
+
+		fw_calllog_usage(&size, &used, &head, &tail);
+		ereport(LOG,
+				(errmsg("fw_tier worker: " UINT64_FORMAT " bytes of call log remain in the ring file and will be written after the next start",
+						used)));
+	}
+	proc_exit(0);
+}
