@@ -439,3 +439,189 @@ REVOKE EXECUTE ON FUNCTION fw_tier.purge_calls(interval, integer) FROM PUBLIC;
 -- SELECT on fw_tier.calls / fw_tier.escalations and sees only its rows.
 GRANT SELECT ON fw_tier.spend_daily, fw_tier.error_rates_hourly,
 	fw_tier.priority_premium, fw_tier.escalation_timeline TO PUBLIC;
+
+-- ==== record / replay (fixtures.c) ====
+
+/*
+ * Fixtures are test data: every role may read them (replay needs that),
+ * writing them takes a grant from the owner:
+ *   GRANT INSERT, UPDATE ON fw_tier.fixtures TO ci;	-- record mode, fw_fixture()
+ *   GRANT INSERT ON fw_tier.fixtures_import TO ci;	-- \copy ... FROM
+ * Record in test databases only: fixtures hold prompts and answers.
+ */
+GRANT SELECT ON fw_tier.fixtures TO PUBLIC;
+
+-- The key the engine uses for a request and the model it stands for,
+-- resolved like a call: options' model and path, the workload's model,
+-- fw_tier.default_model, the Fast model on the Fast path.
+CREATE FUNCTION fw_tier.fixture_key(messages jsonb, workload text, options jsonb,
+									OUT fingerprint text, OUT model text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'fw_fixture_key_sql'
+LANGUAGE C STABLE PARALLEL RESTRICTED;
+
+-- The fixture key of fw_chat(messages, workload, options); fw_complete(p, w)
+-- is fw_chat('[{"role": "user", "content": p}]', w).
+CREATE FUNCTION fw_fingerprint(messages jsonb, workload text DEFAULT 'default',
+							   options jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE sql STABLE PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT k.fingerprint FROM fw_tier.fixture_key(messages, workload, options) k $$;
+
+/*
+ * Write one fixture by hand for fw_chat(messages, workload, options);
+ * returns its fingerprint.  response is the body verbatim when it starts
+ * with '{'; otherwise, for a 2xx, the answer text of a canonical
+ * completion, and for an error the message of a canonical error body
+ * (NULL: the provider's usual message; a 503 without a message is
+ * "Service Overloaded", a 503 whose message lacks "overload" is
+ * Unavailable).  path: 'any', 'standard', 'priority' or 'fast'; attempt 0
+ * answers every attempt, n only the call's n-th.
+ */
+CREATE FUNCTION fw_fixture_chat(messages jsonb, workload text, http_status integer,
+								response text DEFAULT NULL, path text DEFAULT 'any',
+								options jsonb DEFAULT '{}', attempt integer DEFAULT 0,
+								retry_after integer DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	k		record;
+	body	text;
+	etype	text;
+BEGIN
+	IF http_status IS NULL OR path IS NULL OR attempt IS NULL THEN
+		RAISE EXCEPTION 'http_status, path and attempt must not be NULL'
+			USING ERRCODE = '22004';
+	END IF;
+	SELECT * INTO k FROM fw_tier.fixture_key(messages, workload, options);
+
+	IF left(ltrim(response), 1) = '{' THEN
+		body := response;
+	ELSIF http_status BETWEEN 200 AND 299 THEN
+		IF response IS NULL THEN
+			RAISE EXCEPTION 'a % fixture needs the answer text', http_status
+				USING ERRCODE = '22004';
+		END IF;
+		body := jsonb_build_object(
+			'id', 'fixture-' || left(k.fingerprint, 12),
+			'object', 'chat.completion', 'created', 0, 'model', k.model,
+			'choices', jsonb_build_array(jsonb_build_object(
+				'index', 0, 'finish_reason', 'stop',
+				'message', jsonb_build_object('role', 'assistant', 'content', response))),
+			'usage', jsonb_build_object('prompt_tokens', 0, 'completion_tokens', 0,
+										'total_tokens', 0))::text;
+	ELSE
+		IF http_status = 503 AND (response IS NULL OR response ILIKE '%overload%') THEN
+			etype := 'service_overloaded';
+			response := coalesce(response, 'Service Overloaded: the serverless fleet is at capacity; retry with backoff or use service_tier priority');
+		ELSE
+			etype := CASE http_status
+				WHEN 400 THEN 'invalid_request_error'
+				WHEN 401 THEN 'authentication_error'
+				WHEN 403 THEN 'permission_denied'
+				WHEN 404 THEN 'not_found'
+				WHEN 429 THEN 'rate_limit_exceeded'
+				WHEN 503 THEN 'service_unavailable'
+				ELSE CASE WHEN http_status >= 500 THEN 'server_error' ELSE 'client_error' END
+			END;
+			response := coalesce(response, CASE http_status
+				WHEN 400 THEN 'Invalid request'
+				WHEN 429 THEN 'Rate limit exceeded, please retry later'
+				WHEN 503 THEN 'Service Unavailable'
+				ELSE 'HTTP ' || http_status END);
+		END IF;
+		body := jsonb_build_object('error', jsonb_build_object(
+			'object', 'error', 'type', etype, 'code', etype, 'message', response))::text;
+	END IF;
+
+	INSERT INTO fw_tier.fixtures AS f
+		(fingerprint, path, attempt, request, http_status, response, retry_after)
+	VALUES (k.fingerprint, fw_fixture_chat.path, fw_fixture_chat.attempt,
+			jsonb_build_object('model', k.model, 'messages', messages),
+			fw_fixture_chat.http_status, body, fw_fixture_chat.retry_after)
+	ON CONFLICT ON CONSTRAINT fixtures_pkey DO UPDATE
+		SET request = EXCLUDED.request, http_status = EXCLUDED.http_status,
+			response = EXCLUDED.response, retry_after = EXCLUDED.retry_after,
+			recorded_at = EXCLUDED.recorded_at;
+	RETURN k.fingerprint;
+END
+$$;
+
+-- The same for fw_complete(prompt, workload) (and one prompt of
+-- fw_complete_batch(prompts, workload, options)).
+CREATE FUNCTION fw_fixture(prompt text, workload text, http_status integer,
+						   response text DEFAULT NULL, path text DEFAULT 'any',
+						   options jsonb DEFAULT '{}', attempt integer DEFAULT 0,
+						   retry_after integer DEFAULT NULL)
+RETURNS text
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT @extschema@.fw_fixture_chat(
+		jsonb_build_array(jsonb_build_object('role', 'user', 'content', prompt)),
+		workload, http_status, response, path, options, attempt, retry_after)
+$$;
+
+/*
+ * Fixtures as a file in the user's repository: one line per fixture,
+ * stable order and column list, no timestamps.
+ *   \copy (SELECT * FROM fw_tier.fixtures_export) TO 'fixtures.tsv'
+ *   \copy fw_tier.fixtures_import FROM 'fixtures.tsv'
+ * Import upserts on (fingerprint, path, attempt); TRUNCATE
+ * fw_tier.fixtures first to replace the set.  Export, import, export gives
+ * the same bytes.
+ */
+-- Record mode writes a failed call's answers again after its statement
+-- rolled back, at the next call; this writes them now (returns how many).
+-- Reading fw_tier.fixtures_export does it first.
+CREATE FUNCTION fw_fixture_flush()
+RETURNS integer
+AS 'MODULE_PATHNAME', 'fw_fixture_flush'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION fw_tier.fixtures_export_rows()
+RETURNS TABLE (fingerprint text, path text, attempt integer, http_status integer,
+			   retry_after integer, request jsonb, response text)
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT @extschema@.fw_fixture_flush();
+	SELECT f.fingerprint, f.path, f.attempt, f.http_status, f.retry_after, f.request, f.response
+	  FROM fw_tier.fixtures f
+	 ORDER BY f.fingerprint COLLATE "C", f.path COLLATE "C", f.attempt;
+$$;
+
+CREATE VIEW fw_tier.fixtures_export AS
+SELECT fingerprint, path, attempt, http_status, retry_after, request, response
+  FROM fw_tier.fixtures_export_rows()
+ ORDER BY fingerprint COLLATE "C", path COLLATE "C", attempt;
+GRANT SELECT ON fw_tier.fixtures_export TO PUBLIC;
+
+CREATE VIEW fw_tier.fixtures_import AS
+SELECT fingerprint, path, attempt, http_status, retry_after, request, response
+  FROM fw_tier.fixtures;
+ALTER VIEW fw_tier.fixtures_import ALTER COLUMN path SET DEFAULT 'any';
+ALTER VIEW fw_tier.fixtures_import ALTER COLUMN attempt SET DEFAULT 0;
+
+CREATE FUNCTION fw_tier.fixtures_import_row() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	INSERT INTO fw_tier.fixtures
+		(fingerprint, path, attempt, http_status, retry_after, request, response)
+	VALUES (NEW.fingerprint, NEW.path, NEW.attempt, NEW.http_status,
+			NEW.retry_after, NEW.request, NEW.response)
+	ON CONFLICT ON CONSTRAINT fixtures_pkey DO UPDATE
+		SET request = EXCLUDED.request, http_status = EXCLUDED.http_status,
+			response = EXCLUDED.response, retry_after = EXCLUDED.retry_after,
+			recorded_at = EXCLUDED.recorded_at;
+	RETURN NEW;
+END
+$$;
+CREATE TRIGGER fixtures_import_row
+	INSTEAD OF INSERT ON fw_tier.fixtures_import
+	FOR EACH ROW EXECUTE FUNCTION fw_tier.fixtures_import_row();

@@ -324,7 +324,15 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	}
 	need = FW_REC_ALIGN(sizeof(FwRingRec) + Max(plen, 0) + Max(alen, 0));
 
-	/* reserve; from here to READY nothing may raise an error */
+	/*
+	 * Reserve; from here to READY nothing may raise an error.  The attempt
+	 * this record describes has already been paid for, so a cancel must
+	 * not drop it: cancel and statement_timeout are held off while waiting
+	 * for space (the worker makes room within a flush), and are processed
+	 * right after the record is published.  pg_terminate_backend still
+	 * works.
+	 */
+	HOLD_CANCEL_INTERRUPTS();
 	for (;;)
 	{
 		uint64		head;
@@ -371,6 +379,7 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	}
 	if (waited)
 		ConditionVariableCancelSleep();
+	RESUME_CANCEL_INTERRUPTS();
 
 	r->prompt_len = plen;
 	r->answer_len = alen;

@@ -21,8 +21,9 @@
  *
  * Replay never opens a connection.  A miss is an ERROR naming the
  * fingerprint and the start of the prompt, so the user knows what to
- * record.  Recording writes in the caller's transaction: fixtures are test
- * data, and a rolled-back test should not leave any.
+ * record.  Recording writes in the caller's transaction, and writes again
+ * what a rollback took away (a failed call raises, and that failure is the
+ * fixture a test of failures needs): see FwPendingFixture.
  *
  * The SQL side (fw_fingerprint, fw_fixture, the export and import views)
  * is in the extension script; fw_fixture_key() below is what it calls, so
@@ -33,16 +34,22 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
+#include "storage/ipc.h"
+#include "utils/snapmgr.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
 
 #include "fixtures.h"
 #include "fwjson.h"
+
+static int	fw_fixture_flush_pending(void);
 
 static const char *
 fw_fixture_model(FwCall *call)
@@ -104,6 +111,7 @@ fw_fixture_replay(FwCall *call)
 	int			ret;
 
 	fw_fixture_key(call);
+	fw_fixture_flush_pending();
 	values[0] = CStringGetTextDatum(call->fingerprint);
 	values[1] = CStringGetTextDatum(fw_path_name(call->path_sent));
 	values[2] = Int32GetDatum((int32) call->attempt);
@@ -153,29 +161,50 @@ fw_fixture_replay(FwCall *call)
 	return r;
 }
 
-void
-fw_fixture_record(FwCall *call, const FwHttpResult *r)
+/*
+ * A recorded answer the engine has seen.  It is written at once in the
+ * caller's transaction, and also kept here until that transaction
+ * commits: a call that fails raises, and its statement's rollback would
+ * take the recorded failure with it, which is exactly the fixture a test
+ * of failures needs.  A rolled-back record is written again at the next
+ * safe point: the next call in record or replay mode, fw_fixture_flush(),
+ * a read of fw_tier.fixtures_export, or the end of the session.
+ * Backend-local, in TopMemoryContext.
+ */
+typedef struct FwPendingFixture
+{
+	char	   *fingerprint;
+	char	   *path;
+	int32		attempt;
+	char	   *model;
+	Jsonb	   *messages;
+	int32		http_status;
+	char	   *response;
+	int32		retry_after;	/* -1: none */
+	bool		written;		/* in the current transaction, by subid */
+	SubTransactionId subid;
+} FwPendingFixture;
+
+static List *fw_pending = NIL;
+static bool fw_callbacks_registered = false;
+
+static void
+fw_fixture_write(FwPendingFixture *f)
 {
 	Oid			types[8] = {TEXTOID, TEXTOID, JSONBOID, INT4OID, TEXTOID, INT4OID, TEXTOID, INT4OID};
 	Datum		values[8];
 	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	bool		success = (r->status >= 200 && r->status < 300);
 	int			ret;
 
-	/* Only HTTP answers are fixtures; a transport failure is not one. */
-	if (r->failed || r->status == 0)
-		return;
-	fw_fixture_key(call);
-
-	values[0] = CStringGetTextDatum(call->fingerprint);
-	values[1] = CStringGetTextDatum(success ? "any" : fw_path_name(call->path_sent));
-	values[2] = PointerGetDatum(call->messages);
-	values[3] = Int32GetDatum((int32) r->status);
-	values[4] = CStringGetTextDatum(r->body ? r->body : "");
-	values[5] = Int32GetDatum(r->retry_after_ms / 1000);
-	nulls[5] = r->retry_after_ms >= 0 ? ' ' : 'n';
-	values[6] = CStringGetTextDatum(fw_fixture_model(call));
-	values[7] = Int32GetDatum(success ? 0 : (int32) call->attempt);
+	values[0] = CStringGetTextDatum(f->fingerprint);
+	values[1] = CStringGetTextDatum(f->path);
+	values[2] = PointerGetDatum(f->messages);
+	values[3] = Int32GetDatum(f->http_status);
+	values[4] = CStringGetTextDatum(f->response);
+	values[5] = Int32GetDatum(f->retry_after);
+	nulls[5] = f->retry_after >= 0 ? ' ' : 'n';
+	values[6] = CStringGetTextDatum(f->model);
+	values[7] = Int32GetDatum(f->attempt);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -190,6 +219,176 @@ fw_fixture_record(FwCall *call, const FwHttpResult *r)
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write fw_tier.fixtures: %s", SPI_result_code_string(ret));
 	SPI_finish();
+	f->written = true;
+	f->subid = GetCurrentSubTransactionId();
+}
+
+static void
+fw_pending_free(FwPendingFixture *f)
+{
+	pfree(f->fingerprint);
+	pfree(f->path);
+	pfree(f->model);
+	pfree(f->messages);
+	pfree(f->response);
+	pfree(f);
+}
+
+static void
+fw_fixture_xact_callback(XactEvent event, void *arg)
+{
+	ListCell   *lc;
+
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_PREPARE:
+			/* written ones are durable now; unwritten ones wait */
+			foreach(lc, fw_pending)
+			{
+				FwPendingFixture *f = lfirst(lc);
+
+				if (f->written)
+				{
+					fw_pending = foreach_delete_current(fw_pending, lc);
+					fw_pending_free(f);
+				}
+			}
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			foreach(lc, fw_pending)
+				((FwPendingFixture *) lfirst(lc))->written = false;
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+fw_fixture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+							SubTransactionId parentSubid, void *arg)
+{
+	ListCell   *lc;
+
+	foreach(lc, fw_pending)
+	{
+		FwPendingFixture *f = lfirst(lc);
+
+		if (!f->written || f->subid != mySubid)
+			continue;
+		if (event == SUBXACT_EVENT_COMMIT_SUB)
+			f->subid = parentSubid;
+		else if (event == SUBXACT_EVENT_ABORT_SUB)
+			f->written = false;
+	}
+}
+
+/* Write the records a rollback took away; returns how many. */
+static int
+fw_fixture_flush_pending(void)
+{
+	ListCell   *lc;
+	int			n = 0;
+
+	foreach(lc, fw_pending)
+	{
+		FwPendingFixture *f = lfirst(lc);
+
+		if (!f->written)
+		{
+			fw_fixture_write(f);
+			n++;
+		}
+	}
+	return n;
+}
+
+/*
+ * Session end: a recording session whose last statement failed still owes
+ * those records.  Written the way temp-table cleanup works at exit
+ * (RemoveTempRelationsCallback): a fresh transaction of our own.  Only on
+ * a normal exit.  An error here is reported and the records are lost
+ * (during exit it is raised as FATAL, which ends the session anyway).
+ */
+static void
+fw_fixture_exit_flush(int code, Datum arg)
+{
+	ListCell   *lc;
+	bool		owed = false;
+
+	foreach(lc, fw_pending)
+		owed |= !((FwPendingFixture *) lfirst(lc))->written;
+	if (code != 0 || !owed)
+		return;
+
+	AbortOutOfAnyTransaction();
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		fw_fixture_flush_pending();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+	}
+	PG_END_TRY();
+}
+
+void
+fw_fixture_record(FwCall *call, const FwHttpResult *r)
+{
+	bool		success = (r->status >= 200 && r->status < 300);
+	MemoryContext old;
+	FwPendingFixture *f;
+
+	/* Only HTTP answers are fixtures; a transport failure is not one. */
+	if (r->failed || r->status == 0)
+		return;
+	fw_fixture_key(call);
+	fw_fixture_flush_pending();
+
+	if (!fw_callbacks_registered)
+	{
+		RegisterXactCallback(fw_fixture_xact_callback, NULL);
+		RegisterSubXactCallback(fw_fixture_subxact_callback, NULL);
+		before_shmem_exit(fw_fixture_exit_flush, (Datum) 0);
+		fw_callbacks_registered = true;
+	}
+
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	f = palloc0(sizeof(FwPendingFixture));
+	f->fingerprint = pstrdup(call->fingerprint);
+	f->path = pstrdup(success ? "any" : fw_path_name(call->path_sent));
+	f->attempt = success ? 0 : (int32) call->attempt;
+	f->model = pstrdup(fw_fixture_model(call));
+	f->messages = palloc(VARSIZE(call->messages));
+	memcpy(f->messages, call->messages, VARSIZE(call->messages));
+	f->http_status = (int32) r->status;
+	f->response = r->body ? pnstrdup(r->body, r->body_len) : pstrdup("");
+	f->retry_after = r->retry_after_ms >= 0 ? r->retry_after_ms / 1000 : -1;
+	fw_pending = lappend(fw_pending, f);
+	MemoryContextSwitchTo(old);
+
+	fw_fixture_write(f);
+}
+
+PG_FUNCTION_INFO_V1(fw_fixture_flush);
+
+/*
+ * fw_fixture_flush() RETURNS integer: write the records of failed calls
+ * whose statement rolled back (see FwPendingFixture).
+ */
+Datum
+fw_fixture_flush(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT32(fw_fixture_flush_pending());
 }
 
 PG_FUNCTION_INFO_V1(fw_fixture_key_sql);

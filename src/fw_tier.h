@@ -142,9 +142,14 @@ typedef struct FwSharedState
 	LWLock	   *ring_lock;		/* call-log ring head/tail (calllog.c) */
 	pg_atomic_uint64 next_call_id;
 	pg_atomic_uint32 flush_requested;	/* fw_flush() asks the worker */
-	pg_atomic_uint32 worker_pid;	/* 0 = worker not running */
-	Latch	   *worker_latch;	/* set by the worker; read racily (a stale
+	pg_atomic_uint32 worker_pid;	/* process draining the call log (the
+									 * flusher, else the launcher); 0 = none */
+	Latch	   *worker_latch;	/* the launcher's; read racily (a stale
 								 * latch only costs a spurious wakeup) */
+	/* worker.c: launcher and flusher coordination (see worker.c) */
+	Latch	   *flusher_latch;	/* the running flusher's, or NULL */
+	pg_atomic_uint32 launcher_pid;	/* 0 = launcher not running */
+	pg_atomic_uint32 worker_flags;	/* FW_WF_* bits, worker.c */
 	ConditionVariable ring_space_cv;	/* broadcast when the tail moves */
 	ConditionVariable ring_flushed_cv;	/* idem, for fw_flush() */
 	pg_atomic_uint64 ring_waits;	/* writers that had to wait for space */
@@ -262,8 +267,9 @@ extern void fw_calllog_usage(uint64 *size, uint64 *used, uint64 *head,
 extern bool fw_calllog_pending(void);
 extern void fw_flush_wait(void);
 
-/* ---- worker.c ---- */
+/* ---- worker.c: the launcher (no database) and the flusher (fw_tier.database) ---- */
 extern void fw_register_worker(void);
-extern PGDLLEXPORT void fw_worker_main(Datum arg);
+extern PGDLLEXPORT void fw_launcher_main(Datum arg);
+extern PGDLLEXPORT void fw_flusher_main(Datum arg);
 
 #endif							/* FW_TIER_H */

@@ -30,9 +30,11 @@
  *	- waiting for space or for a flush uses the condition variables below,
  *	  always after the lock is released.
  *
- * next_call_id and the ring counters are atomics.  worker_latch is written
- * by the worker only and read without a lock; a stale pointer costs a
- * spurious wakeup of some other process at worst.
+ * next_call_id and the ring counters are atomics.  worker_latch (the
+ * launcher's) and flusher_latch are written by their owner only and read
+ * without a lock; a stale pointer costs a spurious wakeup of some other
+ * process at worst.  worker_pid, launcher_pid and worker_flags are atomics
+ * written by the launcher and the flusher (worker.c).
  *
  * The ring's bytes and its head/tail live in a file mapped MAP_SHARED
  * (calllog.c), not in the main shared memory segment, so that they survive
@@ -114,6 +116,9 @@ fw_shmem_startup(void)
 		pg_atomic_init_u32(&fw_shared->flush_requested, 0);
 		pg_atomic_init_u32(&fw_shared->worker_pid, 0);
 		fw_shared->worker_latch = NULL;
+		fw_shared->flusher_latch = NULL;
+		pg_atomic_init_u32(&fw_shared->launcher_pid, 0);
+		pg_atomic_init_u32(&fw_shared->worker_flags, 0);
 		ConditionVariableInit(&fw_shared->ring_space_cv);
 		ConditionVariableInit(&fw_shared->ring_flushed_cv);
 		pg_atomic_init_u64(&fw_shared->ring_waits, 0);

@@ -1,26 +1,57 @@
 /*-------------------------------------------------------------------------
  *
  * worker.c
- *		The fw_tier background worker: drains the call-log ring into
+ *		The fw_tier background workers: a launcher that owns the timing,
+ *		and a short-lived flusher that drains the call-log ring into
  *		fw_tier.calls, mirrors Priority windows into fw_tier.escalations,
- *		expires them on time and raises the capacity alert.
+ *		closes them on time and raises the capacity alert.
  *
- * The worker_spi skeleton: SIGHUP reloads the configuration, SIGTERM asks
- * for a shutdown, and the loop sleeps on its latch until the earliest
- * deadline (the next flush of a non-empty ring, the end of the earliest
- * open window), never on a fixed poll.  Backends set the latch when the
- * ring goes from empty to non-empty, when it is more than half full, when a
- * window opens, moves or ends, and from fw_flush().
+ * The autovacuum-launcher pattern.  The "fw_tier launcher" is a static
+ * worker connected to no database: it reads only the shared catalog
+ * pg_database, so it never keeps fw_tier.database open and never blocks a
+ * DROP DATABASE of it.  It sleeps on its latch until the earliest deadline
+ * (the end of the earliest open window, a retry) and starts a dynamic
+ * "fw_tier flusher" connected to fw_tier.database whenever there is
+ * database work: records in the ring, a window to record or close, an
+ * alert, fw_flush(), the restore at first start.  One flusher at a time;
+ * its exit wakes the launcher (bgw_notify_pid).  Backends set the
+ * launcher's latch (worker_latch); the launcher passes the wakeup on to a
+ * running flusher.
+ *
+ * The flusher follows the worker_spi skeleton: SIGHUP reloads the
+ * configuration, SIGTERM asks for a shutdown, and the loop sleeps until
+ * the next flush of the ring (fw_tier.flush_interval) or the end of a
+ * window.  It stays while the ring holds records and leaves after
+ * FW_FLUSHER_IDLE_MS with nothing to do.  At every wake, and between
+ * batches, it probes for a DROP DATABASE (or ALTER DATABASE RENAME / SET
+ * TABLESPACE) of its database: those hold AccessExclusiveLock on the
+ * database object while they wait up to 5 s for other sessions to leave,
+ * so a conditional AccessShareLock fails and the flusher exits at once.
+ * Its records stay in the ring.  The launcher makes the same probe before
+ * starting a flusher.
+ *
+ * When fw_tier.database does not exist the launcher says so once and looks
+ * again at each wake (backing off to FW_RECHECK_MAX_MS between looks);
+ * when the extension is not created there the flusher says so once (the
+ * flag lives in shared memory, flushers come and go) and exits, and the
+ * launcher retries likewise.
  *
  * One transaction per batch; no LWLock is ever held across SPI.  After the
- * shutdown request the ring is drained one last time (autoprewarm style);
- * what cannot be written stays in the ring file for the next start.
+ * shutdown request the flusher drains the ring one last time (autoprewarm
+ * style).  The postmaster starts no worker once a shutdown has begun, so
+ * the final drain has to be the flusher's: the launcher keeps one running
+ * whenever the ring is not empty.  What cannot be written stays in the
+ * ring file for the next start.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/pg_database.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/extension.h"
@@ -33,6 +64,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lock.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
@@ -45,10 +77,34 @@
 #include "fw_tier.h"
 
 #define FW_BATCH_MAX		1000	/* records per transaction */
-#define FW_NOEXT_RECHECK_MS	10000	/* extension missing: look again */
 #define FW_RETRY_MAX_MS		10000	/* longest pause after a failed batch */
 
-static MemoryContext fw_worker_cxt = NULL;	/* lives as long as the worker */
+/*
+ * A flusher leaves after this long with nothing to do.  It is also its
+ * longest sleep, hence the period of its DROP DATABASE probe: well under
+ * the 5 s that DROP DATABASE waits for other sessions.
+ */
+#define FW_FLUSHER_IDLE_MS	1000
+
+/* database or extension missing: look again after 1 s, 2 s, ... 10 s */
+#define FW_RECHECK_MIN_MS	1000
+#define FW_RECHECK_MAX_MS	10000
+
+/* FwSharedState.worker_flags */
+#define FW_WF_RESTORED		0x01	/* open windows read back after startup */
+#define FW_WF_NOEXT			0x02	/* a flusher found no extension (and said
+									 * so) */
+
+/* what the launcher found of fw_tier.database */
+typedef enum FwDbState
+{
+	FW_DB_OK,
+	FW_DB_MISSING,				/* no such database, or an invalid one */
+	FW_DB_NOCONN,				/* datallowconn is false */
+	FW_DB_BUSY					/* DROP / ALTER DATABASE waiting on it */
+} FwDbState;
+
+static MemoryContext fw_worker_cxt = NULL;	/* lives as long as the flusher */
 static MemoryContext fw_batch_cxt = NULL;	/* reset per batch */
 static SPIPlanPtr fw_insert_plan = NULL;
 static FwDrainedRecord *fw_batch = NULL;
@@ -74,6 +130,10 @@ static const char *fw_insert_sql =
 " LEFT JOIN fw_tier.prices p ON p.model = $8 AND p.path = $7"
 " ON CONFLICT (call_id, attempt) DO NOTHING";
 
+/*
+ * _PG_init: the launcher is the only static worker.  It needs a connection
+ * to reach pg_database, but to no database in particular.
+ */
 void
 fw_register_worker(void)
 {
@@ -84,31 +144,162 @@ fw_register_worker(void)
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	worker.bgw_restart_time = 5;
 	strlcpy(worker.bgw_library_name, "fw_tier", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "fw_worker_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "fw_tier worker", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "fw_tier worker", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "fw_launcher_main", BGW_MAXLEN);
+	strlcpy(worker.bgw_name, "fw_tier launcher", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, "fw_tier launcher", BGW_MAXLEN);
 	worker.bgw_main_arg = (Datum) 0;
 	worker.bgw_notify_pid = 0;
 	RegisterBackgroundWorker(&worker);
 }
 
-static void
-fw_worker_detach(int code, Datum arg)
+static bool
+fw_launcher_start_flusher(BackgroundWorkerHandle **handle)
 {
-	if (fw_shared == NULL)
-		return;
-	fw_shared->worker_latch = NULL;
-	pg_atomic_write_u32(&fw_shared->worker_pid, 0);
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	strlcpy(worker.bgw_library_name, "fw_tier", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "fw_flusher_main", BGW_MAXLEN);
+	strlcpy(worker.bgw_name, "fw_tier flusher", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, "fw_tier flusher", BGW_MAXLEN);
+	worker.bgw_main_arg = (Datum) 0;
+	/* its exit sets our latch */
+	worker.bgw_notify_pid = MyProcPid;
+	return RegisterDynamicBackgroundWorker(&worker, handle);
 }
 
 /*
- * Is the extension created in our database?  Says so once when it is not,
- * and once when it appears.
+ * Is a DROP DATABASE (or an ALTER DATABASE that needs the database to
+ * itself) waiting on dboid?  It holds AccessExclusiveLock on the database
+ * object while it waits for the other sessions to leave; a normal session
+ * holds no lock on it after connecting, so only such a command (or one
+ * queued behind it) makes this conditional AccessShareLock fail.  A
+ * session lock: no transaction needed.
  */
 static bool
-fw_worker_extension_ready(void)
+fw_database_busy(Oid dboid)
 {
-	static bool warned = false;
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_OBJECT(tag, InvalidOid, DatabaseRelationId, dboid, 0);
+	if (LockAcquire(&tag, AccessShareLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
+		return true;
+	LockRelease(&tag, AccessShareLock, true);
+	return false;
+}
+
+/*
+ * Launcher: can a flusher connect to fw_tier.database now?  A heap scan of
+ * the shared catalog, as the autovacuum launcher does: no database needed.
+ */
+static FwDbState
+fw_launcher_database_state(void)
+{
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tup;
+	Oid			dboid = InvalidOid;
+	bool		invalid = false;
+	bool		allowconn = true;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	(void) GetTransactionSnapshot();
+
+	rel = table_open(DatabaseRelationId, AccessShareLock);
+	scan = table_beginscan_catalog(rel, 0, NULL);
+	while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		Form_pg_database db = (Form_pg_database) GETSTRUCT(tup);
+
+		if (strcmp(NameStr(db->datname), fw_database) == 0)
+		{
+			dboid = db->oid;
+			allowconn = db->datallowconn;
+#if PG_VERSION_NUM >= 150004
+			invalid = database_is_invalid_form(db);
+#endif
+			break;
+		}
+	}
+	table_endscan(scan);
+	table_close(rel, AccessShareLock);
+
+	CommitTransactionCommand();
+
+	if (!OidIsValid(dboid) || invalid)
+		return FW_DB_MISSING;
+	if (!allowconn)
+		return FW_DB_NOCONN;
+	if (fw_database_busy(dboid))
+		return FW_DB_BUSY;
+	return FW_DB_OK;
+}
+
+/* Launcher: say once why no flusher can run, and once when it can again. */
+static void
+fw_launcher_report(FwDbState state, FwDbState *reported)
+{
+	if (state == *reported || state == FW_DB_BUSY)
+		return;
+
+	if (state == FW_DB_MISSING)
+		ereport(WARNING,
+				(errcode(ERRCODE_UNDEFINED_DATABASE),
+				 errmsg("fw_tier launcher: database \"%s\" does not exist",
+						fw_database),
+				 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full, fw_tier calls wait for space.  The launcher checks again from time to time."),
+				 errhint("Create database \"%s\" and run CREATE EXTENSION fw_tier in it, or set fw_tier.database to the database where fw_tier is installed and restart the server.",
+						 fw_database)));
+	else if (state == FW_DB_NOCONN)
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("fw_tier launcher: database \"%s\" does not allow connections",
+						fw_database),
+				 errdetail("Call-log records wait in the ring and Priority windows are not recorded."),
+				 errhint("Run ALTER DATABASE \"%s\" ALLOW_CONNECTIONS true, or set fw_tier.database to another database and restart the server.",
+						 fw_database)));
+	else if (*reported != FW_DB_OK)
+		ereport(LOG,
+				(errmsg("fw_tier launcher: database \"%s\" is available",
+						fw_database)));
+	*reported = state;
+}
+
+static void
+fw_launcher_detach(int code, Datum arg)
+{
+	uint32		mine = (uint32) MyProcPid;
+
+	if (fw_shared == NULL)
+		return;
+	fw_shared->worker_latch = NULL;
+	pg_atomic_write_u32(&fw_shared->launcher_pid, 0);
+	(void) pg_atomic_compare_exchange_u32(&fw_shared->worker_pid, &mine, 0);
+}
+
+static void
+fw_flusher_detach(int code, Datum arg)
+{
+	if (fw_shared == NULL)
+		return;
+	fw_shared->flusher_latch = NULL;
+	/* the launcher answers for the call log again */
+	pg_atomic_write_u32(&fw_shared->worker_pid,
+						pg_atomic_read_u32(&fw_shared->launcher_pid));
+}
+
+/*
+ * Flusher: is the extension created in our database?  Says so once when it
+ * is not, and once when it appears; the flag is shared because every
+ * flusher is a new process.
+ */
+static bool
+fw_flusher_extension_ready(void)
+{
 	bool		ok;
 
 	SetCurrentStatementStartTimestamp();
@@ -116,24 +307,23 @@ fw_worker_extension_ready(void)
 	ok = OidIsValid(get_extension_oid("fw_tier", true));
 	CommitTransactionCommand();
 
-	if (!ok && !warned)
+	if (!ok)
 	{
-		ereport(WARNING,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("fw_tier worker: extension \"fw_tier\" is not installed in database \"%s\"",
-						fw_database),
-				 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full, fw_tier calls wait for space."),
-				 errhint("Run CREATE EXTENSION fw_tier in database \"%s\", or set fw_tier.database to the database where it is installed.",
-						 fw_database)));
-		warned = true;
+		if ((pg_atomic_fetch_or_u32(&fw_shared->worker_flags, FW_WF_NOEXT) &
+			 FW_WF_NOEXT) == 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("fw_tier flusher: extension \"fw_tier\" is not installed in database \"%s\"",
+							fw_database),
+					 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full, fw_tier calls wait for space."),
+					 errhint("Run CREATE EXTENSION fw_tier in database \"%s\", or set fw_tier.database to the database where it is installed.",
+							 fw_database)));
 	}
-	else if (ok && warned)
-	{
+	else if ((pg_atomic_fetch_and_u32(&fw_shared->worker_flags, ~FW_WF_NOEXT) &
+			  FW_WF_NOEXT) != 0)
 		ereport(LOG,
-				(errmsg("fw_tier worker: extension \"fw_tier\" found in database \"%s\"",
+				(errmsg("fw_tier flusher: extension \"fw_tier\" found in database \"%s\"",
 						fw_database)));
-		warned = false;
-	}
 	return ok;
 }
 
@@ -464,15 +654,17 @@ fw_worker_restore(void)
 
 /*
  * Mirror the windows; at start, restore too.  Returns the earliest end of
- * an open window (0 = none): the worker's next deadline.
+ * an open window (0 = none): the flusher's next deadline.  *nsynced gets
+ * the number of windows written.
  */
 static TimestampTz
-fw_worker_sync_windows(bool at_start)
+fw_worker_sync_windows(bool at_start, int *nsynced)
 {
 	TimestampTz next_expiry;
 	int			n;
 
 	n = fw_windows_to_sync(fw_sync, GetCurrentTimestamp(), &next_expiry);
+	*nsynced = n;
 	if (n == 0 && !at_start)
 		return next_expiry;
 
@@ -503,7 +695,7 @@ fw_worker_sync_windows(bool at_start)
 }
 
 /*
- * Log and clean up after an error in a transaction of ours; the worker
+ * Log and clean up after an error in a transaction of ours; the flusher
  * keeps running and retries later (records stay in the ring).
  */
 static void
@@ -532,12 +724,27 @@ fw_ms_until(TimestampTz deadline, TimestampTz now)
 	return (long) Min((deadline - now + 999) / 1000, (int64) INT_MAX);
 }
 
-void
-fw_worker_main(Datum main_arg)
+static void
+fw_flusher_leave_for_drop(void)
 {
-	bool		restored = false;
+	ereport(LOG,
+			(errmsg("fw_tier flusher: leaving database \"%s\" for a pending DROP DATABASE or ALTER DATABASE",
+					fw_database),
+			 errdetail("Call-log records stay in the ring until the database can be used again.")));
+	proc_exit(0);
+}
+
+/*
+ * The flusher: today's database work, for as long as there is some.
+ * Started by the launcher, never restarted by the postmaster.
+ */
+void
+fw_flusher_main(Datum main_arg)
+{
 	TimestampTz flush_deadline = 0;
 	TimestampTz retry_at = 0;
+	TimestampTz idle_since;
+	volatile bool published = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -546,31 +753,30 @@ fw_worker_main(Datum main_arg)
 	BackgroundWorkerInitializeConnection(fw_database, NULL, 0);
 
 	fw_worker_cxt = AllocSetContextCreate(TopMemoryContext,
-										  "fw_tier worker",
+										  "fw_tier flusher",
 										  ALLOCSET_DEFAULT_SIZES);
 	fw_batch_cxt = AllocSetContextCreate(fw_worker_cxt,
-										 "fw_tier worker batch",
+										 "fw_tier flusher batch",
 										 ALLOCSET_DEFAULT_SIZES);
 	fw_batch = MemoryContextAllocZero(fw_worker_cxt,
 									  sizeof(FwDrainedRecord) * FW_BATCH_MAX);
 	fw_sync = MemoryContextAllocZero(fw_worker_cxt,
 									 sizeof(FwWindowSync) * fw_max_workloads);
 
-	before_shmem_exit(fw_worker_detach, (Datum) 0);
-	fw_shared->worker_latch = MyLatch;
-	pg_atomic_write_u32(&fw_shared->worker_pid, (uint32) MyProcPid);
+	before_shmem_exit(fw_flusher_detach, (Datum) 0);
+	fw_shared->flusher_latch = MyLatch;
 
-	ereport(LOG,
-			(errmsg("fw_tier worker started in database \"%s\"", fw_database)));
+	ereport(DEBUG1,
+			(errmsg("fw_tier flusher started in database \"%s\"", fw_database)));
 
+	idle_since = GetCurrentTimestamp();
 	for (;;)
 	{
 		TimestampTz now;
-		TimestampTz next_expiry = 0;
 		TimestampTz deadline = 0;
-		bool		ext_ok;
-		int			events;
-		long		timeout = -1;
+		TimestampTz cap;
+		volatile TimestampTz next_expiry = 0;
+		volatile bool did_work = false;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -579,22 +785,46 @@ fw_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 
+		/* before anything else, even the final drain */
+		if (fw_database_busy(MyDatabaseId))
+			fw_flusher_leave_for_drop();
+
 		MemoryContextSwitchTo(fw_worker_cxt);
-		ext_ok = fw_worker_extension_ready();
+		if (!fw_flusher_extension_ready())
+		{
+			/* nothing to do here; the launcher retries later */
+			pg_atomic_write_u32(&fw_shared->flush_requested, 0);
+			break;
+		}
 		now = GetCurrentTimestamp();
 
-		if (ext_ok && (retry_at == 0 || now >= retry_at || ShutdownRequestPending))
+		if (retry_at == 0 || now >= retry_at || ShutdownRequestPending)
 		{
 			PG_TRY();
 			{
+				bool		restored;
 				bool		flush_now;
+				int			nsynced;
 				uint64		size,
 							used,
 							head,
 							tail;
 
-				next_expiry = fw_worker_sync_windows(!restored);
-				restored = true;
+				restored = (pg_atomic_read_u32(&fw_shared->worker_flags) &
+							FW_WF_RESTORED) != 0;
+				next_expiry = fw_worker_sync_windows(!restored, &nsynced);
+				if (!restored)
+					pg_atomic_fetch_or_u32(&fw_shared->worker_flags,
+										   FW_WF_RESTORED);
+				if (!published)
+				{
+					/* after the restore: log_status shows us from now on */
+					pg_atomic_write_u32(&fw_shared->worker_pid,
+										(uint32) MyProcPid);
+					published = true;
+				}
+				if (nsynced > 0)
+					did_work = true;
 
 				fw_calllog_usage(&size, &used, &head, &tail);
 				now = GetCurrentTimestamp();
@@ -610,13 +840,16 @@ fw_worker_main(Datum main_arg)
 					/*
 					 * Drain; a bounded number of batches per wake so that
 					 * windows are still mirrored under a flood, and
-					 * everything at shutdown.
+					 * everything at shutdown.  A DROP DATABASE interrupts.
 					 */
 					int			batches = 0;
 
+					did_work = true;
 					while (fw_worker_drain_batch() >= 0)
 					{
 						if (!fw_calllog_pending())
+							break;
+						if (fw_database_busy(MyDatabaseId))
 							break;
 						if (++batches >= 16 && !ShutdownRequestPending)
 						{
@@ -645,11 +878,15 @@ fw_worker_main(Datum main_arg)
 		if (ShutdownRequestPending)
 			break;
 
-		/* sleep until the earliest deadline */
+		/* idle: nothing written, nothing waiting in the ring, no retry */
 		now = GetCurrentTimestamp();
-		if (!ext_ok)
-			deadline = now + (int64) FW_NOEXT_RECHECK_MS * 1000;
-		else if (retry_at != 0)
+		if (did_work || retry_at != 0 || fw_calllog_pending())
+			idle_since = now;
+		else if (now - idle_since >= (int64) FW_FLUSHER_IDLE_MS * 1000)
+			break;
+
+		/* sleep until the earliest deadline, and never long */
+		if (retry_at != 0)
 			deadline = retry_at;
 		else
 		{
@@ -658,18 +895,18 @@ fw_worker_main(Datum main_arg)
 			if (next_expiry != 0 && (deadline == 0 || next_expiry < deadline))
 				deadline = next_expiry;
 		}
-		events = WL_LATCH_SET | WL_EXIT_ON_PM_DEATH;
-		if (deadline != 0)
-		{
-			events |= WL_TIMEOUT;
-			timeout = fw_ms_until(deadline, now);
-		}
-		(void) WaitLatch(MyLatch, events, timeout, PG_WAIT_EXTENSION);
+		cap = idle_since + (int64) FW_FLUSHER_IDLE_MS * 1000;
+		if (cap <= now)
+			cap = now + (int64) FW_FLUSHER_IDLE_MS * 1000;
+		if (deadline == 0 || deadline > cap)
+			deadline = cap;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 fw_ms_until(deadline, now), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 
 	/* shutdown: the final drain above ran with ShutdownRequestPending set */
-	if (fw_calllog_pending())
+	if (ShutdownRequestPending && fw_calllog_pending())
 	{
 		uint64		size,
 					used,
@@ -678,7 +915,201 @@ fw_worker_main(Datum main_arg)
 
 		fw_calllog_usage(&size, &used, &head, &tail);
 		ereport(LOG,
-				(errmsg("fw_tier worker: " UINT64_FORMAT " bytes of call log remain in the ring file and will be written after the next start",
+				(errmsg("fw_tier flusher: " UINT64_FORMAT " bytes of call log remain in the ring file and will be written after the next start",
+						used)));
+	}
+	proc_exit(0);
+}
+
+/*
+ * The launcher: decides when a flusher must run, starts it, and otherwise
+ * sleeps until the next window ends.
+ */
+void
+fw_launcher_main(Datum main_arg)
+{
+	BackgroundWorkerHandle *flusher = NULL;
+	FwWindowSync *sync;
+	FwDbState	reported = FW_DB_OK;
+	bool		first_try_done = false;
+	bool		noslot_warned = false;
+	TimestampTz next_try = 0;	/* nothing can run: not before this */
+	TimestampTz last_try = 0;
+	int			recheck_ms = FW_RECHECK_MIN_MS;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	/* no database: shared catalogs only */
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+
+	sync = MemoryContextAllocZero(TopMemoryContext,
+								  sizeof(FwWindowSync) * fw_max_workloads);
+
+	before_shmem_exit(fw_launcher_detach, (Datum) 0);
+	pg_atomic_write_u32(&fw_shared->launcher_pid, (uint32) MyProcPid);
+	fw_shared->worker_latch = MyLatch;
+
+	ereport(LOG,
+			(errmsg("fw_tier launcher started; the call log goes to database \"%s\"",
+					fw_database)));
+
+	for (;;)
+	{
+		TimestampTz now;
+		TimestampTz deadline = 0;
+		bool		running = false;
+		long		timeout = -1;
+		int			events;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (ShutdownRequestPending)
+			break;
+
+		if (flusher != NULL)
+		{
+			pid_t		pid;
+			BgwHandleStatus status = GetBackgroundWorkerPid(flusher, &pid);
+
+			if (status == BGWH_STARTED || status == BGWH_NOT_YET_STARTED)
+				running = true;
+			else
+			{
+				pfree(flusher);
+				flusher = NULL;
+				if (pg_atomic_read_u32(&fw_shared->worker_flags) & FW_WF_NOEXT)
+				{
+					/* no extension there: look again later */
+					next_try = GetCurrentTimestamp() + (int64) recheck_ms * 1000;
+					recheck_ms = Min(recheck_ms * 2, FW_RECHECK_MAX_MS);
+				}
+				else
+				{
+					next_try = 0;
+					recheck_ms = FW_RECHECK_MIN_MS;
+				}
+			}
+		}
+
+		now = GetCurrentTimestamp();
+		if (running)
+		{
+			/* pass the wakeup on; the flusher's exit wakes us */
+			Latch	   *latch = fw_shared->flusher_latch;
+
+			if (latch != NULL)
+				SetLatch(latch);
+			deadline = now + (int64) FW_RECHECK_MAX_MS * 1000;
+		}
+		else
+		{
+			TimestampTz next_expiry;
+			uint64		size,
+						used,
+						head,
+						tail;
+			bool		urgent;
+			bool		want;
+			int			n;
+
+			fw_calllog_usage(&size, &used, &head, &tail);
+			n = fw_windows_to_sync(sync, now, &next_expiry);
+			urgent = pg_atomic_read_u32(&fw_shared->flush_requested) != 0 ||
+				used > size / 2;
+			want = used > 0 || n > 0 || urgent ||
+				(!first_try_done &&
+				 (pg_atomic_read_u32(&fw_shared->worker_flags) & FW_WF_RESTORED) == 0);
+
+			if (want)
+			{
+				TimestampTz not_before = next_try;
+
+				/* fw_flush() or a filling ring: once a second at most */
+				if (urgent && not_before > last_try + (int64) FW_RECHECK_MIN_MS * 1000)
+					not_before = last_try + (int64) FW_RECHECK_MIN_MS * 1000;
+
+				if (now >= not_before)
+				{
+					FwDbState	state = fw_launcher_database_state();
+
+					last_try = now;
+					first_try_done = true;
+					fw_launcher_report(state, &reported);
+					if (state == FW_DB_OK)
+					{
+						if (fw_launcher_start_flusher(&flusher))
+						{
+							running = true;
+							noslot_warned = false;
+						}
+						else
+						{
+							flusher = NULL;
+							if (!noslot_warned)
+								ereport(WARNING,
+										(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+										 errmsg("fw_tier launcher: could not start a flusher"),
+										 errdetail("No background worker slot is free."),
+										 errhint("Raise max_worker_processes and restart the server.")));
+							noslot_warned = true;
+							next_try = now + (int64) FW_RECHECK_MIN_MS * 1000;
+						}
+					}
+					else if (state == FW_DB_BUSY)
+						next_try = now + (int64) FW_RECHECK_MIN_MS * 1000;
+					else
+					{
+						next_try = now + (int64) recheck_ms * 1000;
+						recheck_ms = Min(recheck_ms * 2, FW_RECHECK_MAX_MS);
+						/* fw_flush() callers ask again every second */
+						pg_atomic_write_u32(&fw_shared->flush_requested, 0);
+					}
+				}
+				else
+					deadline = not_before;
+			}
+
+			if (running)
+				deadline = now + (int64) FW_RECHECK_MAX_MS * 1000;
+			else
+			{
+				if (next_try > now && want && (deadline == 0 || next_try < deadline))
+					deadline = next_try;
+				if (next_expiry != 0 && (deadline == 0 || next_expiry < deadline))
+					deadline = next_expiry;
+				/* nobody else answers for the call log */
+				if (first_try_done)
+					pg_atomic_write_u32(&fw_shared->worker_pid, (uint32) MyProcPid);
+			}
+		}
+
+		events = WL_LATCH_SET | WL_EXIT_ON_PM_DEATH;
+		if (deadline != 0)
+		{
+			events |= WL_TIMEOUT;
+			timeout = fw_ms_until(deadline, GetCurrentTimestamp());
+		}
+		(void) WaitLatch(MyLatch, events, timeout, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+
+	/* a running flusher got SIGTERM too and does the final drain */
+	if (flusher == NULL && fw_calllog_pending())
+	{
+		uint64		size,
+					used,
+					head,
+					tail;
+
+		fw_calllog_usage(&size, &used, &head, &tail);
+		ereport(LOG,
+				(errmsg("fw_tier launcher: " UINT64_FORMAT " bytes of call log remain in the ring file and will be written after the next start",
 						used)));
 	}
 	proc_exit(0);

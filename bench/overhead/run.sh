@@ -31,8 +31,8 @@ for r in $(seq 1 "$ROUNDS"); do
 	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
 	fw=$(fw_rate)
 	echo "round $r: libcurl loop $ref calls/s, fw_complete $fw calls/s"
-	best_ref=$(echo "$ref $best_ref" | awk '{print ($1 > $2) ? $1 : $2}')
-	best_fw=$(echo "$fw $best_fw" | awk '{print ($1 > $2) ? $1 : $2}')
+	best_ref=$(echo "$ref $best_ref" | awk '{print (($1 > $2) ? $1 : $2)}')
+	best_fw=$(echo "$fw $best_fw" | awk '{print (($1 > $2) ? $1 : $2)}')
 done
 ratio=$(echo "$best_fw $best_ref" | awk '{printf "%.2f", $1 / $2}')
 echo "RESULT overhead: fw_complete/libcurl-loop = $ratio (best of $ROUNDS: $best_fw vs $best_ref calls/s; target >= 0.85)"

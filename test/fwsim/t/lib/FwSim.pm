@@ -1,4 +1,7 @@
 package FwSim;
+# A server that closes a misbehaving client mid-write must make the
+# write fail, not kill the test process.
+$SIG{PIPE} = 'IGNORE';
 # Test helper for fwsim: start/stop a private instance, talk HTTP to it.
 # Core Perl only (HTTP::Tiny, JSON::PP, IO::Socket::INET, Time::HiRes).
 use strict;
