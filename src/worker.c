@@ -36,12 +36,12 @@
  * flag lives in shared memory, flushers come and go) and exits, and the
  * launcher retries likewise.
  *
- * One transaction per batch; no LWLock is ever held across SPI.  After the
- * shutdown request the flusher drains the ring one last time (autoprewarm
- * style).  The postmaster starts no worker once a shutdown has begun, so
- * the final drain has to be the flusher's: the launcher keeps one running
- * whenever the ring is not empty.  What cannot be written stays in the
- * ring file for the next start.
+ * One transaction and one INSERT per batch; no LWLock is ever held across
+ * SPI.  After the shutdown request the flusher drains the ring one last
+ * time (autoprewarm style).  The postmaster starts no worker once a
+ * shutdown has begun, so the final drain has to be the flusher's: the
+ * launcher keeps one running whenever the ring is not empty.  What cannot
+ * be written stays in the ring file for the next start.
  *
  *-------------------------------------------------------------------------
  */
@@ -67,8 +67,10 @@
 #include "storage/lock.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -111,24 +113,55 @@ static FwDrainedRecord *fw_batch = NULL;
 static FwWindowSync *fw_sync = NULL;
 static int	fw_fail_count = 0;
 
+/*
+ * The call-log insert: one statement per batch.  Each column of the batch
+ * travels as one array parameter; unnest() turns them back into rows, so
+ * executor start-up, the prices lookup plan and the ON CONFLICT machinery
+ * are paid once per batch instead of once per record.
+ */
 #define FW_INSERT_NARGS 21
+
+static const Oid fw_insert_elemtypes[FW_INSERT_NARGS] = {
+	INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
+	INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID
+};
 
 static const char *fw_insert_sql =
 "INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
 "  workload, path, model, service_tier, escalated, http_status, outcome,"
 "  prompt_tokens, cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
 "  cost_usd, request_id, error, prompt, answer)"
-" SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
-"  $16, $17,"
-"  CASE WHEN $13 IS NULL AND $15 IS NULL AND $12 <> 'ok' THEN 0"
+" SELECT u.call_id, u.attempt, u.started_at, u.database, u.username,"
+"  u.workload, u.path, u.model, u.service_tier, u.escalated, u.http_status,"
+"  u.outcome, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,"
+"  u.latency_ms, u.ttfb_ms,"
+"  CASE WHEN u.prompt_tokens IS NULL AND u.completion_tokens IS NULL"
+"            AND u.outcome <> 'ok' THEN 0"
 "       WHEN p.model IS NULL THEN NULL"
-"       ELSE ((coalesce($13, 0) - coalesce($14, 0)) * p.input_usd_per_mtok"
-"             + coalesce($14, 0) * p.cached_input_usd_per_mtok"
-"             + coalesce($15, 0) * p.output_usd_per_mtok) / 1000000 END,"
-"  $18, $19, $20, $21"
-" FROM (SELECT 1) AS one"
-" LEFT JOIN fw_tier.prices p ON p.model = $8 AND p.path = $7"
+"       ELSE ((coalesce(u.prompt_tokens, 0) - coalesce(u.cached_prompt_tokens, 0))"
+"             * p.input_usd_per_mtok"
+"             + coalesce(u.cached_prompt_tokens, 0) * p.cached_input_usd_per_mtok"
+"             + coalesce(u.completion_tokens, 0) * p.output_usd_per_mtok) / 1000000 END,"
+"  u.request_id, u.error, u.prompt, u.answer"
+" FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+"             $15, $16, $17, $18, $19, $20, $21)"
+"   AS u(call_id, attempt, started_at, database, username, workload, path,"
+"        model, service_tier, escalated, http_status, outcome, prompt_tokens,"
+"        cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
+"        request_id, error, prompt, answer)"
+" LEFT JOIN fw_tier.prices p ON p.model = u.model AND p.path = u.path"
 " ON CONFLICT (call_id, attempt) DO NOTHING";
+
+/* The batch, column by column, before it becomes the array parameters. */
+typedef struct FwInsertColumns
+{
+	Datum		values[FW_INSERT_NARGS][FW_BATCH_MAX];
+	bool		nulls[FW_INSERT_NARGS][FW_BATCH_MAX];
+} FwInsertColumns;
+
+static FwInsertColumns *fw_cols = NULL;
 
 /*
  * _PG_init: the launcher is the only static worker.  It needs a connection
@@ -366,30 +399,32 @@ fw_int_datum(int32 v, bool *isnull)
 static void
 fw_worker_prepare_insert(void)
 {
-	Oid			argtypes[FW_INSERT_NARGS] = {
-		INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
-		TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
-		INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
-		TEXTOID, TEXTOID, TEXTOID, TEXTOID
-	};
+	Oid			argtypes[FW_INSERT_NARGS];
 
 	if (fw_insert_plan != NULL)
 		return;
-	fw_insert_plan = SPI_prepare(fw_insert_sql, FW_INSERT_NARGS, argtypes);
+	for (int i = 0; i < FW_INSERT_NARGS; i++)
+		argtypes[i] = get_array_type(fw_insert_elemtypes[i]);
+
+	/*
+	 * Generic plan at once: a custom plan would copy the batch's arrays into
+	 * the plan as constants, and replan, for every batch.
+	 */
+	fw_insert_plan = SPI_prepare_cursor(fw_insert_sql, FW_INSERT_NARGS, argtypes,
+										CURSOR_OPT_GENERIC_PLAN);
 	if (fw_insert_plan == NULL)
 		elog(ERROR, "SPI_prepare failed for the fw_tier call-log insert: %s",
 			 SPI_result_code_string(SPI_result));
 	SPI_keepplan(fw_insert_plan);
 }
 
+/* Record d becomes row "row" of the batch's columns. */
 static void
-fw_worker_insert(FwDrainedRecord *d)
+fw_worker_fill_row(FwDrainedRecord *d, int row)
 {
 	FwCallRecord *r = &d->rec;
 	Datum		values[FW_INSERT_NARGS];
 	bool		isnull[FW_INSERT_NARGS];
-	char		nulls[FW_INSERT_NARGS];
-	int			ret;
 	FwPath		path = (r->path >= 0 && r->path < FW_NUM_PATHS) ?
 		(FwPath) r->path : FW_PATH_STANDARD;
 	FwOutcome	outcome = (r->outcome >= 0 && r->outcome < FW_NUM_OUTCOMES) ?
@@ -415,7 +450,10 @@ fw_worker_insert(FwDrainedRecord *d)
 	if (r->priority_sent)
 		values[8] = CStringGetTextDatum("priority");
 	else
+	{
+		values[8] = (Datum) 0;
 		isnull[8] = true;
+	}
 	values[9] = BoolGetDatum(r->escalated);
 	values[10] = Int32GetDatum(r->http_status);
 	isnull[10] = (r->http_status <= 0);
@@ -444,18 +482,58 @@ fw_worker_insert(FwDrainedRecord *d)
 	}
 
 	for (int i = 0; i < FW_INSERT_NARGS; i++)
-		nulls[i] = isnull[i] ? 'n' : ' ';
+	{
+		fw_cols->values[i][row] = values[i];
+		fw_cols->nulls[i][row] = isnull[i];
+	}
+}
 
-	ret = SPI_execute_plan(fw_insert_plan, values, nulls, false, 0);
+/*
+ * Insert the n records of fw_batch with one statement.  Returns the rows
+ * inserted; the others were already in the table (a batch written again
+ * after a crash between COMMIT and the tail moving on).
+ */
+static uint64
+fw_worker_insert_batch(int n)
+{
+	Datum		args[FW_INSERT_NARGS];
+	char		argnulls[FW_INSERT_NARGS];
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	int			ret;
+
+	for (int i = 0; i < n; i++)
+		fw_worker_fill_row(&fw_batch[i], i);
+
+	for (int c = 0; c < FW_INSERT_NARGS; c++)
+	{
+		int16		elmlen;
+		bool		elmbyval;
+		char		elmalign;
+
+		get_typlenbyvalalign(fw_insert_elemtypes[c], &elmlen, &elmbyval, &elmalign);
+		args[c] = PointerGetDatum(construct_md_array(fw_cols->values[c],
+													 fw_cols->nulls[c],
+													 1, dims, lbs,
+													 fw_insert_elemtypes[c],
+													 elmlen, elmbyval, elmalign));
+		argnulls[c] = ' ';
+	}
+
+	ret = SPI_execute_plan(fw_insert_plan, args, argnulls, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "fw_tier call-log insert failed: %s",
 			 SPI_result_code_string(ret));
+	return SPI_processed;
 }
 
 /*
  * One batch: copy records out of the ring, insert them in one
  * transaction, commit, then release their space.  Returns the number of
- * records written; -1 when nothing was left to read.
+ * records consumed, which records_flushed counts: the rows inserted plus
+ * those ON CONFLICT skipped because an earlier run had written them, so
+ * records_pushed = records_flushed once the ring is empty.  -1 when
+ * nothing was left to read.
  */
 static int
 fw_worker_drain_batch(void)
@@ -483,6 +561,8 @@ fw_worker_drain_batch(void)
 
 	if (n > 0)
 	{
+		uint64		inserted;
+
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		SPI_connect();
@@ -491,8 +571,11 @@ fw_worker_drain_batch(void)
 
 		fw_worker_prepare_insert();
 		/* the datums built here live in SPI's context, freed by SPI_finish */
-		for (int i = 0; i < n; i++)
-			fw_worker_insert(&fw_batch[i]);
+		inserted = fw_worker_insert_batch(n);
+		if (inserted < (uint64) n)
+			ereport(DEBUG1,
+					(errmsg_internal("fw_tier flusher: " UINT64_FORMAT " of %d call-log records were already in fw_tier.calls",
+									 (uint64) n - inserted, n)));
 
 		SPI_finish();
 		PopActiveSnapshot();
@@ -760,6 +843,7 @@ fw_flusher_main(Datum main_arg)
 										 ALLOCSET_DEFAULT_SIZES);
 	fw_batch = MemoryContextAllocZero(fw_worker_cxt,
 									  sizeof(FwDrainedRecord) * FW_BATCH_MAX);
+	fw_cols = MemoryContextAllocZero(fw_worker_cxt, sizeof(FwInsertColumns));
 	fw_sync = MemoryContextAllocZero(fw_worker_cxt,
 									 sizeof(FwWindowSync) * fw_max_workloads);
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# bench/calllog: what the call log costs, and how fast the ring + worker
+# move records into fw_tier.calls.  Against nginx returning a fixed answer
+# (bench/lib.sh), loopback only.  Run as root from the repository root.
+#
+# (a) logging cost.  Sequential fw_complete calls in one backend, in the
+#     same run: with the worker running (the call log as shipped) and with
+#     the worker stopped by SIGSTOP (the ring is big enough to hold every
+#     record: logging reduced to the push alone), plus the libcurl loop of
+#     bench/overhead as the reference.  Then perf samples the whole machine
+#     while one backend calls: the share of CPU time spent in the push
+#     (fw_log_attempt and what it calls) and in the worker, of all the CPU
+#     the calls cost (backend + worker).  Target: logging < 5%.
+# (b) ring + worker throughput.  CLIENTS backends call fw_complete at once;
+#     rows/s landing in fw_tier.calls and count(*) = attempts (no loss).
+#     Then the worker alone: stopped, the ring filled with DRAIN_N records,
+#     resumed; rows/s it drains.  Target >= 20,000 rows/s.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+N=${N:-20000}
+ROUNDS=${ROUNDS:-3}
+CLIENTS=${CLIENTS:-8}
+PER_CLIENT=${PER_CLIENT:-5000}
+DRAIN_N=${DRAIN_N:-100000}
+PERF_S=${PERF_S:-5}
+. bench/lib.sh
+
+gcc -O2 -o "$BENCH_WORK/curl_loop" bench/overhead/curl_loop.c $(curl-config --libs)
+NGINX_PORT=$((PGPORT_BENCH + 1))
+start_nginx $NGINX_PORT
+URL="http://127.0.0.1:$NGINX_PORT"
+# a ring that holds every record of a stopped-worker round
+start_cluster "fw_tier.base_url = '$URL/inference/v1'
+fw_tier.api_key = 'bench'
+fw_tier.log_buffer = '128MB'
+max_connections = 50"
+
+worker_pid() { bpsql -c "SELECT worker_pid FROM fw_tier.log_status"; }
+WPID=$(worker_pid)
+[ -n "$WPID" ] || { echo "fw_tier worker is not running" >&2; exit 1; }
+_resume_worker() { kill -CONT "$WPID" 2>/dev/null || true; }
+trap '_resume_worker; _bench_cleanup' EXIT
+
+fw_rate() {
+	bpsql -c "SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000)" >/dev/null
+	bpsql -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
+	  BEGIN SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, $N);
+	  RAISE NOTICE '%', round($N / extract(epoch FROM clock_timestamp() - t0), 1); END \$\$" 2>&1 |
+		sed -n 's/^NOTICE: *//p'
+}
+best() { echo "$1 $2" | awk '{print ($1 > $2) ? $1 : $2}'; }
+
+# ---- (a) logging cost ----
+best_ref=0; best_on=0; best_off=0
+for r in $(seq 1 "$ROUNDS"); do
+	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
+	on=$(fw_rate)
+	kill -STOP "$WPID"
+	off=$(fw_rate)
+	kill -CONT "$WPID"
+	bpsql -c "SELECT fw_flush()" >/dev/null
+	echo "round $r: libcurl loop $ref calls/s; fw_complete, worker running $on calls/s; worker stopped $off calls/s"
+	best_ref=$(best "$ref" "$best_ref"); best_on=$(best "$on" "$best_on"); best_off=$(best "$off" "$best_off")
+done
+share_worker=$(echo "$best_on $best_off" | awk '{printf "%.1f", 100 * (1 / $1 - 1 / $2) / (1 / $1)}')
+echo "RESULT calllog-rate: fw_complete $best_on calls/s with the worker, $best_off without (the worker's draining costs $share_worker% of per-call time); libcurl loop $best_ref calls/s; fw/loop = $(echo "$best_on $best_ref" | awk '{printf "%.2f", $1 / $2}')"
+
+# perf: where the CPU of a stream of calls goes, with the worker running
+if command -v perf >/dev/null; then
+	bpsql -c "SET application_name = 'calllog-perf';
+	  SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000000)" >/dev/null 2>&1 &
+	CALLER=$!
+	sleep 1
+	WPID=$(worker_pid)
+	BPID=$(bpsql -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'calllog-perf'")
+	perf record -q -a -g -F 999 -o "$BENCH_WORK/perf.data" -- sleep "$PERF_S" >/dev/null 2>&1
+	bpsql -c "SELECT pg_cancel_backend($BPID)" >/dev/null
+	wait $CALLER 2>/dev/null || true
+	perf report -i "$BENCH_WORK/perf.data" --children --sort pid,sym --stdio -q -g none 2>/dev/null \
+		> "$BENCH_WORK/perf.txt" || true
+	perf report -i "$BENCH_WORK/perf.data" --no-children --sort pid --stdio -q -g none 2>/dev/null \
+		> "$BENCH_WORK/perf.pid.txt" || true
+	# self time per process: the calling backend, the worker
+	b_all=$(awk -v p=" $BPID:" '$0 ~ p {gsub("%", "", $1); s += $1} END {print s + 0}' "$BENCH_WORK/perf.pid.txt")
+	w_all=$(awk -v p=" $WPID:" '$0 ~ p {gsub("%", "", $1); s += $1} END {print s + 0}' "$BENCH_WORK/perf.pid.txt")
+	# children time of the push inside the backend (fw_log_attempt is
+	# inlined; fw_calllog_push is what it calls)
+	push=$(awk -v p=" $BPID:" '$0 ~ p && / fw_calllog_push$/ {gsub("%", "", $1); print $1; exit}' "$BENCH_WORK/perf.txt")
+	push=${push:-0}
+	echo "perf ($PERF_S s, all CPUs): calling backend $b_all% of samples (fw_calllog_push with children: $push%), fw_tier worker $w_all%"
+	{ grep -E " ($BPID|$WPID):" "$BENCH_WORK/perf.txt" |
+		grep -E "fw_calllog_push|fw_worker_main|SPI_execute_plan|standard_ExecutorStart|CommitTransactionCommand|fw_parse_completion|fw_http" |
+		head -12 | sed 's/^/  /'; } || true
+	echo "RESULT calllog-cost: logging = $(echo "$push $w_all $b_all" | awk '{printf "%.1f", ($3 + $2 > 0) ? 100 * ($1 + $2) / ($3 + $2) : 0}')% of the CPU time of a call (push $(echo "$push $w_all $b_all" | awk '{printf "%.1f", ($3 + $2 > 0) ? 100 * $1 / ($3 + $2) : 0}')%, worker $(echo "$w_all $b_all" | awk '{printf "%.1f", ($2 + $1 > 0) ? 100 * $1 / ($2 + $1) : 0}')%) (target < 5%)"
+fi
+
+# ---- (b1) several backends at once: rows/s landing in fw_tier.calls ----
+bpsql -c "SELECT fw_flush()" >/dev/null
+bpsql -c "TRUNCATE fw_tier.calls" >/dev/null
+pushed0=$(bpsql -c "SELECT records_pushed FROM fw_tier.log_status")
+t0=$(date +%s.%N)
+for c in $(seq 1 "$CLIENTS"); do
+	bpsql -c "SET statement_timeout = '300s'; SELECT count(fw_complete('client $c call ' || i, 'batch')) FROM generate_series(1, $PER_CLIENT) i" >/dev/null &
+done
+wait
+t_calls=$(date +%s.%N)
+bpsql -c "SELECT fw_flush()" >/dev/null
+t1=$(date +%s.%N)
+read -r rows pushed waits < <(bpsql -F ' ' -c "SELECT (SELECT count(*) FROM fw_tier.calls), records_pushed - $pushed0, writer_waits FROM fw_tier.log_status")
+expect=$((CLIENTS * PER_CLIENT))
+rate=$(echo "$rows $t0 $t1" | awk '{printf "%.0f", $1 / ($3 - $2)}')
+echo "$CLIENTS clients x $PER_CLIENT calls: $rows rows in fw_tier.calls (attempts made $expect, records pushed $pushed); calls took $(echo "$t0 $t_calls" | awk '{printf "%.2f", $2 - $1}') s, flushed $(echo "$t_calls $t1" | awk '{printf "%.3f", $2 - $1}') s later; writer waits so far $waits"
+echo "RESULT calllog-concurrent: $rate rows/s landed with $CLIENTS backends calling; loss: $((expect - rows)) rows (target: 0 lost; throughput bound by the calls, see drain)"
+
+# ---- (b2) the worker alone: drain a ring filled while it was stopped ----
+bpsql -c "TRUNCATE fw_tier.calls" >/dev/null
+kill -STOP "$WPID"
+per=$((DRAIN_N / CLIENTS))
+for c in $(seq 1 "$CLIENTS"); do
+	bpsql -c "SELECT count(fw_complete('fill $c ' || i, 'batch')) FROM generate_series(1, $per) i" >/dev/null &
+done
+wait
+read -r flushed0 used < <(bpsql -F ' ' -c "SELECT records_flushed, bytes_used FROM fw_tier.log_status")
+t0=$(date +%s.%N)
+kill -CONT "$WPID"
+bpsql -c "SELECT fw_flush()" >/dev/null
+t1=$(date +%s.%N)
+read -r rows flushed < <(bpsql -F ' ' -c "SELECT (SELECT count(*) FROM fw_tier.calls), records_flushed - $flushed0 FROM fw_tier.log_status")
+drain=$(echo "$rows $t0 $t1" | awk '{printf "%.0f", $1 / ($3 - $2)}')
+echo "drain: $rows rows ($used bytes of ring, $((used / (rows > 0 ? rows : 1))) bytes a record) written in $(echo "$t0 $t1" | awk '{printf "%.2f", $2 - $1}') s"
+echo "RESULT calllog-drain: $drain rows/s (ring -> fw_tier.calls by the worker), $rows of $((per * CLIENTS)) rows landed (target >= 20000 rows/s, no loss)"
