@@ -73,7 +73,8 @@ psql_demo -e <<'SQL'
 SELECT fw_complete('An interactive question during a spike.', 'interactive') AS answer;
 SELECT workload, path, priority_until IS NOT NULL AS escalated FROM fw_tier.status ORDER BY workload;
 SELECT fw_flush();
+-- newest first: the shed Standard attempt, then its Priority retry
 SELECT workload, attempt, path, service_tier, http_status, outcome, prompt_tokens, completion_tokens
-  FROM fw_tier.calls ORDER BY call_id, attempt DESC LIMIT 8;
+  FROM fw_tier.calls ORDER BY call_id DESC, attempt LIMIT 6;
 SQL
 echo "demo: done"
