@@ -10,20 +10,6 @@ INSERT INTO fw_tier.workloads (workload, on_overload) VALUES
 	('log_b', 'retry');
 SET fw_tier.max_attempts = 3;
 
-CREATE OR REPLACE FUNCTION sim.wait_until(q text) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-  ok boolean;
-BEGIN
-  FOR i IN 1 .. 1000 LOOP
-    EXECUTE q INTO ok;
-    IF ok THEN
-      RETURN true;
-    END IF;
-    PERFORM pg_sleep(0.01);
-  END LOOP;
-  RETURN false;
-END $$;
 
 -- start from an empty log (earlier files' rows are flushed, then dropped)
 SELECT fw_flush();

@@ -17,21 +17,6 @@ INSERT INTO fw_tier.workloads (workload, path, fast_model, on_overload) VALUES
 	('esc_fast', 'fast', 'accounts/fireworks/routers/kimi-k2p6-turbo', 'priority');
 SET fw_tier.max_attempts = 3;
 
--- wait (at most 10 s) until a query returns true: the worker is asynchronous
-CREATE OR REPLACE FUNCTION sim.wait_until(q text) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-  ok boolean;
-BEGIN
-  FOR i IN 1 .. 1000 LOOP
-    EXECUTE q INTO ok;
-    IF ok THEN
-      RETURN true;
-    END IF;
-    PERFORM pg_sleep(0.01);
-  END LOOP;
-  RETURN false;
-END $$;
 
 -- nothing escalated yet
 SELECT workload, path, configured_path, on_overload, escalations

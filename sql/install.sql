@@ -58,5 +58,20 @@ BEGIN
 EXCEPTION WHEN OTHERS THEN
   RETURN CASE WHEN sqlstate_only THEN SQLSTATE ELSE SQLSTATE || ' ' || SQLERRM END;
 END $$;
+-- wait (at most 10 s) until a query returns true: the worker is asynchronous
+CREATE FUNCTION sim.wait_until(q text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+  ok boolean;
+BEGIN
+  FOR i IN 1 .. 1000 LOOP
+    EXECUTE q INTO ok;
+    IF ok THEN
+      RETURN true;
+    END IF;
+    PERFORM pg_sleep(0.01);
+  END LOOP;
+  RETURN false;
+END $$;
 SELECT sim.reset();
 SELECT count(*) AS requests_seen FROM sim.log;
