@@ -55,3 +55,45 @@ CONF
 }
 
 bpsql() { su fwtest -s /bin/bash -c "$(printf '%q ' "$BINDIR/psql" -X -q -A -t -h "$BENCH_WORK" -p "$PGPORT_BENCH" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@")"; }
+
+# start_reference: the nginx fixed-answer endpoint ($URL) and the plain
+# libcurl loop ($BENCH_WORK/curl_loop URL N) the overhead figures compare to
+start_reference() {
+	gcc -O2 -o "$BENCH_WORK/curl_loop" bench/overhead/curl_loop.c $(curl-config --libs)
+	NGINX_PORT=$((PGPORT_BENCH + 1))
+	start_nginx $NGINX_PORT
+	URL="http://127.0.0.1:$NGINX_PORT"
+}
+
+# fw_rate: sequential fw_complete calls/s in one backend ($N calls, after a
+# 1,000-call warm-up)
+fw_rate() {
+	bpsql -c "SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000)" >/dev/null
+	bpsql -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
+	  BEGIN SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, $N);
+	  RAISE NOTICE '%', round($N / extract(epoch FROM clock_timestamp() - t0), 1); END \$\$" 2>&1 |
+		sed -n 's/^NOTICE: *//p'
+}
+
+# best A B: the larger number
+best() { echo "$1 $2" | awk '{print (($1 > $2) ? $1 : $2)}'; }
+
+# pid of the fw_tier background process of a type ('launcher', 'flusher')
+fw_worker_pid() { bpsql -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier $1'"; }
+
+# pause_drain / resume_drain: nothing is written to fw_tier.calls while
+# paused.  The launcher is stopped (so it starts no flusher) and the
+# running flusher is let go idle and exit (it does after one idle second).
+pause_drain() {
+	LAUNCHER_PID=$(fw_worker_pid launcher)
+	[ -n "$LAUNCHER_PID" ] || { echo "fw_tier launcher is not running" >&2; exit 1; }
+	bpsql -c "SELECT fw_flush()" >/dev/null
+	kill -STOP "$LAUNCHER_PID"
+	for _ in $(seq 1 100); do
+		[ -z "$(fw_worker_pid flusher)" ] && return 0
+		sleep 0.1
+	done
+	echo "fw_tier flusher did not go idle" >&2
+	exit 1
+}
+resume_drain() { [ -n "${LAUNCHER_PID:-}" ] && kill -CONT "$LAUNCHER_PID" 2>/dev/null || true; }

@@ -145,8 +145,7 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 	if (r->timed_out)
 		return FW_TIMEOUT;
 	if (r->failed)
-		return (r->status >= 200 && r->status < 300 &&
-				strstr(r->errmsg, "64 MB")) ? FW_BAD_RESPONSE : FW_TRANSPORT;
+		return r->too_large ? FW_BAD_RESPONSE : FW_TRANSPORT;
 	if (r->status >= 200 && r->status < 300)
 		return fw_parse_completion(r->body, r->body_len, call->want_text, parsed)
 			? FW_OK : FW_BAD_RESPONSE;

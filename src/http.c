@@ -374,6 +374,7 @@ fw_finish(FwHttpXfer *x, CURLcode rc)
 			r->timed_out = true;
 		else if (rc == CURLE_ABORTED_BY_CALLBACK)
 			r->cancelled = true;
+		r->too_large = x->too_large;
 		if (x->too_large)
 			strlcpy(r->errmsg, "response body exceeds 64 MB", sizeof(r->errmsg));
 		else

@@ -22,6 +22,7 @@ typedef struct FwHttpResult
 	bool		failed;			/* transport-level failure (see errmsg) */
 	bool		timed_out;		/* connect or request timeout */
 	bool		cancelled;		/* aborted because an interrupt is pending */
+	bool		too_large;		/* body over the 64 MB limit: aborted */
 	char		errmsg[FW_ERRLEN];
 	int			retry_after_ms; /* -1: no Retry-After */
 	int			hdr_prompt_tokens;	/* fireworks-prompt-tokens, -1: none */

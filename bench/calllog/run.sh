@@ -5,7 +5,7 @@
 #
 # (a) logging cost.  Sequential fw_complete calls in one backend, in the
 #     same run: with the worker running (the call log as shipped) and with
-#     the worker stopped by SIGSTOP (the ring is big enough to hold every
+#     the drain paused (launcher stopped, flusher gone idle; the ring holds every
 #     record: logging reduced to the push alone), plus the libcurl loop of
 #     bench/overhead as the reference.  Then perf samples the whole machine
 #     while one backend calls: the share of CPU time spent in the push
@@ -25,39 +25,23 @@ DRAIN_N=${DRAIN_N:-100000}
 PERF_S=${PERF_S:-5}
 . bench/lib.sh
 
-gcc -O2 -o "$BENCH_WORK/curl_loop" bench/overhead/curl_loop.c $(curl-config --libs)
-NGINX_PORT=$((PGPORT_BENCH + 1))
-start_nginx $NGINX_PORT
-URL="http://127.0.0.1:$NGINX_PORT"
+start_reference
 # a ring that holds every record of a stopped-worker round
 start_cluster "fw_tier.base_url = '$URL/inference/v1'
 fw_tier.api_key = 'bench'
 fw_tier.log_buffer = '128MB'
 max_connections = 50"
 
-worker_pid() { bpsql -c "SELECT worker_pid FROM fw_tier.log_status"; }
-WPID=$(worker_pid)
-[ -n "$WPID" ] || { echo "fw_tier worker is not running" >&2; exit 1; }
-_resume_worker() { kill -CONT "$WPID" 2>/dev/null || true; }
-trap '_resume_worker; _bench_cleanup' EXIT
-
-fw_rate() {
-	bpsql -c "SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000)" >/dev/null
-	bpsql -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
-	  BEGIN SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, $N);
-	  RAISE NOTICE '%', round($N / extract(epoch FROM clock_timestamp() - t0), 1); END \$\$" 2>&1 |
-		sed -n 's/^NOTICE: *//p'
-}
-best() { echo "$1 $2" | awk '{print ($1 > $2) ? $1 : $2}'; }
+trap 'resume_drain; _bench_cleanup' EXIT
 
 # ---- (a) logging cost ----
 best_ref=0; best_on=0; best_off=0
 for r in $(seq 1 "$ROUNDS"); do
 	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
 	on=$(fw_rate)
-	kill -STOP "$WPID"
+	pause_drain
 	off=$(fw_rate)
-	kill -CONT "$WPID"
+	resume_drain
 	bpsql -c "SELECT fw_flush()" >/dev/null
 	echo "round $r: libcurl loop $ref calls/s; fw_complete, worker running $on calls/s; worker stopped $off calls/s"
 	best_ref=$(best "$ref" "$best_ref"); best_on=$(best "$on" "$best_on"); best_off=$(best "$off" "$best_off")
@@ -71,7 +55,7 @@ if command -v perf >/dev/null; then
 	  SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000000)" >/dev/null 2>&1 &
 	CALLER=$!
 	sleep 1
-	WPID=$(worker_pid)
+	WPID=$(fw_worker_pid flusher)
 	BPID=$(bpsql -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'calllog-perf'")
 	perf record -q -a -g -F 999 -o "$BENCH_WORK/perf.data" -- sleep "$PERF_S" >/dev/null 2>&1
 	bpsql -c "SELECT pg_cancel_backend($BPID)" >/dev/null
@@ -89,7 +73,7 @@ if command -v perf >/dev/null; then
 	push=${push:-0}
 	echo "perf ($PERF_S s, all CPUs): calling backend $b_all% of samples (fw_calllog_push with children: $push%), fw_tier worker $w_all%"
 	{ grep -E " ($BPID|$WPID):" "$BENCH_WORK/perf.txt" |
-		grep -E "fw_calllog_push|fw_worker_main|SPI_execute_plan|standard_ExecutorStart|CommitTransactionCommand|fw_parse_completion|fw_http" |
+		grep -E "fw_calllog_push|fw_flusher_main|SPI_execute_plan|standard_ExecutorStart|CommitTransactionCommand|fw_parse_completion|fw_http" |
 		head -12 | sed 's/^/  /'; } || true
 	echo "RESULT calllog-cost: logging = $(echo "$push $w_all $b_all" | awk '{printf "%.1f", ($3 + $2 > 0) ? 100 * ($1 + $2) / ($3 + $2) : 0}')% of the CPU time of a call (push $(echo "$push $w_all $b_all" | awk '{printf "%.1f", ($3 + $2 > 0) ? 100 * $1 / ($3 + $2) : 0}')%, worker $(echo "$w_all $b_all" | awk '{printf "%.1f", ($2 + $1 > 0) ? 100 * $1 / ($2 + $1) : 0}')%) (target < 5%)"
 fi
@@ -114,7 +98,7 @@ echo "RESULT calllog-concurrent: $rate rows/s landed with $CLIENTS backends call
 
 # ---- (b2) the worker alone: drain a ring filled while it was stopped ----
 bpsql -c "TRUNCATE fw_tier.calls" >/dev/null
-kill -STOP "$WPID"
+pause_drain
 per=$((DRAIN_N / CLIENTS))
 for c in $(seq 1 "$CLIENTS"); do
 	bpsql -c "SELECT count(fw_complete('fill $c ' || i, 'batch')) FROM generate_series(1, $per) i" >/dev/null &
@@ -122,7 +106,7 @@ done
 wait
 read -r flushed0 used < <(bpsql -F ' ' -c "SELECT records_flushed, bytes_used FROM fw_tier.log_status")
 t0=$(date +%s.%N)
-kill -CONT "$WPID"
+resume_drain
 bpsql -c "SELECT fw_flush()" >/dev/null
 t1=$(date +%s.%N)
 read -r rows flushed < <(bpsql -F ' ' -c "SELECT (SELECT count(*) FROM fw_tier.calls), records_flushed - $flushed0 FROM fw_tier.log_status")

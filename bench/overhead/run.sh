@@ -11,28 +11,17 @@ ROUNDS=${ROUNDS:-3}
 RSS_CALLS=${RSS_CALLS:-50000}
 . bench/lib.sh
 
-gcc -O2 -o "$BENCH_WORK/curl_loop" bench/overhead/curl_loop.c $(curl-config --libs)
-NGINX_PORT=$((PGPORT_BENCH + 1))
-start_nginx $NGINX_PORT
-URL="http://127.0.0.1:$NGINX_PORT"
+start_reference
 start_cluster "fw_tier.base_url = '$URL/inference/v1'
 fw_tier.api_key = 'bench'"
-
-fw_rate() {
-	bpsql -c "SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000)" >/dev/null
-	bpsql -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
-	  BEGIN SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, $N);
-	  RAISE NOTICE '%', round($N / extract(epoch FROM clock_timestamp() - t0), 1); END \$\$" 2>&1 |
-		sed -n 's/^NOTICE: *//p'
-}
 
 best_ref=0; best_fw=0
 for r in $(seq 1 "$ROUNDS"); do
 	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
 	fw=$(fw_rate)
 	echo "round $r: libcurl loop $ref calls/s, fw_complete $fw calls/s"
-	best_ref=$(echo "$ref $best_ref" | awk '{print (($1 > $2) ? $1 : $2)}')
-	best_fw=$(echo "$fw $best_fw" | awk '{print (($1 > $2) ? $1 : $2)}')
+	best_ref=$(best "$ref" "$best_ref")
+	best_fw=$(best "$fw" "$best_fw")
 done
 ratio=$(echo "$best_fw $best_ref" | awk '{printf "%.2f", $1 / $2}')
 echo "RESULT overhead: fw_complete/libcurl-loop = $ratio (best of $ROUNDS: $best_fw vs $best_ref calls/s; target >= 0.85)"
