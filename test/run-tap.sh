@@ -8,4 +8,6 @@ export PATH="$bindir:$PATH"
 export TESTDIR="$(pwd)" PG_REGRESS="$pgxs/test/regress/pg_regress"
 export FWSIM="$(pwd)/test/fwsim/fwsim"
 rm -rf tmp_check && mkdir -p tmp_check
-exec prove -I "$pgxs/test/perl" -I t ${PROVE_FLAGS:-} t/*.pl
+# With arguments, only those files (e.g. t/050_hostile_sql.pl).
+if [ $# -gt 0 ]; then files=("$@"); else files=(t/*.pl); fi
+exec prove -I "$pgxs/test/perl" -I t ${PROVE_FLAGS:-} "${files[@]}"
