@@ -6,8 +6,14 @@ BINDIR=$(pg_config --bindir)
 BENCH_WORK=$(mktemp -d /tmp/fw_tier-bench.XXXXXX)
 chown fwtest "$BENCH_WORK"
 PGPORT_BENCH=$((20000 + RANDOM % 20000))
+# More clusters (bench/overhead/compare.sh) register "bindir datadir" here.
+BENCH_CLUSTERS=""
 _bench_cleanup() {
 	su fwtest -s /bin/bash -c "'$BINDIR/pg_ctl' -D '$BENCH_WORK/data' -m fast stop" >/dev/null 2>&1 || true
+	local b d
+	while read -r b d; do
+		[ -n "$d" ] && su fwtest -s /bin/bash -c "'$b/pg_ctl' -D '$d' -m fast stop" >/dev/null 2>&1 || true
+	done <<<"$BENCH_CLUSTERS"
 	[ -f "$BENCH_WORK/nginx.pid" ] && kill "$(cat "$BENCH_WORK/nginx.pid")" 2>/dev/null || true
 	[ -n "${FWSIM_PID:-}" ] && kill "$FWSIM_PID" 2>/dev/null || true
 	rm -rf "$BENCH_WORK"
