@@ -622,9 +622,10 @@ fw_calllog_draining(void)
  * for space (fw_tier.flush_interval, at most FW_RING_WAIT_MAX_MS, and only
  * while the log drains), then the record goes to the spill.  Interrupts
  * are held during that wait, but a cancel, statement_timeout or terminate
- * ends it at once: the record is spilled first, and the interrupt is
- * processed on the way out.  Only a full (or failing) spill drops a
- * record: counted, with a WARNING.
+ * ends it at once (within one 50 ms slice): the record is spilled, and the
+ * interrupt stays pending for the caller's next CHECK_FOR_INTERRUPTS().
+ * Never raises once the record is reserved.  Only a full (or failing)
+ * spill drops a record: counted, with a WARNING.
  */
 void
 fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
@@ -777,8 +778,12 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 					 errhint("See fw_tier.log_status.drain_state for why the call log does not drain; raise fw_tier.log_spill_limit for more room.")));
 		}
 		fw_wake_worker();
-		/* a cancel that ended the wait is processed now, the record safe */
-		CHECK_FOR_INTERRUPTS();
+
+		/*
+		 * A cancel that ended the wait stays pending: the caller's next
+		 * CHECK_FOR_INTERRUPTS() raises it, after it has logged what else
+		 * it must (several in-flight attempts of a cancelled batch).
+		 */
 		return;
 	}
 
@@ -791,8 +796,6 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	/* the worker sleeps while the ring is empty; flush early past half */
 	if (was_empty || used > size / 2)
 		fw_wake_worker();
-	if (waited)
-		CHECK_FOR_INTERRUPTS();
 }
 
 /*

@@ -191,14 +191,73 @@ cmp_ok($cancel_ms, '<', 5000, sprintf('within 5 s (%.0f ms)', $cancel_ms));
 my $made = status('records_pushed') - $pushed0;
 cmp_ok($made, '>', 0, "$made records pushed before the cancel");
 kill 'CONT', $launcher;
-$node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.flush_interval});
-$node->reload;
 ($ret, $out, $err) = flush();
 is($ret, 0, 'fw_flush() returns') or diag $err;
 is( $node->safe_psql('fwdb',
 		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'stalled %'"),
 	$made, 'every record, the cancelled call\'s included, lands');
+
+# statement_timeout ends the same wait
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
+	'the flusher has left again');
+$pushed0 = status('records_pushed');
+kill 'STOP', $launcher;
+$t0 = time();
+($ret, $out, $err) = $node->psql('postgres',
+	"SET statement_timeout = '1s'; SELECT count(fw_complete('timeout ' || g, 'wd')) FROM generate_series(1, 100) g");
+my $timeout_s = time() - $t0;
+like($err, qr/canceling statement due to statement timeout/, 'statement_timeout ends a full-ring wait');
+cmp_ok($timeout_s, '<', 6, sprintf('in time (%.1f s for a 1 s timeout)', $timeout_s));
+$made = status('records_pushed') - $pushed0;
+kill 'CONT', $launcher;
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.flush_interval});
+$node->reload;
+($ret, $out, $err) = flush();
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'timeout %'"),
+	$made, "the $made records, the timed-out call's included, land");
 is(status('writer_waits > 0, records_dropped'), 't|0', 'the wait is counted, nothing dropped');
+
+# ---- every row refused the same way: the environment, not dead letters ----
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
+	'no flusher runs');
+kill 'STOP', $launcher;
+calls(5, 'closed');
+$node->safe_psql('fwdb', q{
+CREATE FUNCTION public.calls_closed() RETURNS trigger LANGUAGE plpgsql
+AS $$BEGIN RAISE EXCEPTION 'calls are closed'; END$$;
+CREATE TRIGGER calls_closed BEFORE INSERT ON fw_tier.calls
+FOR EACH ROW EXECUTE FUNCTION public.calls_closed();
+});
+my $dl0 = status('dead_letters');
+kill 'CONT', $launcher;
+$node->psql('postgres', "SET statement_timeout = '200ms'; SELECT fw_flush()");
+ok($node->poll_query_until('postgres',
+		"SELECT drain_state = 'insert failing: calls are closed' FROM fw_tier.log_status"),
+	"log_status says 'insert failing: calls are closed'");
+is(status('dead_letters') - $dl0, 0, 'no row is dead-lettered for it');
+$node->safe_psql('fwdb', 'DROP TRIGGER calls_closed ON fw_tier.calls');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns once the trigger is gone') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'closed %'"),
+	'5', 'the 5 kept records land');
+
+# ---- the extension dropped in fwdb: 'no extension', then the rows land ----
+$node->safe_psql('fwdb', 'DROP EXTENSION fw_tier CASCADE');
+($ret, $out, $err) = calls(30, 'noext');
+is($ret, 0, '30 calls with the extension dropped complete') or diag $err;
+ok($node->poll_query_until('postgres',
+		"SELECT drain_state = 'no extension' FROM fw_tier.log_status"),
+	"log_status says 'no extension'");
+$node->safe_psql('fwdb', 'CREATE EXTENSION fw_tier');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns once it is back') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'noext %'"),
+	'30', 'the 30 rows land');
 
 # ---- the spill full: dropped, counted, warned -----------------------------
 $node->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.log_spill_limit = '32kB'});
@@ -245,6 +304,12 @@ is($standby->safe_psql('postgres', 'SELECT drain_state, spill_records > 0 FROM f
 like($err, qr/cannot be written during recovery/, 'fw_flush() on the standby says why instead of waiting');
 my $log = slurp_file($standby->logfile);
 unlike($log, qr/fw_tier (flusher|launcher).*exited with exit code/, 'no worker fails in a loop on the standby');
+$standby->promote;
+($ret, $out, $err) = $standby->psql('postgres', "SET statement_timeout = '120s'; SELECT fw_flush()");
+is($ret, 0, 'after promotion fw_flush() returns') or diag $err;
+is( $standby->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'standby %'"),
+	'30', 'and the 30 calls made on the standby are in its fw_tier.calls');
 $standby->stop;
 
 diag sprintf('cancel latency: full-ring wait %.0f ms, fw_flush() with the database missing %.0f ms',
