@@ -620,10 +620,10 @@ fw_calllog_draining(void)
  * Push one record.  The attempt it describes was paid for, so it is never
  * lost silently: while the ring is full the writer waits a bounded time
  * for space (fw_tier.flush_interval, at most FW_RING_WAIT_MAX_MS, and only
- * while the log drains), then the record goes to the spill.  Interrupts
- * are held during that wait, but a cancel, statement_timeout or terminate
- * ends it at once (within one 50 ms slice): the record is spilled, and the
- * interrupt stays pending for the caller's next CHECK_FOR_INTERRUPTS().
+ * while the log drains), then the record goes to the spill.  A cancel,
+ * statement_timeout or terminate ends that wait at once (it sets our
+ * latch): the record is spilled, and the interrupt stays pending for the
+ * caller's next CHECK_FOR_INTERRUPTS().
  * Never raises once the record is reserved.  Only a full (or failing)
  * spill drops a record: counted, with a WARNING.
  */
@@ -720,11 +720,10 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		{
 			waited = true;
 			pg_atomic_fetch_add_u64(&fw_shared->ring_waits, 1);
-			/* cancel must not abandon the record: see the loop's exit */
-			HOLD_INTERRUPTS();
+			/* a cancel must not abandon the record: see give_up */
+			HOLD_CANCEL_INTERRUPTS();
 			wait_until = GetCurrentTimestamp() +
 				(int64) Min(fw_flush_interval_ms, FW_RING_WAIT_MAX_MS) * 1000;
-			ConditionVariablePrepareToSleep(&fw_shared->ring_space_cv);
 		}
 		give_up = QueryCancelPending || ProcDiePending ||
 			GetCurrentTimestamp() >= wait_until || !fw_calllog_draining();
@@ -734,10 +733,22 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 			to_spill = true;
 			break;
 		}
+
+		/*
+		 * Sleep on our latch, not in ConditionVariableSleep(): its
+		 * CHECK_FOR_INTERRUPTS() would process a terminate before we could
+		 * save the record.  Joining the CV's wakeup list makes the
+		 * flusher's broadcast set the latch; so do cancel and terminate.
+		 * Other interrupts (barriers, memory-context dumps ...) are
+		 * serviced between slices, with cancel held off.
+		 */
+		ConditionVariablePrepareToSleep(&fw_shared->ring_space_cv);
 		fw_wake_worker();
-		/* short slices: a latch set by a cancel does not end a CV sleep */
-		(void) ConditionVariableTimedSleep(&fw_shared->ring_space_cv, 50,
-										   PG_WAIT_EXTENSION);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 50, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		if (!QueryCancelPending && !ProcDiePending)
+			CHECK_FOR_INTERRUPTS();
 	}
 
 	if (to_spill)
@@ -754,7 +765,7 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	if (waited)
 	{
 		ConditionVariableCancelSleep();
-		RESUME_INTERRUPTS();
+		RESUME_CANCEL_INTERRUPTS();
 	}
 
 	if (to_spill)

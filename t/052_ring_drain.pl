@@ -211,12 +211,38 @@ like($err, qr/canceling statement due to statement timeout/, 'statement_timeout 
 cmp_ok($timeout_s, '<', 6, sprintf('in time (%.1f s for a 1 s timeout)', $timeout_s));
 $made = status('records_pushed') - $pushed0;
 kill 'CONT', $launcher;
-$node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.flush_interval});
-$node->reload;
 ($ret, $out, $err) = flush();
 is( $node->safe_psql('fwdb',
 		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'timeout %'"),
 	$made, "the $made records, the timed-out call's included, land");
+
+# and pg_terminate_backend: the session ends, its last record is kept
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
+	'the flusher has left again');
+$pushed0 = status('records_pushed');
+$waits0 = status('writer_waits');
+kill 'STOP', $launcher;
+($h, $hout, $herr) = bg_psql('postgres',
+	"SELECT count(fw_complete('terminated ' || g, 'wd')) FROM generate_series(1, 100) g");
+ok($node->poll_query_until('postgres',
+		"SELECT writer_waits > $waits0 FROM fw_tier.log_status"),
+	'a call waits for ring space');
+$wpid = wait_pid_waiting('SELECT count(fw_complete(%');
+$t0 = time();
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($wpid)");
+$h->finish;
+my $term_ms = (time() - $t0) * 1000;
+like($$herr, qr/terminating connection due to administrator command/, 'terminate ends the waiting session');
+cmp_ok($term_ms, '<', 5000, sprintf('within 5 s (%.0f ms)', $term_ms));
+$made = status('records_pushed') - $pushed0;
+kill 'CONT', $launcher;
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.flush_interval});
+$node->reload;
+($ret, $out, $err) = flush();
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'terminated %'"),
+	$made, "the $made records, the terminated call's included, land");
 is(status('writer_waits > 0, records_dropped'), 't|0', 'the wait is counted, nothing dropped');
 
 # ---- every row refused the same way: the environment, not dead letters ----
