@@ -162,6 +162,11 @@ fw_spill_startup(void)
 	{
 		fw_shared->spill_read_pos = fw_shared->spill_write_pos = 0;
 		fw_shared->spill_active = false;
+		/* positions start again at 0: an old read position would lie */
+		if (unlink(FW_SPILL_READFILE) < 0 && errno != ENOENT)
+			ereport(LOG,
+					(errcode_for_file_access(),
+					 errmsg("could not remove file \"%s\": %m", FW_SPILL_READFILE)));
 		return;
 	}
 

@@ -18,10 +18,12 @@ use FwSim;
 use RingFuzz;
 
 my $sim = FwSim->start('--time-scale', '0');
+# the default ring size, as in the issue: with a small one, what follows
+# the mapping may be mapped too and the overrun read would not fault
 my $ctx = fuzz_setup(
 	name => 'ring',
 	url => $sim->url . '/inference/v1',
-	ring => '64kB');
+	ring => '4MB');
 my $node = $ctx->{node};
 
 sub status
@@ -72,10 +74,15 @@ is( $node->safe_psql('fwdb',
 is(status('records_corrupt'), '3', 'two more counted');
 ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: skipped 2 damaged records/,
 		$ctx->{log_start}), 'the flusher warns once for both');
-RingFuzz::close_fwdb($node);
-$ctx->{log_start} = -s $node->logfile;
+$node->stop;
 
 # ---- the fuzzer: every kind of damage once, then a few seeds at random ----
+# (a 64 kB ring: the records wrap around, so SKIP padding is damaged too)
+$ctx = fuzz_setup(
+	name => 'fuzz',
+	url => $sim->url . '/inference/v1',
+	ring => '64kB');
+$node = $ctx->{node};
 my $t0 = time();
 my ($cases, $landed, $pushed, $corrupt) = (0, 0, 0, 0);
 srand(1);
