@@ -159,7 +159,7 @@ typedef struct FwSharedState
 	pg_atomic_uint64 records_skipped;	/* unpublished after a crash, or
 										 * rejected by the table */
 	/*
-	 * calllog.c / spill.c / worker.c (helper B): damage, the spill and why
+	 * calllog.c / spill.c / worker.c: damaged records, the spill and why
 	 * the log does not drain.  Initialized by the postmaster in
 	 * fw_calllog_startup(); the plain fields are under ring_lock.
 	 */

@@ -37,7 +37,14 @@
  * launcher retries likewise.
  *
  * One transaction and one INSERT per batch; no LWLock is ever held across
- * SPI.  After the shutdown request the flusher drains the ring one last
+ * SPI.  The ring is drained first, then the spill (spill.c).  A batch whose
+ * INSERT fails with an error that can be about a row is retried row by
+ * row, a subtransaction each, and the rows that still fail go to
+ * fw_tier.calls_dead_letter (fw_worker_write_batch); any other failure
+ * keeps the records and backs off.  The flusher runs with lock_timeout, so
+ * a lock held on fw_tier.calls cannot hang it.  Why the log does not drain
+ * (no database, no extension, lock timeout, a failing insert) is kept in
+ * shared memory for fw_tier.log_status (drain_state).  After the shutdown request the flusher drains the ring one last
  * time (autoprewarm style).  The postmaster starts no worker once a
  * shutdown has begun, so the final drain has to be the flusher's: the
  * launcher keeps one running whenever the ring is not empty.  What cannot
