@@ -25,9 +25,8 @@
  * Durability: segments are written with pwrite() and not fsync'ed by the
  * writer (the spill is the degraded path; it must stay cheap).  They
  * survive any process crash; after an operating-system crash a torn or
- * stale record fails its CRC, is counted in records_corrupt and the rest
- * of its segment is skipped (a damaged length leaves no way to find the
- * next record).  After a restart the postmaster finds the segments, the
+ * stale record fails its CRC, is counted in records_corrupt, and reading
+ * goes on at the next record of the segment that checks out.  After a restart the postmaster finds the segments, the
  * read position in spill.read (written at each advance; without it the
  * oldest segment is read from its start and the rows written twice are
  * absorbed by ON CONFLICT), and makes writers start a fresh segment so no
@@ -275,12 +274,36 @@ fw_spill_usage(uint64 *bytes, uint64 *records)
 }
 
 /*
+ * Bytes from the damaged record at off to the next record of the segment
+ * that checks out (8-byte-aligned positions, CRC and every field), or to
+ * the end of the segment.  Reads the rest of the segment once.
+ */
+static uint64
+fw_spill_resync(int fd, uint64 off, uint64 fsize)
+{
+	uint64		rest = fsize - off;
+	char	   *buf = palloc(rest);
+	uint64		p;
+
+	if (pread(fd, buf, rest, (off_t) off) != (ssize_t) rest)
+	{
+		pfree(buf);
+		return rest;
+	}
+	for (p = 8; p + fw_rec_header_size() <= rest; p += 8)
+		if (fw_rec_check(buf + p, rest - p) == NULL)
+			break;
+	pfree(buf);
+	return (p + fw_rec_header_size() <= rest) ? p : rest;
+}
+
+/*
  * Flusher: copy out up to max records from the read position, in order;
  * -1 when nothing could be consumed.  *end_pos is where the read position
  * goes once they are committed, *bytes the spill bytes that frees.  Every
- * record is checked (fw_rec_check) before use; a damaged one ends its
- * segment's reading, counted once (spill_corrupt_upto) even when the batch
- * is read again after a failed insert.
+ * record is checked (fw_rec_check) before use; a damaged one is skipped up
+ * to the next good one, counted once (spill_corrupt_upto) even when the
+ * batch is read again after a failed insert.
  */
 int
 fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
@@ -296,6 +319,7 @@ fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
 	int			n = 0;
 	int			corrupt = 0;
 	uint64		start;
+	uint64		skip;
 
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
 	pos = fw_shared->spill_read_pos;
@@ -366,7 +390,8 @@ fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
 			continue;
 		}
 
-		/* damaged: the rest of this segment cannot be trusted */
+		/* damaged: go on at the next record of the segment that checks out */
+		skip = fw_spill_resync(fd, off, fsize);
 		if (pos >= counted_upto)
 		{
 			corrupt++;
@@ -374,12 +399,14 @@ fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
 					(errcode(ERRCODE_DATA_CORRUPTED),
 					 errmsg("fw_tier flusher: damaged record in call-log spill segment %016" INT64_MODIFIER "X at offset " UINT64_FORMAT,
 							seg, off),
-					 errdetail("It was damaged because %s; the rest of the segment (" UINT64_FORMAT " bytes) is skipped.",
-							   problem, fsize - off),
+					 errdetail("It was damaged because %s; " UINT64_FORMAT " bytes are skipped.",
+							   problem, skip),
 					 errhint("Counted in fw_tier.log_status.records_corrupt.")));
 		}
-		*bytes += fsize - off;
-		pos = (seg + 1) * FW_SPILL_SEGSIZE;
+		*bytes += skip;
+		pos += skip;
+		if (off + skip >= fsize)
+			pos = (seg + 1) * FW_SPILL_SEGSIZE;
 	}
 	if (fd >= 0)
 		close(fd);

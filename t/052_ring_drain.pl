@@ -322,6 +322,42 @@ is(status('records_pushed') - $pushed0, 100 - $dropped, 'dropped records are not
 $node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.log_spill_limit});
 $node->reload;
 
+# ---- a damaged spill record: skipped, counted, the others land, no crash --
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+($ret, $out, $err) = calls(60, 'spilldmg');
+is($ret, 0, '60 calls spill') or diag $err;
+my $in_spill = status('spill_records');
+$node->stop('fast');
+my @segs = glob($node->data_dir . '/pg_fw_tier/spill.0*');
+is(scalar(@segs), 1, 'one spill segment');
+# walk the frames: {len u32, state u32, ...}; damage the 10th record's prompt_len
+open(my $sfh, '+<:raw', $segs[0]) or die;
+my $off = 0;
+for (1 .. 9)
+{
+	sysseek($sfh, $off, 0);
+	sysread($sfh, my $hdr, 8);
+	$off += unpack('V', $hdr);
+}
+sysseek($sfh, $off + 8, 0);
+syswrite($sfh, pack('l<', 100_000_000));
+close $sfh;
+$log_off = -s $node->logfile;
+$node->start;
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'spilldmg %'"),
+	59, 'every record but the damaged one lands');
+is(status('records_corrupt, spill_records, drain_state'), '1|0|ok',
+	'the damage is counted once, the spill is empty again');
+ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: damaged record in call-log spill segment/, $log_off),
+	'the flusher warns');
+unlike(substr(slurp_file($node->logfile), $log_off), qr/terminated by signal/, 'no crash');
+
 # ---- a hot standby: calls do not hang, log_status says standby -------------
 $node->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('standby');
