@@ -153,6 +153,25 @@ is(status('dead_letters, drain_state'), '1|ok', 'counted; the log drains');
 ok($node->wait_for_log(qr/1 of \d+ call-log records were refused by fw_tier.calls/),
 	'the flusher warns');
 
+# the dead-letter table refuses too: the dead-letter file
+$node->safe_psql('fwdb',
+	q{ALTER TABLE fw_tier.calls_dead_letter ADD CONSTRAINT refuse_all CHECK (false) NOT VALID});
+($ret, $out, $err) = $node->psql('postgres',
+	"SELECT count(fw_complete('mix2 ' || g, CASE WHEN g = 2 THEN 'poison' ELSE 'wd' END))"
+	  . " FROM generate_series(1, 3) g");
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'mix2 %'"),
+	'2', 'the good rows land');
+my $dlf = $node->data_dir . '/pg_fw_tier/dead_letter.jsonl';
+my @lines = -e $dlf ? split(/\n/, slurp_file($dlf)) : ();
+is(scalar(@lines), 1, 'the poison row is one line of pg_fw_tier/dead_letter.jsonl');
+like($lines[0] // '', qr/"sqlstate": "23514".*"dead_letter_table_error": .*refuse_all.*"prompt": "mix2 2"/,
+	'with both errors and the record');
+is(status('dead_letters'), '2', 'counted');
+$node->safe_psql('fwdb', 'ALTER TABLE fw_tier.calls_dead_letter DROP CONSTRAINT refuse_all');
+
 # ---- a lock held on fw_tier.calls: no hang, 'lock timeout', rows land later -
 my ($lh, $lout, $lerr) = bg_psql('fwdb',
 	'BEGIN; LOCK TABLE fw_tier.calls IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(10); COMMIT;');
