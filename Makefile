@@ -5,6 +5,7 @@ OBJS = \
 	src/shmem.o \
 	src/escalation.o \
 	src/calllog.o \
+	src/spill.o \
 	src/worker.o \
 	src/status.o \
 	src/http.o \

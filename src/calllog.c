@@ -8,9 +8,16 @@
  * caller's ROLLBACK, errors and cancels.  They push a record into a ring
  * and the background worker writes batches in transactions of its own.
  *
- * The ring never loses a record:
- *	- a full ring makes the writer wait (interruptibly, on ring_space_cv)
- *	  instead of dropping; the wait is counted and wakes the worker;
+ * The ring never loses a record silently:
+ *	- a full ring makes the writer wait a bounded time (at most
+ *	  fw_tier.flush_interval, capped at FW_RING_WAIT_MAX_MS, and not at all
+ *	  when the log is known not to drain); then the record goes to the
+ *	  spill (spill.c).  Once anything is in the spill every new record goes
+ *	  there too, until the flusher has drained it, so order is kept: the
+ *	  flusher writes the ring out first, then the spill.  A cancel during
+ *	  the wait ends it at once: the record is spilled, then the cancel is
+ *	  processed.  Only a full (or failing) spill drops a record: counted in
+ *	  records_dropped, with a WARNING;
  *	- the ring's bytes and its head/tail live in a file of the data directory
  *	  (pg_fw_tier/calllog.ring) mapped MAP_SHARED by the postmaster in the
  *	  shmem startup hook and inherited by every child.  A crash-restart
@@ -29,8 +36,22 @@
  * record there and starts at offset 0.  A RESERVED record found at startup
  * belongs to a writer that died in the crash: it becomes SKIP.
  *
- * The file is not fsync'ed: it survives process crashes, not an operating
- * system crash.
+ * Every field read back from the file is untrusted (a torn page after an
+ * operating-system crash, a stray write, a hostile file): each published
+ * record carries a CRC-32C over its length, lengths, encoding, call record
+ * and payload, written before the READY publish, and every field is
+ * checked (fw_rec_problem) before use, by the postmaster's recovery and by
+ * the flusher's read alike.  A damaged record is overwritten with SKIP
+ * records up to the next record that checks out (found by scanning the
+ * 8-byte-aligned positions for a READY record with a good CRC), counted in
+ * records_corrupt and reported once.
+ *
+ * Durability: the ring survives any process crash (the mapping is
+ * MAP_SHARED).  Against an operating-system crash the flusher msync()s the
+ * file at most once per FW_RING_SYNC_MS while it drains, so what can be
+ * lost is the records pushed since the last sync (at most about a second
+ * of calls, more if the flusher cannot run); damaged records are skipped,
+ * never trusted.
  *
  *-------------------------------------------------------------------------
  */
@@ -42,12 +63,16 @@
 #include <unistd.h>
 
 #include "common/file_perm.h"
+#include "access/xlog.h"
+#include "port/pg_crc32c.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/condition_variable.h"
 #include "storage/fd.h"
 #include "storage/lwlock.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
 #include "fw_tier.h"
@@ -55,7 +80,7 @@
 #define FW_RING_DIR			"pg_fw_tier"
 #define FW_RING_FILE		"pg_fw_tier/calllog.ring"
 #define FW_RING_MAGIC		0x46575247	/* "FWRG" */
-#define FW_RING_VERSION		1
+#define FW_RING_VERSION		2	/* 2: records carry a CRC */
 #define FW_RING_HDRSZ		4096	/* the data starts one page in */
 #define FW_CONTENT_MAX		8192	/* prompt / answer kept, bytes */
 
@@ -81,13 +106,15 @@ typedef struct FwRingRec
 	int32		prompt_len;		/* -1 = NULL */
 	int32		answer_len;		/* -1 = NULL */
 	int32		encoding;		/* writer's database encoding */
-	int32		unused;
+	pg_crc32c	crc;			/* version 1: unused (0) */
 	FwCallRecord rec;
 	/* prompt bytes, then answer bytes, no terminators */
 } FwRingRec;
 
 #define FW_REC_ALIGN(x)		TYPEALIGN(8, (x))
 #define FW_REC_MINLEN		8	/* len + state */
+#define FW_RING_WAIT_MAX_MS	10000	/* longest wait for ring space */
+#define FW_RING_SYNC_MS		1000	/* flusher msync period */
 
 static FwRingFile *fw_ring = NULL;
 static char *fw_ring_data = NULL;
@@ -120,61 +147,310 @@ fw_ring_reset(const char *why)
 	fw_ring->tail = 0;
 }
 
+/* ---- record framing: shared by the ring and the spill ---- */
+
+static pg_crc32c
+fw_rec_crc(const FwRingRec *r)
+{
+	pg_crc32c	crc;
+
+	INIT_CRC32C(crc);
+	COMP_CRC32C(crc, &r->len, sizeof(r->len));
+	/* prompt_len, answer_len, encoding: not state (it changes), not crc */
+	COMP_CRC32C(crc, &r->prompt_len,
+				offsetof(FwRingRec, crc) - offsetof(FwRingRec, prompt_len));
+	/* the call record and the payload right behind it */
+	COMP_CRC32C(crc, &r->rec,
+				sizeof(FwCallRecord) + Max(r->prompt_len, 0) + Max(r->answer_len, 0));
+	FIN_CRC32C(crc);
+	return crc;
+}
+
+static bool
+fw_terminated(const char *s, size_t n)
+{
+	return memchr(s, '\0', n) != NULL;
+}
+
+/*
+ * What is wrong with the published record r, of which avail bytes can be
+ * read; NULL when nothing.  Nothing beyond r + avail is read, and nothing
+ * beyond the header before the lengths are known to fit.  check_crc is
+ * false only for a version 1 ring, whose records have none.
+ */
+static const char *
+fw_rec_problem(const FwRingRec *r, uint64 avail, bool check_crc)
+{
+	const FwCallRecord *c = &r->rec;
+	uint32		len;
+	uint8		b1,
+				b2;
+
+	if (avail < sizeof(FwRingRec))
+		return "it is cut short";
+	len = r->len;
+	if (len < sizeof(FwRingRec) || len % 8 != 0 || len > avail)
+		return "its length is out of range";
+	if (r->prompt_len < -1 || r->prompt_len > FW_CONTENT_MAX ||
+		r->answer_len < -1 || r->answer_len > FW_CONTENT_MAX)
+		return "a content length is out of range";
+	if (FW_REC_ALIGN(sizeof(FwRingRec) + Max(r->prompt_len, 0) +
+					 Max(r->answer_len, 0)) != len)
+		return "its content lengths do not match its length";
+	if (check_crc && !EQ_CRC32C(r->crc, fw_rec_crc(r)))
+		return "its checksum does not match";
+	if (!PG_VALID_BE_ENCODING(r->encoding))
+		return "its encoding is not valid";
+	if (c->path < 0 || c->path >= FW_NUM_PATHS)
+		return "its path is out of range";
+	if (c->outcome < 0 || c->outcome >= FW_NUM_OUTCOMES)
+		return "its outcome is out of range";
+	memcpy(&b1, &c->priority_sent, 1);
+	memcpy(&b2, &c->escalated, 1);
+	if (b1 > 1 || b2 > 1)
+		return "a flag is not a boolean";
+	if (c->attempt < 1 || !IS_VALID_TIMESTAMP(c->started_at))
+		return "its attempt or start time is out of range";
+	if (!fw_terminated(c->dbname.data, NAMEDATALEN) ||
+		!fw_terminated(c->username.data, NAMEDATALEN) ||
+		!fw_terminated(c->workload, FW_NAMELEN) ||
+		!fw_terminated(c->model, FW_MODELLEN) ||
+		!fw_terminated(c->request_id, FW_REQIDLEN) ||
+		!fw_terminated(c->error, FW_ERRLEN))
+		return "a name is not terminated";
+	return NULL;
+}
+
+/* Fill everything but len and state (len must be set: the CRC covers it). */
+static void
+fw_rec_fill(FwRingRec *r, int plen, int alen, const FwCallRecord *rec,
+			const char *prompt, const char *answer)
+{
+	char	   *p;
+
+	r->prompt_len = plen;
+	r->answer_len = alen;
+	r->encoding = GetDatabaseEncoding();
+	memcpy(&r->rec, rec, sizeof(FwCallRecord));
+	p = (char *) r + sizeof(FwRingRec);
+	if (plen > 0)
+		memcpy(p, prompt, plen);
+	if (alen > 0)
+		memcpy(p + Max(plen, 0), answer, alen);
+	/* zero the alignment padding: the file holds no stale bytes */
+	memset(p + Max(plen, 0) + Max(alen, 0), 0,
+		   r->len - sizeof(FwRingRec) - Max(plen, 0) - Max(alen, 0));
+	r->crc = fw_rec_crc(r);
+}
+
+static char *
+fw_copy_text(const char *p, int len)
+{
+	char	   *s;
+
+	if (len < 0)
+		return NULL;
+	s = palloc(len + 1);
+	memcpy(s, p, len);
+	s[len] = '\0';
+	return s;
+}
+
+/* a checked record becomes a drained one (palloc'd strings) */
+static void
+fw_rec_decode(const FwRingRec *r, FwDrainedRecord *out)
+{
+	const char *p = (const char *) r + sizeof(FwRingRec);
+
+	memcpy(&out->rec, &r->rec, sizeof(FwCallRecord));
+	out->encoding = r->encoding;
+	out->prompt = fw_copy_text(p, r->prompt_len);
+	out->answer = fw_copy_text(p + Max(r->prompt_len, 0), r->answer_len);
+}
+
+/* spill.c sees the framing through these */
+Size
+fw_rec_header_size(void)
+{
+	return sizeof(FwRingRec);
+}
+
+Size
+fw_rec_max_size(void)
+{
+	return FW_REC_ALIGN(sizeof(FwRingRec) + 2 * FW_CONTENT_MAX);
+}
+
+uint32
+fw_rec_len(const char *buf)
+{
+	return ((const FwRingRec *) buf)->len;
+}
+
+const char *
+fw_rec_check(const char *buf, uint64 avail)
+{
+	const FwRingRec *r = (const FwRingRec *) buf;
+
+	if (avail < sizeof(FwRingRec))
+		return "it is cut short";
+	if (r->state != FW_REC_READY)
+		return "its state is not valid";
+	return fw_rec_problem(r, avail, true);
+}
+
+void
+fw_rec_to_drained(const char *buf, FwDrainedRecord *out)
+{
+	fw_rec_decode((const FwRingRec *) buf, out);
+}
+
+/* ---- damage in the ring ---- */
+
+/* bytes of [pos, head) readable as one piece from pos (not across the end) */
+static uint64
+fw_ring_avail(uint64 pos, uint64 head)
+{
+	uint64		size = fw_ring->size;
+
+	return Min(size - pos % size, head - pos);
+}
+
+static bool
+fw_ring_frame_ok(const FwRingRec *r, uint64 avail, uint32 minlen)
+{
+	uint32		len = r->len;
+
+	return len >= minlen && len % 8 == 0 && len <= avail;
+}
+
+/*
+ * The first 8-byte-aligned position after pos, before head, where a
+ * published record checks out (a 32-bit CRC: garbage passing it is
+ * negligible); head when there is none.  With stop_at_reserved, also a
+ * RESERVED header: a live writer's record, which the flusher must wait
+ * for rather than skip.
+ */
+static uint64
+fw_ring_resync(uint64 pos, uint64 head, bool stop_at_reserved)
+{
+	for (pos += 8; pos < head; pos += 8)
+	{
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring->size);
+		uint64		avail = fw_ring_avail(pos, head);
+		uint32		state;
+
+		if (avail < sizeof(FwRingRec))
+			continue;
+		state = r->state;
+		if (state == FW_REC_READY && fw_rec_problem(r, avail, true) == NULL)
+			return pos;
+		if (stop_at_reserved && state == FW_REC_RESERVED &&
+			fw_ring_frame_ok(r, avail, sizeof(FwRingRec)))
+			return pos;
+	}
+	return head;
+}
+
+/* Cover [from, to) with SKIP records, one per lap of the ring. */
+static void
+fw_ring_skip_range(uint64 from, uint64 to)
+{
+	uint64		size = fw_ring->size;
+
+	while (from < to)
+	{
+		uint64		off = from % size;
+		uint64		l = Min(to - from, size - off);
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + off);
+
+		r->len = (uint32) l;
+		r->state = FW_REC_SKIP;
+		from += l;
+	}
+}
+
 /*
  * Postmaster only, with no other process alive (first start or
- * crash-restart): check [tail, head) and turn records whose writer died
- * before publishing into SKIP records.
+ * crash-restart): check [tail, head) record by record.  Records whose
+ * writer died before publishing become SKIP; damaged ones are covered with
+ * SKIP up to the next record that checks out, and counted.  legacy: a
+ * version 1 file, whose records get their CRC now.
  */
 static void
-fw_ring_recover(void)
+fw_ring_recover(bool legacy)
 {
 	uint64		size = fw_ring->size;
 	uint64		pos = fw_ring->tail;
 	uint64		head = fw_ring->head;
 	int			ready = 0;
 	int			skipped = 0;
+	int			corrupt = 0;
+	uint64		first_pos = 0;
+	const char *first_problem = NULL;
 
 	if (pos > head || head - pos > size || pos % 8 != 0 || head % 8 != 0)
 	{
 		fw_ring_reset("The head and tail positions were inconsistent; the ring starts empty.");
+		if (fw_shared)
+			pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, 1);
 		return;
 	}
 
 	while (pos < head)
 	{
-		uint64		off = pos % size;
-		FwRingRec  *r = (FwRingRec *) (fw_ring_data + off);
-		uint32		len = r->len;
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % size);
+		uint64		avail = fw_ring_avail(pos, head);
+		uint32		state = r->state;
+		const char *problem;
+		uint64		next;
 
-		if (len < FW_REC_MINLEN || len % 8 != 0 || off + len > size ||
-			pos + len > head)
+		if (state == FW_REC_SKIP && fw_ring_frame_ok(r, avail, FW_REC_MINLEN))
 		{
-			ereport(LOG,
-					(errmsg("fw_tier: call-log ring file \"%s\" is damaged at position " UINT64_FORMAT,
-							FW_RING_FILE, pos),
-					 errdetail("%d records before it are kept; the rest is discarded.", ready)));
-			fw_ring->head = pos;
-			break;
+			pos += r->len;
+			continue;
 		}
-		if (r->state == FW_REC_RESERVED)
+		if (state == FW_REC_RESERVED && fw_ring_frame_ok(r, avail, sizeof(FwRingRec)))
 		{
 			r->state = FW_REC_SKIP;
 			skipped++;
+			pos += r->len;
+			continue;
 		}
-		else if (r->state == FW_REC_READY)
-			ready++;
-		else if (r->state != FW_REC_SKIP)
+		if (state == FW_REC_READY)
 		{
-			ereport(LOG,
-					(errmsg("fw_tier: call-log ring file \"%s\" is damaged at position " UINT64_FORMAT,
-							FW_RING_FILE, pos),
-					 errdetail("%d records before it are kept; the rest is discarded.", ready)));
-			fw_ring->head = pos;
-			break;
+			problem = fw_rec_problem(r, avail, !legacy);
+			if (problem == NULL)
+			{
+				if (legacy)
+					r->crc = fw_rec_crc(r);
+				ready++;
+				pos += r->len;
+				continue;
+			}
 		}
-		pos += len;
+		else if (state == FW_REC_SKIP || state == FW_REC_RESERVED)
+			problem = "its length is out of range";
+		else
+			problem = "its state is not valid";
+
+		next = fw_ring_resync(pos, head, false);
+		if (corrupt == 0)
+		{
+			first_pos = pos;
+			first_problem = problem;
+		}
+		corrupt++;
+		fw_ring_skip_range(pos, next);
+		pos = next;
 	}
 
+	if (corrupt > 0)
+		ereport(LOG,
+				(errmsg("fw_tier: skipped %d damaged records in call-log ring file \"%s\"",
+						corrupt, FW_RING_FILE),
+				 errdetail("The first, at position " UINT64_FORMAT ", was damaged because %s; %d good records are kept.  A damaged stretch whose records cannot be told apart counts once.",
+						   first_pos, first_problem, ready)));
 	if (ready > 0 || skipped > 0)
 		ereport(LOG,
 				(errmsg("fw_tier: call-log ring holds %d records not yet written to fw_tier.calls",
@@ -184,6 +460,8 @@ fw_ring_recover(void)
 						   skipped) : 0));
 	if (fw_shared && skipped > 0)
 		pg_atomic_fetch_add_u64(&fw_shared->records_skipped, skipped);
+	if (fw_shared && corrupt > 0)
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, corrupt);
 }
 
 static void
@@ -258,12 +536,43 @@ fw_ring_map(bool validate)
 					  "The file is new." :
 					  "Its size did not match fw_tier.log_buffer; records it held are discarded.");
 	else if (fw_ring->magic != FW_RING_MAGIC ||
-			 fw_ring->version != FW_RING_VERSION ||
-			 fw_ring->size != fw_ring_data_size() ||
+			 (fw_ring->version != FW_RING_VERSION && fw_ring->version != 1) ||
 			 fw_ring->rec_size != sizeof(FwRingRec))
-		fw_ring_reset("Its header did not match this version of fw_tier or fw_tier.log_buffer; records it held are discarded.");
+	{
+		fw_ring_reset("Its header is damaged or from another version of fw_tier; records it held are discarded.");
+		if (fw_shared)
+			pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, 1);
+	}
+	else if (fw_ring->size != fw_ring_data_size())
+		fw_ring_reset("Its size did not match fw_tier.log_buffer; records it held are discarded.");
+	else if (fw_ring->version == 1)
+	{
+		/* 0.1's layout, without CRCs: checked, given CRCs, kept */
+		fw_ring_recover(true);
+		fw_ring->version = FW_RING_VERSION;
+	}
 	else
-		fw_ring_recover();
+		fw_ring_recover(false);
+}
+
+/* postmaster: the shared fields of this module and spill.c, then the files */
+static void
+fw_calllog_init_shared(void)
+{
+	if (fw_shared == NULL)
+		return;
+	pg_atomic_init_u64(&fw_shared->records_corrupt, 0);
+	pg_atomic_init_u64(&fw_shared->records_dropped, 0);
+	pg_atomic_init_u64(&fw_shared->records_spilled, 0);
+	pg_atomic_init_u64(&fw_shared->dead_letters, 0);
+	fw_shared->spill_active = false;
+	fw_shared->spill_read_pos = 0;
+	fw_shared->spill_write_pos = 0;
+	fw_shared->spill_bytes = 0;
+	fw_shared->spill_records = 0;
+	fw_shared->spill_corrupt_upto = 0;
+	fw_shared->drain_ok = true;
+	strlcpy(fw_shared->drain_state, "ok", sizeof(fw_shared->drain_state));
 }
 
 /*
@@ -275,20 +584,48 @@ fw_ring_map(bool validate)
 void
 fw_calllog_startup(void)
 {
+	if (!IsUnderPostmaster)
+		fw_calllog_init_shared();
 	if (fw_ring != NULL)
 	{
 		/* crash-restart: the mapping survived in the postmaster */
 		if (!IsUnderPostmaster)
-			fw_ring_recover();
-		return;
+			fw_ring_recover(false);
 	}
-	fw_ring_map(!IsUnderPostmaster);
+	else
+		fw_ring_map(!IsUnderPostmaster);
+	if (!IsUnderPostmaster)
+		fw_spill_startup();
 }
 
 /*
- * Push one record.  Waits (interruptibly) while the ring is full; a
- * cancel during that wait raises the usual error and the record is lost,
- * which is the only way a pushed record can be lost.
+ * May a writer wait for ring space?  Only while the log is draining: when
+ * the flusher cannot write (no database, standby, failing inserts) waiting
+ * only delays the call, and the record goes to the spill at once.
+ */
+static bool
+fw_calllog_draining(void)
+{
+	bool		ok;
+
+	if (RecoveryInProgress())
+		return false;
+	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+	ok = fw_shared->drain_ok;
+	LWLockRelease(fw_shared->ring_lock);
+	return ok;
+}
+
+/*
+ * Push one record.  The attempt it describes was paid for, so it is never
+ * lost silently: while the ring is full the writer waits a bounded time
+ * for space (fw_tier.flush_interval, at most FW_RING_WAIT_MAX_MS, and only
+ * while the log drains), then the record goes to the spill.  A cancel,
+ * statement_timeout or terminate ends that wait at once (it sets our
+ * latch): the record is spilled, and the interrupt stays pending for the
+ * caller's next CHECK_FOR_INTERRUPTS().
+ * Never raises once the record is reserved.  Only a full (or failing)
+ * spill drops a record: counted, with a WARNING.
  */
 void
 fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
@@ -301,8 +638,13 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	uint64		used = 0;
 	bool		was_empty = false;
 	bool		waited = false;
+	bool		to_spill = false;
+	bool		spilled = false;
+	const char *why = NULL;
+	int			save_errno = 0;
+	TimestampTz wait_until = 0;
 	FwRingRec  *r = NULL;
-	char	   *p;
+	static char *spill_buf = NULL;
 
 	if (fw_ring == NULL || fw_shared == NULL)
 		ereport(ERROR,
@@ -324,23 +666,29 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	}
 	need = FW_REC_ALIGN(sizeof(FwRingRec) + Max(plen, 0) + Max(alen, 0));
 
+	/* the spill path must not allocate under the lock */
+	if (spill_buf == NULL)
+		spill_buf = MemoryContextAlloc(TopMemoryContext, fw_rec_max_size());
+
 	/*
-	 * Reserve; from here to READY nothing may raise an error.  The attempt
-	 * this record describes has already been paid for, so a cancel must
-	 * not drop it: cancel and statement_timeout are held off while waiting
-	 * for space (the worker makes room within a flush), and are processed
-	 * right after the record is published.  pg_terminate_backend still
-	 * works.
+	 * Reserve; from here to READY nothing may raise an error.  The loop
+	 * leaves with ring_lock held when the record goes to the spill, so that
+	 * the choice and the append are one step (ordering, see the header).
 	 */
-	HOLD_CANCEL_INTERRUPTS();
 	for (;;)
 	{
 		uint64		head;
 		uint64		tail;
 		uint64		off;
 		uint64		pad;
+		bool		give_up;
 
 		LWLockAcquire(fw_shared->ring_lock, LW_EXCLUSIVE);
+		if (fw_shared->spill_active)
+		{
+			to_spill = true;
+			break;
+		}
 		head = fw_ring->head;
 		tail = fw_ring->tail;
 		off = head % size;
@@ -372,26 +720,85 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		{
 			waited = true;
 			pg_atomic_fetch_add_u64(&fw_shared->ring_waits, 1);
-			ConditionVariablePrepareToSleep(&fw_shared->ring_space_cv);
+			/* a cancel must not abandon the record: see give_up */
+			HOLD_CANCEL_INTERRUPTS();
+			wait_until = GetCurrentTimestamp() +
+				(int64) Min(fw_flush_interval_ms, FW_RING_WAIT_MAX_MS) * 1000;
 		}
+		give_up = QueryCancelPending || ProcDiePending ||
+			GetCurrentTimestamp() >= wait_until || !fw_calllog_draining();
+		if (give_up)
+		{
+			LWLockAcquire(fw_shared->ring_lock, LW_EXCLUSIVE);
+			to_spill = true;
+			break;
+		}
+
+		/*
+		 * Sleep on our latch, not in ConditionVariableSleep(): its
+		 * CHECK_FOR_INTERRUPTS() would process a terminate before we could
+		 * save the record.  Joining the CV's wakeup list makes the
+		 * flusher's broadcast set the latch; so do cancel and terminate.
+		 * Other interrupts (barriers, memory-context dumps ...) are
+		 * serviced between slices, with cancel held off.
+		 */
+		ConditionVariablePrepareToSleep(&fw_shared->ring_space_cv);
 		fw_wake_worker();
-		ConditionVariableSleep(&fw_shared->ring_space_cv, PG_WAIT_EXTENSION);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 50, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		if (!QueryCancelPending && !ProcDiePending)
+			CHECK_FOR_INTERRUPTS();
+	}
+
+	if (to_spill)
+	{
+		FwRingRec  *sr = (FwRingRec *) spill_buf;
+
+		/* ring_lock is held */
+		sr->len = need;
+		sr->state = FW_REC_READY;
+		fw_rec_fill(sr, plen, alen, rec, prompt, answer);
+		spilled = fw_spill_append_locked(spill_buf, need, &why, &save_errno);
+		LWLockRelease(fw_shared->ring_lock);
 	}
 	if (waited)
+	{
 		ConditionVariableCancelSleep();
-	RESUME_CANCEL_INTERRUPTS();
+		RESUME_CANCEL_INTERRUPTS();
+	}
 
-	r->prompt_len = plen;
-	r->answer_len = alen;
-	r->encoding = GetDatabaseEncoding();
-	r->unused = 0;
-	memcpy(&r->rec, rec, sizeof(FwCallRecord));
-	p = (char *) r + sizeof(FwRingRec);
-	if (plen > 0)
-		memcpy(p, prompt, plen);
-	if (alen > 0)
-		memcpy(p + Max(plen, 0), answer, alen);
+	if (to_spill)
+	{
+		if (spilled)
+		{
+			pg_atomic_fetch_add_u64(&fw_shared->records_pushed, 1);
+			pg_atomic_fetch_add_u64(&fw_shared->records_spilled, 1);
+		}
+		else
+		{
+			pg_atomic_fetch_add_u64(&fw_shared->records_dropped, 1);
+			errno = save_errno;
+			ereport(WARNING,
+					(errcode(save_errno != 0 ? ERRCODE_IO_ERROR : ERRCODE_DISK_FULL),
+					 errmsg("fw_tier: call-log record dropped: the ring is full and %s",
+							why),
+					 save_errno != 0 ? errdetail("%m") : 0,
+					 errdetail_internal("call_id " INT64_FORMAT ", attempt %d; counted in fw_tier.log_status.records_dropped.",
+										rec->call_id, rec->attempt),
+					 errhint("See fw_tier.log_status.drain_state for why the call log does not drain; raise fw_tier.log_spill_limit for more room.")));
+		}
+		fw_wake_worker();
 
+		/*
+		 * A cancel that ended the wait stays pending: the caller's next
+		 * CHECK_FOR_INTERRUPTS() raises it, after it has logged what else
+		 * it must (several in-flight attempts of a cancelled batch).
+		 */
+		return;
+	}
+
+	fw_rec_fill(r, plen, alen, rec, prompt, answer);
 	pg_write_barrier();
 	r->state = FW_REC_READY;
 
@@ -402,63 +809,135 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		fw_wake_worker();
 }
 
-static char *
-fw_copy_text(const char *p, int len)
+/*
+ * Worker: head and tail are read from a file anybody with access to the
+ * data directory could have written; when they make no sense the ring is
+ * emptied (its records cannot be found) and counted.  ring_lock held
+ * exclusively.
+ */
+static bool
+fw_ring_header_ok_locked(void)
 {
-	char	   *s;
+	uint64		head = fw_ring->head;
+	uint64		tail = fw_ring->tail;
 
-	if (len < 0)
-		return NULL;
-	s = palloc(len + 1);
-	memcpy(s, p, len);
-	s[len] = '\0';
-	return s;
+	if (tail <= head && head - tail <= fw_ring->size &&
+		tail % 8 == 0 && head % 8 == 0)
+		return true;
+	fw_ring->head = fw_ring->tail = TYPEALIGN(8, Max(head, tail));
+	return false;
 }
 
 /*
  * Worker: copy out up to max READY records from the tail, in order.
  * *end_pos is where the tail goes once they are committed.  No lock is
  * held while copying: nobody writes [tail, head) but the record's writer,
- * and we read only what it published.
+ * and we read only what it published.  Every record is checked before a
+ * field of it is used; a damaged one is covered with SKIP (so it is
+ * counted and reported once, even when the batch is read again after a
+ * failed insert) up to the next record that checks out or a live writer's.
  */
 int
 fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 {
 	uint64		head;
 	uint64		pos;
-	uint64		size = fw_ring->size;
 	int			n = 0;
+	int			corrupt = 0;
+	uint64		first_pos = 0;
+	const char *first_problem = NULL;
+	bool		header_ok;
 
-	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+	LWLockAcquire(fw_shared->ring_lock, LW_EXCLUSIVE);
+	header_ok = fw_ring_header_ok_locked();
 	head = fw_ring->head;
 	pos = fw_ring->tail;
 	LWLockRelease(fw_shared->ring_lock);
+	if (!header_ok)
+	{
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, 1);
+		ereport(WARNING,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("fw_tier flusher: the head and tail of call-log ring file \"%s\" are damaged",
+						FW_RING_FILE),
+				 errdetail("The records the ring held are discarded.")));
+	}
 
 	while (pos < head && n < max)
 	{
-		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % size);
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring->size);
+		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state = r->state;
-		char	   *p;
+		const char *problem;
+		uint64		next;
 
-		if (state == FW_REC_SKIP)
+		if (state == FW_REC_SKIP && fw_ring_frame_ok(r, avail, FW_REC_MINLEN))
 		{
 			pos += r->len;
 			continue;
 		}
-		if (state != FW_REC_READY)
+		if (state == FW_REC_RESERVED && fw_ring_frame_ok(r, avail, sizeof(FwRingRec)))
 			break;				/* its writer is still copying */
-		pg_read_barrier();
+		if (state == FW_REC_READY)
+		{
+			pg_read_barrier();
+			problem = fw_rec_problem(r, avail, true);
+			if (problem == NULL)
+			{
+				fw_rec_decode(r, &out[n]);
+				pos += r->len;
+				n++;
+				continue;
+			}
+		}
+		else
+			problem = "its state or length is not valid";
 
-		memcpy(&out[n].rec, &r->rec, sizeof(FwCallRecord));
-		out[n].encoding = r->encoding;
-		p = (char *) r + sizeof(FwRingRec);
-		out[n].prompt = fw_copy_text(p, r->prompt_len);
-		out[n].answer = fw_copy_text(p + Max(r->prompt_len, 0), r->answer_len);
-		pos += r->len;
-		n++;
+		next = fw_ring_resync(pos, head, true);
+		if (corrupt == 0)
+		{
+			first_pos = pos;
+			first_problem = problem;
+		}
+		corrupt++;
+		fw_ring_skip_range(pos, next);
+		pos = next;
+	}
+	if (corrupt > 0)
+	{
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, corrupt);
+		ereport(WARNING,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("fw_tier flusher: skipped %d damaged records in call-log ring file \"%s\"",
+						corrupt, FW_RING_FILE),
+				 errdetail("The first, at position " UINT64_FORMAT ", was damaged because %s.",
+						   first_pos, first_problem),
+				 errhint("Counted in fw_tier.log_status.records_corrupt.  Something other than fw_tier wrote to the file: check the storage of the data directory.")));
 	}
 	*end_pos = pos;
 	return n;
+}
+
+/*
+ * Flusher: write the ring's dirty pages (records and tail) to disk, at
+ * most once per FW_RING_SYNC_MS: what an operating-system crash can lose
+ * is bounded by that period, not by the ring.
+ */
+void
+fw_calllog_sync(bool force)
+{
+	static TimestampTz last = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (fw_ring == NULL)
+		return;
+	if (!force && now - last < (int64) FW_RING_SYNC_MS * 1000)
+		return;
+	last = now;
+	if (msync((void *) fw_ring, FW_RING_HDRSZ + fw_ring->size, MS_SYNC) != 0)
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("could not sync file \"%s\": %m", FW_RING_FILE)));
 }
 
 /*
@@ -502,30 +981,43 @@ fw_calllog_pending(void)
 
 /*
  * fw_flush(): return once everything pushed before the call is in
- * fw_tier.calls.  Waits interruptibly; when the worker is not running the
- * wait lasts until it comes back, or until statement_timeout.
+ * fw_tier.calls, the spill's records included.  Waits interruptibly; when
+ * the worker is not running the wait lasts until it comes back, or until
+ * statement_timeout.  On a standby nothing can be written: an error at
+ * once rather than a wait.
  */
 void
 fw_flush_wait(void)
 {
 	uint64		target;
+	uint64		spill_target;
 
 	if (fw_ring == NULL || fw_shared == NULL)
 		return;
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("fw_tier: the call log cannot be written during recovery"),
+				 errdetail("Records of calls made on a standby wait in its ring and spill until it is promoted.")));
 
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
 	target = fw_ring->head;
+	spill_target = fw_shared->spill_write_pos;
 	LWLockRelease(fw_shared->ring_lock);
 
 	ConditionVariablePrepareToSleep(&fw_shared->ring_flushed_cv);
 	for (;;)
 	{
 		uint64		tail;
+		uint64		spill_read;
+		bool		spill_active;
 
 		LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
 		tail = fw_ring->tail;
+		spill_read = fw_shared->spill_read_pos;
+		spill_active = fw_shared->spill_active;
 		LWLockRelease(fw_shared->ring_lock);
-		if (tail >= target)
+		if (tail >= target && (spill_read >= spill_target || !spill_active))
 			break;
 
 		pg_atomic_write_u32(&fw_shared->flush_requested, 1);
@@ -535,4 +1027,22 @@ fw_flush_wait(void)
 										   PG_WAIT_EXTENSION);
 	}
 	ConditionVariableCancelSleep();
+}
+
+/* The drain state shown by fw_tier.log_status ("ok" = draining). */
+void
+fw_set_drain_state(const char *state)
+{
+	LWLockAcquire(fw_shared->ring_lock, LW_EXCLUSIVE);
+	fw_shared->drain_ok = (strcmp(state, "ok") == 0);
+	strlcpy(fw_shared->drain_state, state, sizeof(fw_shared->drain_state));
+	LWLockRelease(fw_shared->ring_lock);
+}
+
+void
+fw_get_drain_state(char *buf, Size len)
+{
+	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+	strlcpy(buf, fw_shared->drain_state, len);
+	LWLockRelease(fw_shared->ring_lock);
 }

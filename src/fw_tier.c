@@ -50,6 +50,7 @@ int			fw_flush_interval_ms = 1000;
 bool		fw_log_content = false;
 int			fw_max_concurrency = 16;
 int			fw_max_concurrency_cap = 64;
+int			fw_log_spill_limit_kb = 256 * 1024;
 
 bool		fw_preloaded = false;
 
@@ -204,6 +205,12 @@ _PG_init(void)
 							NULL,
 							&fw_flush_interval_ms, 1000, 10, 600000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.log_spill_limit",
+							"Disk space the call log may use in pg_fw_tier when the ring is full and does not drain.",
+							"Past it, call-log records are dropped (counted, with a WARNING).  0 disables the spill.",
+							&fw_log_spill_limit_kb, 256 * 1024, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("fw_tier.log_content",
 							 "Store prompt and answer text in fw_tier.calls.",

@@ -95,6 +95,7 @@ extern int	fw_flush_interval_ms;
 extern bool fw_log_content;
 extern int	fw_max_concurrency;
 extern int	fw_max_concurrency_cap;
+extern int	fw_log_spill_limit_kb;
 
 extern bool fw_preloaded;
 
@@ -157,6 +158,23 @@ typedef struct FwSharedState
 	pg_atomic_uint64 records_flushed;
 	pg_atomic_uint64 records_skipped;	/* unpublished after a crash, or
 										 * rejected by the table */
+	/*
+	 * calllog.c / spill.c / worker.c: damaged records, the spill and why
+	 * the log does not drain.  Initialized by the postmaster in
+	 * fw_calllog_startup(); the plain fields are under ring_lock.
+	 */
+	pg_atomic_uint64 records_corrupt;	/* damaged records skipped */
+	pg_atomic_uint64 records_dropped;	/* ring and spill full: lost */
+	pg_atomic_uint64 records_spilled;	/* went to the spill */
+	pg_atomic_uint64 dead_letters;	/* rows the table refused */
+	bool		spill_active;	/* new records go to the spill */
+	uint64		spill_read_pos; /* logical positions, spill.c */
+	uint64		spill_write_pos;
+	uint64		spill_bytes;	/* undrained bytes in spill segments */
+	uint64		spill_records;
+	uint64		spill_corrupt_upto; /* damage before this was counted */
+	bool		drain_ok;		/* drain_state is "ok" */
+	char		drain_state[FW_ERRLEN]; /* for log_status */
 	int			num_workloads;	/* slots in use; wl_lock */
 	FwWorkload	workloads[FLEXIBLE_ARRAY_MEMBER];
 } FwSharedState;
@@ -266,6 +284,27 @@ extern void fw_calllog_usage(uint64 *size, uint64 *used, uint64 *head,
 							 uint64 *tail);
 extern bool fw_calllog_pending(void);
 extern void fw_flush_wait(void);
+extern void fw_calllog_sync(bool force);
+extern void fw_set_drain_state(const char *state);
+extern void fw_get_drain_state(char *buf, Size len);
+
+/* record framing shared by the ring and the spill (calllog.c) */
+extern Size fw_rec_header_size(void);
+extern Size fw_rec_max_size(void);
+extern uint32 fw_rec_len(const char *buf);
+extern const char *fw_rec_check(const char *buf, uint64 avail);
+extern void fw_rec_to_drained(const char *buf, FwDrainedRecord *out);
+
+/* ---- spill.c: the call log's overflow in pg_fw_tier/spill.* ---- */
+extern void fw_spill_startup(void);
+extern bool fw_spill_append_locked(const char *buf, uint32 len,
+								   const char **why, int *save_errno);
+extern bool fw_spill_pending(void);
+extern int	fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos,
+						  uint64 *bytes);
+extern void fw_spill_advance(uint64 end_pos, int nrecords, uint64 bytes);
+extern void fw_spill_usage(uint64 *bytes, uint64 *records);
+extern void fw_dead_letter_file(const char *line);
 
 /* ---- worker.c: the launcher (no database) and the flusher (fw_tier.database) ---- */
 extern void fw_register_worker(void);

@@ -9,6 +9,7 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -90,26 +91,38 @@ fw_tier_workload_state(PG_FUNCTION_ARGS)
 }
 
 /*
- * fw_tier_log_state(): the call-log ring, one row.
+ * fw_tier_log_state(): the call log, one row: the ring, the spill, what
+ * was lost or refused, and why it does not drain.
  */
+#define FW_LOG_STATE_COLS	15
+
 Datum
 fw_tier_log_state(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[8];
-	bool		nulls[8];
+	Datum		values[FW_LOG_STATE_COLS];
+	bool		nulls[FW_LOG_STATE_COLS];
 	uint64		size,
 				used,
 				head,
-				tail;
+				tail,
+				spill_bytes,
+				spill_records;
 	uint32		pid;
+	char		state[FW_ERRLEN];
 
 	fw_require_preload();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
 	fw_calllog_usage(&size, &used, &head, &tail);
+	fw_spill_usage(&spill_bytes, &spill_records);
 	pid = pg_atomic_read_u32(&fw_shared->worker_pid);
+	/* no worker runs on a standby: nothing would say so otherwise */
+	if (RecoveryInProgress())
+		strlcpy(state, "standby", sizeof(state));
+	else
+		fw_get_drain_state(state, sizeof(state));
 
 	memset(nulls, 0, sizeof(nulls));
 	values[0] = Int64GetDatum((int64) size);
@@ -121,6 +134,13 @@ fw_tier_log_state(PG_FUNCTION_ARGS)
 	values[6] = Int32GetDatum((int32) pid);
 	nulls[6] = (pid == 0);
 	values[7] = Int64GetDatum((int64) head);
+	values[8] = Int64GetDatum((int64) spill_bytes);
+	values[9] = Int64GetDatum((int64) spill_records);
+	values[10] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->records_spilled));
+	values[11] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->records_dropped));
+	values[12] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->records_corrupt));
+	values[13] = Int64GetDatum((int64) pg_atomic_read_u64(&fw_shared->dead_letters));
+	values[14] = CStringGetTextDatum(state);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

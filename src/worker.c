@@ -37,7 +37,14 @@
  * launcher retries likewise.
  *
  * One transaction and one INSERT per batch; no LWLock is ever held across
- * SPI.  After the shutdown request the flusher drains the ring one last
+ * SPI.  The ring is drained first, then the spill (spill.c).  A batch whose
+ * INSERT fails with an error that can be about a row is retried row by
+ * row, a subtransaction each, and the rows that still fail go to
+ * fw_tier.calls_dead_letter (fw_worker_write_batch); any other failure
+ * keeps the records and backs off.  The flusher runs with lock_timeout, so
+ * a lock held on fw_tier.calls cannot hang it.  Why the log does not drain
+ * (no database, no extension, lock timeout, a failing insert) is kept in
+ * shared memory for fw_tier.log_status (drain_state).  After the shutdown request the flusher drains the ring one last
  * time (autoprewarm style).  The postmaster starts no worker once a
  * shutdown has begun, so the final drain has to be the flusher's: the
  * launcher keeps one running whenever the ring is not empty.  What cannot
@@ -69,6 +76,7 @@
 #include "tcop/tcopprot.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -80,6 +88,7 @@
 
 #define FW_BATCH_MAX		1000	/* records per transaction */
 #define FW_RETRY_MAX_MS		10000	/* longest pause after a failed batch */
+#define FW_LOCK_TIMEOUT_MS	1000	/* the flusher's lock_timeout */
 
 /*
  * A flusher leaves after this long with nothing to do.  It is also its
@@ -276,6 +285,10 @@ fw_launcher_database_state(void)
 static void
 fw_launcher_report(FwDbState state, FwDbState *reported)
 {
+	if (state == FW_DB_MISSING)
+		fw_set_drain_state("no database");
+	else if (state == FW_DB_NOCONN)
+		fw_set_drain_state("no connections");
 	if (state == *reported || state == FW_DB_BUSY)
 		return;
 
@@ -284,7 +297,7 @@ fw_launcher_report(FwDbState state, FwDbState *reported)
 				(errcode(ERRCODE_UNDEFINED_DATABASE),
 				 errmsg("fw_tier launcher: database \"%s\" does not exist",
 						fw_database),
-				 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full, fw_tier calls wait for space.  The launcher checks again from time to time."),
+				 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full they go to the spill (pg_fw_tier/spill.*, up to fw_tier.log_spill_limit).  The launcher checks again from time to time."),
 				 errhint("Create database \"%s\" and run CREATE EXTENSION fw_tier in it, or set fw_tier.database to the database where fw_tier is installed and restart the server.",
 						 fw_database)));
 	else if (state == FW_DB_NOCONN)
@@ -342,13 +355,14 @@ fw_flusher_extension_ready(void)
 
 	if (!ok)
 	{
+		fw_set_drain_state("no extension");
 		if ((pg_atomic_fetch_or_u32(&fw_shared->worker_flags, FW_WF_NOEXT) &
 			 FW_WF_NOEXT) == 0)
 			ereport(WARNING,
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("fw_tier flusher: extension \"fw_tier\" is not installed in database \"%s\"",
 							fw_database),
-					 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full, fw_tier calls wait for space."),
+					 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full they go to the spill (pg_fw_tier/spill.*, up to fw_tier.log_spill_limit)."),
 					 errhint("Run CREATE EXTENSION fw_tier in database \"%s\", or set fw_tier.database to the database where it is installed.",
 							 fw_database)));
 	}
@@ -494,7 +508,7 @@ fw_worker_fill_row(FwDrainedRecord *d, int row)
  * after a crash between COMMIT and the tail moving on).
  */
 static uint64
-fw_worker_insert_batch(int n)
+fw_worker_insert_batch(int first, int n)
 {
 	Datum		args[FW_INSERT_NARGS];
 	char		argnulls[FW_INSERT_NARGS];
@@ -503,7 +517,7 @@ fw_worker_insert_batch(int n)
 	int			ret;
 
 	for (int i = 0; i < n; i++)
-		fw_worker_fill_row(&fw_batch[i], i);
+		fw_worker_fill_row(&fw_batch[first + i], i);
 
 	for (int c = 0; c < FW_INSERT_NARGS; c++)
 	{
@@ -528,41 +542,270 @@ fw_worker_insert_batch(int n)
 }
 
 /*
- * One batch: copy records out of the ring, insert them in one
- * transaction, commit, then release their space.  Returns the number of
- * records consumed, which records_flushed counts: the rows inserted plus
- * those ON CONFLICT skipped because an earlier run had written them, so
- * records_pushed = records_flushed once the ring is empty.  -1 when
- * nothing was left to read.
+ * Is this error about the environment (table locked or missing, read-only,
+ * out of resources, cancelled ...) rather than about the row?  Only data
+ * and constraint errors, and errors raised on purpose (a trigger's RAISE),
+ * can be a poison row; anything else keeps the records and backs off.
+ */
+static bool
+fw_error_is_row_specific(int sqlerrcode)
+{
+	char		class[3];
+
+	class[0] = PGUNSIXBIT(sqlerrcode);
+	class[1] = PGUNSIXBIT(sqlerrcode >> 6);
+	class[2] = '\0';
+	return strcmp(class, "22") == 0 ||	/* data exception */
+		strcmp(class, "23") == 0 || /* integrity constraint violation */
+		strcmp(class, "44") == 0 || /* with check option violation */
+		strcmp(class, "P0") == 0;	/* PL/pgSQL raise (a trigger) */
+}
+
+/* The record as JSON, for the dead letters. */
+static char *
+fw_worker_record_json(FwDrainedRecord *d)
+{
+	FwCallRecord *r = &d->rec;
+	StringInfoData buf;
+	bool		isnull;
+	const char *strs[][2] = {
+		{"database", NameStr(r->dbname)},
+		{"username", NameStr(r->username)},
+		{"workload", r->workload},
+		{"model", r->model},
+		{"path", fw_path_name((FwPath) r->path)},
+		{"outcome", fw_outcome_name((FwOutcome) r->outcome)},
+		{"request_id", r->request_id},
+		{"error", r->error},
+		{"prompt", d->prompt},
+		{"answer", d->answer},
+	};
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "{\"call_id\": " INT64_FORMAT ", \"attempt\": %d, \"started_at\": ",
+					 r->call_id, r->attempt);
+	escape_json(&buf, timestamptz_to_str(r->started_at));
+	for (int i = 0; i < lengthof(strs); i++)
+	{
+		appendStringInfo(&buf, ", \"%s\": ", strs[i][0]);
+		if (strs[i][1] == NULL)
+			appendStringInfoString(&buf, "null");
+		else
+			escape_json(&buf, TextDatumGetCString(fw_text_datum(strs[i][1], d->encoding,
+																 false, &isnull)));
+	}
+	appendStringInfo(&buf, ", \"service_tier\": %s, \"escalated\": %s, \"http_status\": %d,"
+					 " \"prompt_tokens\": %d, \"cached_prompt_tokens\": %d,"
+					 " \"completion_tokens\": %d, \"latency_us\": %d, \"ttfb_us\": %d}",
+					 r->priority_sent ? "\"priority\"" : "null",
+					 r->escalated ? "true" : "false", r->http_status,
+					 r->prompt_tokens, r->cached_prompt_tokens,
+					 r->completion_tokens, r->latency_us, r->ttfb_us);
+	return buf.data;
+}
+
+/*
+ * A row fw_tier.calls refused: into fw_tier.calls_dead_letter, in a
+ * subtransaction of its own; if even that fails, into the dead-letter
+ * file.  Counted either way, and said once per batch by the caller.
+ */
+static void
+fw_worker_dead_letter(FwDrainedRecord *d, ErrorData *edata)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	char	   *json = fw_worker_record_json(d);
+	const char *state = unpack_sql_state(edata->sqlerrcode);
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		Oid			types[5] = {INT8OID, INT4OID, TEXTOID, TEXTOID, TEXTOID};
+		Datum		args[5];
+		int			ret;
+
+		args[0] = Int64GetDatum(d->rec.call_id);
+		args[1] = Int32GetDatum(d->rec.attempt);
+		args[2] = CStringGetTextDatum(json);
+		args[3] = CStringGetTextDatum(state);
+		args[4] = CStringGetTextDatum(edata->message ? edata->message : "");
+		ret = SPI_execute_with_args("INSERT INTO fw_tier.calls_dead_letter"
+									" (call_id, attempt, record, sqlstate, error)"
+									" VALUES ($1, $2, $3::pg_catalog.jsonb, $4, $5)",
+									5, types, args, NULL, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "fw_tier: dead-letter insert failed: %s",
+				 SPI_result_code_string(ret));
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e2;
+		StringInfoData line;
+
+		MemoryContextSwitchTo(oldcontext);
+		e2 = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+
+		initStringInfo(&line);
+		appendStringInfoString(&line, "{\"failed_at\": ");
+		escape_json(&line, timestamptz_to_str(GetCurrentTimestamp()));
+		appendStringInfo(&line, ", \"sqlstate\": \"%s\", \"error\": ", state);
+		escape_json(&line, edata->message ? edata->message : "");
+		appendStringInfoString(&line, ", \"dead_letter_table_error\": ");
+		escape_json(&line, e2->message ? e2->message : "");
+		appendStringInfo(&line, ", \"record\": %s}", json);
+		fw_dead_letter_file(line.data);
+		FreeErrorData(e2);
+	}
+	PG_END_TRY();
+	pg_atomic_fetch_add_u64(&fw_shared->dead_letters, 1);
+}
+
+/*
+ * Insert rows [first, first + n) of fw_batch in a subtransaction; NULL on
+ * success, else the error (the subtransaction rolled back).
+ */
+static ErrorData *
+fw_worker_try_insert(int first, int n)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		(void) fw_worker_insert_batch(first, n);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_END_TRY();
+	return edata;
+}
+
+/*
+ * Write the n records of fw_batch in the current transaction.  One
+ * statement for the batch; when it fails with an error that may be about
+ * a row, row by row (a subtransaction each), and the rows that still fail
+ * go to the dead letters while the rest lands.  An error about the
+ * environment (or the same error for every row: the table, not the rows)
+ * is raised again: the caller keeps the records and backs off.
+ */
+static void
+fw_worker_write_batch(int n)
+{
+	ErrorData  *edata;
+	ErrorData **row_err;
+	int			nfailed = 0;
+	int			first_fail = 0;
+	bool		same = true;
+
+	edata = fw_worker_try_insert(0, n);
+	if (edata == NULL)
+		return;
+	if (!fw_error_is_row_specific(edata->sqlerrcode))
+		ReThrowError(edata);
+
+	row_err = palloc0(sizeof(ErrorData *) * n);
+	for (int i = 0; i < n; i++)
+	{
+		row_err[i] = fw_worker_try_insert(i, 1);
+		if (row_err[i] != NULL)
+		{
+			if (nfailed == 0)
+				first_fail = i;
+			else if (row_err[i]->sqlerrcode != row_err[first_fail]->sqlerrcode)
+				same = false;
+			nfailed++;
+		}
+	}
+	if (nfailed == 0)
+		return;					/* the batch error did not come back */
+	if (nfailed == n && n > 1 && same)
+		ReThrowError(row_err[first_fail]);	/* every row, the same way */
+
+	for (int i = 0; i < n; i++)
+	{
+		if (row_err[i] == NULL)
+			continue;
+		if (!fw_error_is_row_specific(row_err[i]->sqlerrcode))
+			ReThrowError(row_err[i]);
+	}
+	for (int i = 0; i < n; i++)
+		if (row_err[i] != NULL)
+			fw_worker_dead_letter(&fw_batch[i], row_err[i]);
+	ereport(WARNING,
+			(errcode(row_err[first_fail]->sqlerrcode),
+			 errmsg("fw_tier flusher: %d of %d call-log records were refused by fw_tier.calls and went to fw_tier.calls_dead_letter",
+					nfailed, n),
+			 errdetail("The first refusal: %s",
+					   row_err[first_fail]->message ? row_err[first_fail]->message : ""),
+			 errhint("Inspect fw_tier.calls_dead_letter; a constraint or trigger on fw_tier.calls rejects these rows.")));
+}
+
+/*
+ * One batch: copy records out of the ring (or, once the ring is empty, out
+ * of the spill), insert them in one transaction, commit, then release
+ * their space.  Returns the number of records consumed, which
+ * records_flushed counts: the rows inserted plus those ON CONFLICT skipped
+ * because an earlier run had written them, plus the dead letters, so
+ * records_pushed = records_flushed once the log is empty.  -1 when nothing
+ * was left to read.
  */
 static int
 fw_worker_drain_batch(void)
 {
 	uint64		end_pos;
+	uint64		spill_bytes = 0;
 	uint64		size,
 				used,
 				head,
 				tail;
 	int			n;
+	bool		from_spill = false;
 
 	fw_calllog_usage(&size, &used, &head, &tail);
 	if (used == 0)
-		return -1;
+	{
+		/* the ring is empty: everything in the spill came after it */
+		if (!fw_spill_pending())
+			return -1;
+		from_spill = true;
+	}
 
 	MemoryContextReset(fw_batch_cxt);
 	{
 		MemoryContext old = MemoryContextSwitchTo(fw_batch_cxt);
 
-		n = fw_calllog_read(fw_batch, FW_BATCH_MAX, &end_pos);
+		if (from_spill)
+			n = fw_spill_read(fw_batch, FW_BATCH_MAX, &end_pos, &spill_bytes);
+		else
+			n = fw_calllog_read(fw_batch, FW_BATCH_MAX, &end_pos);
 		MemoryContextSwitchTo(old);
 	}
-	if (end_pos == tail)
+	if (from_spill ? n < 0 : end_pos == tail)
 		return -1;				/* the first record is still being written */
 
 	if (n > 0)
 	{
-		uint64		inserted;
-
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		SPI_connect();
@@ -571,11 +814,7 @@ fw_worker_drain_batch(void)
 
 		fw_worker_prepare_insert();
 		/* the datums built here live in SPI's context, freed by SPI_finish */
-		inserted = fw_worker_insert_batch(n);
-		if (inserted < (uint64) n)
-			ereport(DEBUG1,
-					(errmsg_internal("fw_tier flusher: " UINT64_FORMAT " of %d call-log records were already in fw_tier.calls",
-									 (uint64) n - inserted, n)));
+		fw_worker_write_batch(n);
 
 		SPI_finish();
 		PopActiveSnapshot();
@@ -584,8 +823,18 @@ fw_worker_drain_batch(void)
 	}
 
 	/* only now, after COMMIT, may the space be reused */
-	fw_calllog_advance(end_pos, n);
+	if (from_spill)
+		fw_spill_advance(end_pos, n, spill_bytes);
+	else
+		fw_calllog_advance(end_pos, n);
 	return n;
+}
+
+/* records in the ring or in the spill */
+static bool
+fw_log_pending(void)
+{
+	return fw_calllog_pending() || fw_spill_pending();
 }
 
 /*
@@ -784,8 +1033,30 @@ fw_worker_sync_windows(bool at_start, int *nsynced)
 static void
 fw_worker_recover_error(void)
 {
+	ErrorData  *edata;
+	char		state[FW_ERRLEN];
+	char		prev[FW_ERRLEN];
+
 	MemoryContextSwitchTo(fw_worker_cxt);
-	EmitErrorReport();
+
+	/*
+	 * Why the log does not drain, for log_status; the server log gets the
+	 * error when that changes, not at every retry.
+	 */
+	edata = CopyErrorData();
+	if (edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)
+		strlcpy(state, "lock timeout", sizeof(state));
+	else
+	{
+		snprintf(state, sizeof(state), "insert failing: %s",
+				 edata->message ? edata->message : "");
+		pg_clean_ascii(state);
+	}
+	fw_get_drain_state(prev, sizeof(prev));
+	if (strcmp(prev, state) != 0)
+		EmitErrorReport();
+	fw_set_drain_state(state);
+	FreeErrorData(edata);
 	FlushErrorState();
 	AbortCurrentTransaction();
 	/* the plan may refer to a dropped table: prepare it again */
@@ -805,6 +1076,20 @@ fw_ms_until(TimestampTz deadline, TimestampTz now)
 		return 0;
 	/* round up: waking a hair early would only loop once more */
 	return (long) Min((deadline - now + 999) / 1000, (int64) INT_MAX);
+}
+
+/*
+ * A lock held on fw_tier.calls (or escalations, prices) must not hang the
+ * flusher, and with it every fw_flush(): its statements give up after
+ * FW_LOCK_TIMEOUT_MS, the records stay, drain_state says "lock timeout".
+ */
+static void
+fw_flusher_lock_timeout(void)
+{
+	char		buf[32];
+
+	snprintf(buf, sizeof(buf), "%d", FW_LOCK_TIMEOUT_MS);
+	SetConfigOption("lock_timeout", buf, PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 static void
@@ -834,6 +1119,7 @@ fw_flusher_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(fw_database, NULL, 0);
+	fw_flusher_lock_timeout();
 
 	fw_worker_cxt = AllocSetContextCreate(TopMemoryContext,
 										  "fw_tier flusher",
@@ -911,6 +1197,8 @@ fw_flusher_main(Datum main_arg)
 					did_work = true;
 
 				fw_calllog_usage(&size, &used, &head, &tail);
+				if (used == 0 && fw_spill_pending())
+					used = 1;	/* the spill counts as work */
 				now = GetCurrentTimestamp();
 				if (used > 0 && flush_deadline == 0)
 					flush_deadline = now + (int64) fw_flush_interval_ms * 1000;
@@ -931,7 +1219,7 @@ fw_flusher_main(Datum main_arg)
 					did_work = true;
 					while (fw_worker_drain_batch() >= 0)
 					{
-						if (!fw_calllog_pending())
+						if (!fw_log_pending())
 							break;
 						if (fw_database_busy(MyDatabaseId))
 							break;
@@ -943,11 +1231,14 @@ fw_flusher_main(Datum main_arg)
 							break;
 						}
 					}
-					flush_deadline = fw_calllog_pending() ?
+					flush_deadline = fw_log_pending() ?
 						GetCurrentTimestamp() + (int64) fw_flush_interval_ms * 1000 : 0;
+					/* bound what an OS crash can lose (calllog.c) */
+					fw_calllog_sync(false);
 				}
 				fw_fail_count = 0;
 				retry_at = 0;
+				fw_set_drain_state("ok");
 			}
 			PG_CATCH();
 			{
@@ -964,7 +1255,7 @@ fw_flusher_main(Datum main_arg)
 
 		/* idle: nothing written, nothing waiting in the ring, no retry */
 		now = GetCurrentTimestamp();
-		if (did_work || retry_at != 0 || fw_calllog_pending())
+		if (did_work || retry_at != 0 || fw_log_pending())
 			idle_since = now;
 		else if (now - idle_since >= (int64) FW_FLUSHER_IDLE_MS * 1000)
 			break;
@@ -989,6 +1280,7 @@ fw_flusher_main(Datum main_arg)
 		ResetLatch(MyLatch);
 	}
 
+	fw_calllog_sync(true);
 	/* shutdown: the final drain above ran with ShutdownRequestPending set */
 	if (ShutdownRequestPending && fw_calllog_pending())
 	{
@@ -1103,6 +1395,8 @@ fw_launcher_main(Datum main_arg)
 			int			n;
 
 			fw_calllog_usage(&size, &used, &head, &tail);
+			if (used == 0 && fw_spill_pending())
+				used = 1;		/* the spill counts as work */
 			n = fw_windows_to_sync(sync, now, &next_expiry);
 			urgent = pg_atomic_read_u32(&fw_shared->flush_requested) != 0 ||
 				used > size / 2;
