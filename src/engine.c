@@ -22,6 +22,7 @@
 
 #include "commands/dbcommands.h"
 #include "common/pg_prng.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
@@ -43,6 +44,9 @@
 
 /* Unavailable and transport failures get one short retry, then fail. */
 #define FW_UNAVAILABLE_ATTEMPTS 2
+
+/* A 429 without Retry-After pauses the model this long for everyone. */
+#define FW_SHARED_PAUSE_MS	1000
 
 static char *fw_dbname = NULL;
 
@@ -98,6 +102,8 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid path option \"%s\"", forced),
 				 errhint("Use \"standard\", \"priority\" or \"fast\".")));
+	/* a forced path is sent as asked: never escalated (README "options") */
+	call->forced = (forced != NULL);
 
 	model = fw_option_text(options, "model");
 	call->model = model ? model : (call->wl.model ? call->wl.model : fw_default_model);
@@ -115,6 +121,11 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				 errhint("Set fast_model in fw_tier.workloads to the Fast model id.")));
 
 	call->affinity = fw_option_text(options, "session_affinity");
+	if (call->affinity && !fw_http_header_safe(call->affinity))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("session_affinity must not contain control characters"),
+				 errdetail("It is sent as the x-session-affinity header.")));
 	call->budget_model = (call->configured == FW_PATH_FAST) ? call->wl.fast_model : call->model;
 	/* about four bytes a token: only a pacing estimate, settled later */
 	call->est_prompt = (int) (VARSIZE(messages) / 4);
@@ -197,7 +208,14 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	if (r)
 		strlcpy(rec.request_id, r->request_id, sizeof(rec.request_id));
 	if (outcome != FW_OK && call->detail)
-		strlcpy(rec.error, call->detail, sizeof(rec.error));
+	{
+		/* detail is in the database encoding: cut between characters */
+		int			n = pg_mbcliplen(call->detail, strlen(call->detail),
+									 sizeof(rec.error) - 1);
+
+		memcpy(rec.error, call->detail, n);
+		rec.error[n] = '\0';
+	}
 
 	fw_calllog_push(&rec,
 					fw_log_content ? call->prompt_text : NULL,
@@ -211,7 +229,7 @@ fw_prepare_attempt(FwCall *call)
 	TimestampTz now = GetCurrentTimestamp();
 	FwPath		path = call->configured;
 
-	if (path == FW_PATH_STANDARD)
+	if (path == FW_PATH_STANDARD && !call->forced)
 		path = fw_route(call->wl.slot, FW_PATH_STANDARD, now);
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
 	call->path_sent = path;
@@ -288,14 +306,28 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 			wait_ms = (r && r->retry_after_ms >= 0)
 				? Min(r->retry_after_ms, fw_retry_after_cap_ms)
 				: fw_backoff_ms(call->attempt);
-			/* every backend using this model waits as long (a replayed 429
-			 * is a test's story, not the account's) */
+
+			/*
+			 * Every backend using this model pauses too, for a time taken
+			 * only from the server's answer and superuser settings: this
+			 * caller's backoff, caps and max_attempts shape its own wait,
+			 * never anyone else's.  (A replayed 429 is a test's story, not
+			 * the account's.)
+			 */
 			if (fw_mode != FW_MODE_REPLAY)
-				fw_budget_pause(call->budget_model, now + wait_ms * 1000);
+			{
+				int64		shared_ms = (r && r->retry_after_ms >= 0)
+					? r->retry_after_ms : FW_SHARED_PAUSE_MS;
+
+				shared_ms = Min(shared_ms, fw_shared_pause_cap_ms);
+				if (shared_ms > 0)
+					fw_budget_pause(call->budget_model, now + shared_ms * 1000);
+			}
 			break;
 
 		case FW_OVERLOADED:
-			if (call->configured == FW_PATH_STANDARD &&
+			/* a forced Standard call never escalates: it backs off instead */
+			if (call->configured == FW_PATH_STANDARD && !call->forced &&
 				fw_on_overloaded(call->wl.slot, call->path_sent,
 								 call->wl.on_overload,
 								 call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
@@ -386,7 +418,7 @@ fw_launch(FwCall *c, const char *url, const char *key, TimestampTz deadline,
 
 /* Log the attempts a cancel interrupts, then give every handle back. */
 static void
-fw_cancel_in_flight(FwCall *calls, int ncalls)
+fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 {
 	FwParsed	none;
 
@@ -396,7 +428,7 @@ fw_cancel_in_flight(FwCall *calls, int ncalls)
 	{
 		if (calls[i].xfer == NULL)
 			continue;
-		calls[i].detail = pstrdup("canceled by the statement");
+		calls[i].detail = pstrdup(why);
 		fw_http_release(calls[i].xfer);
 		calls[i].xfer = NULL;
 		fw_count_attempt(calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
@@ -405,10 +437,32 @@ fw_cancel_in_flight(FwCall *calls, int ncalls)
 	fw_http_abort_all();
 }
 
+/*
+ * Is the statement being stopped?  Only a cancel, a statement_timeout (its
+ * handler sets QueryCancelPending) or a terminate stops paid requests;
+ * every other interrupt is serviced by CHECK_FOR_INTERRUPTS and the
+ * requests go on.
+ */
 static bool
 fw_cancel_pending(void)
 {
-	return InterruptPending && (QueryCancelPending || ProcDiePending);
+	return QueryCancelPending || ProcDiePending;
+}
+
+/* Refuse values that would become protocol bytes unsafely. */
+static void
+fw_check_transport_settings(const char *key)
+{
+	if (!fw_http_header_safe(key))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the fw_tier API key contains control characters"),
+				 errdetail("The key is sent in the Authorization header; it is not shown here."),
+				 errhint("Check fw_tier.api_key, fw_tier.api_key_file or FIREWORKS_API_KEY.")));
+	if (!fw_http_header_safe(fw_base_url))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("fw_tier.base_url must not contain control characters")));
 }
 
 static void
@@ -424,6 +478,9 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	int			failed = 0;
 	int			limit = concurrency;	/* lowered by 429s, regained slowly */
 	int			streak = 0;		/* successes since the limit last moved */
+
+	if (fw_mode != FW_MODE_REPLAY)
+		fw_check_transport_settings(key);
 
 	for (int i = 0; i < ncalls; i++)
 		if (calls[i].wl.name[0])
@@ -493,14 +550,15 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 		if (fw_cancel_pending())
 		{
-			fw_cancel_in_flight(calls, ncalls);
+			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 			CHECK_FOR_INTERRUPTS();
 			/* Cancel held off (e.g. inside a commit): report it ourselves. */
 			ereport(ERROR,
 					(errcode(ERRCODE_QUERY_CANCELED),
 					 errmsg("canceling statement due to user request")));
 		}
-		CHECK_FOR_INTERRUPTS();
+		else if (InterruptPending)
+			CHECK_FOR_INTERRUPTS();	/* barriers, parallel messages, ...: go on */
 
 		while ((x = fw_http_next_done()) != NULL)
 		{
@@ -540,7 +598,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (stop_on_error && c->finished && !c->ok)
 			{
 				/* The statement will fail: stop paying for the rest. */
-				fw_cancel_in_flight(calls, ncalls);
+				fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 				remaining = 0;
 				break;
 			}
@@ -560,6 +618,8 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 void
 fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+
 	concurrency = Max(1, Min(concurrency, ncalls));
 	fw_http_reserve(concurrency);
 
@@ -569,7 +629,13 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	}
 	PG_CATCH();
 	{
-		fw_http_abort_all();
+		/*
+		 * An error from elsewhere in the statement (a parallel worker's, a
+		 * serviced interrupt's) ends the run: the attempts it interrupts
+		 * were paid for, so they are logged before the handles go back.
+		 */
+		MemoryContextSwitchTo(cxt);
+		fw_cancel_in_flight(calls, ncalls, "interrupted by an error in the statement");
 		fw_progress_end();
 		PG_RE_THROW();
 	}
