@@ -62,6 +62,11 @@ sub wait_for
 	return 0;
 }
 
+# ENGINE_SECTIONS=pause,fuzz runs only those sections (test/respfuzz/run.sh
+# runs the fuzzer alone); default: all of them.
+my %only = map { $_ => 1 } split /,/, ($ENV{ENGINE_SECTIONS} // '');
+sub section { return !%only || $only{ $_[0] }; }
+
 sub calls_count
 {
 	return $node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls');
@@ -79,7 +84,8 @@ sub run_sql
 }
 
 # ===== item 3: only a real cancel stops a paid request ======================
-
+if (section('interrupts'))
+{
 my $bg = $node->background_psql('postgres', on_error_stop => 0);
 my $pid = $bg->query_safe('SELECT pg_backend_pid()');
 
@@ -122,7 +128,7 @@ survives('barrier', sub {
 
 survives('conncheck', sub { usleep(300_000) },
 	"SET client_connection_check_interval = '10ms'");
-$bg->query_safe('RESET client_connection_check_interval');
+$bg->query('RESET client_connection_check_interval');
 
 # Parallel query: fw_complete is PARALLEL RESTRICTED, so it runs in the
 # leader above a Gather while the workers finish their scan and exit.
@@ -203,10 +209,12 @@ SELECT fw_complete('[fwsim:hang] term');
 		  AND error = 'canceled by the statement'}) == $ncancel + 1 }), 'the terminated attempt is logged as cancelled');
 	eval { $bg->quit };
 }
+}
 
 # ===== item 5: one role's settings cannot slow another's calls =============
 
-for my $case (['[fwsim:ratelimit=600] a', 'Retry-After 600 s'], ['[fwsim:status=429] a', 'no Retry-After'])
+for my $case (!section('pause') ? () :
+	(['[fwsim:ratelimit=600] a', 'Retry-After 600 s'], ['[fwsim:status=429] a', 'no Retry-After']))
 {
 	my ($prompt, $what) = @$case;
 	$sim->reset;
@@ -228,7 +236,8 @@ SELECT fw_complete('$prompt') IS NULL;
 
 # ===== item 8: no header injection ==========================================
 
-for my $aff ("x\r\nAuthorization: Bearer evil", "x\nx-injected: 1", "tab\there")
+for my $aff (!section('headers') ? () :
+	("x\r\nAuthorization: Bearer evil", "x\nx-injected: 1", "tab\there"))
 {
 	$sim->reset;
 	(my $sqlaff = $aff) =~ s/\r/\\r/g;
@@ -240,6 +249,7 @@ for my $aff ("x\r\nAuthorization: Bearer evil", "x\nx-injected: 1", "tab\there")
 	like($err, qr/22023/, "session_affinity with control characters: 22023 ($sqlaff)");
 	is($sim->stats->{total}, 0, "nothing was sent ($sqlaff)");
 }
+if (section('headers'))
 {
 	$sim->reset;
 	my $out = $node->safe_psql('postgres',
@@ -248,6 +258,7 @@ for my $aff ("x\r\nAuthorization: Bearer evil", "x\nx-injected: 1", "tab\there")
 	is($out, 'Echo: aff', 'a clean session_affinity is sent');
 	is($sim->log_requests->[-1]{session_affinity}, 'good-1', 'and arrives as the header');
 }
+if (section('headers'))
 {
 	my $keyfile = $node->basedir . '/key.txt';
 	open(my $fh, '>', $keyfile) or die;
@@ -270,6 +281,7 @@ for my $aff ("x\r\nAuthorization: Bearer evil", "x\nx-injected: 1", "tab\there")
 }
 
 # ===== item 9: a forced path is sent and logged as forced ===================
+if (section('forced'))
 {
 	$node->safe_psql('postgres', q{SELECT fw_escalate('default', '10 min')});
 	$sim->reset;
@@ -301,6 +313,7 @@ sub raw_prompt
 	my ($status, $body, $ra) = @_;
 	return "raw $status " . unpack('H*', $body) . (defined $ra ? " $ra" : '');
 }
+if (section('cut'))
 {
 	# 254 ASCII bytes then "é": the 255-byte limit falls inside the character
 	my $msg = ('a' x 254) . "\xc3\xa9" . ('b' x 20);
@@ -318,11 +331,12 @@ sub raw_prompt
 }
 
 # ===== item 7: classification never raises, always logs =====================
-$node->safe_psql('postgres', q{
+if (section('classify'))
+{
+	$node->safe_psql('postgres', q{
 CREATE DATABASE lat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;
 });
-$node->safe_psql('lat1', 'CREATE EXTENSION fw_tier');
-{
+	$node->safe_psql('lat1', 'CREATE EXTENSION fw_tier');
 	my $c0 = calls_count();
 	my $jp = qq({"choices":[{"message":{"role":"assistant","content":"\xe6\x97\xa5\xe6\x9c\xac"}}]});
 	my ($ret, $out, $err) = run_sql('lat1',
@@ -354,6 +368,7 @@ $node->safe_psql('lat1', 'CREATE EXTENSION fw_tier');
 }
 
 # The fuzzer: FUZZ_SEED / FUZZ_CASES override (test/respfuzz/run.sh).
+if (section('fuzz'))
 {
 	my $seed = $ENV{FUZZ_SEED} // 1;
 	my $ncases = $ENV{FUZZ_CASES} // 2000;
