@@ -299,6 +299,9 @@ fw_parse_json(const char *body, size_t len, const char **problem)
 		ErrorData  *edata;
 
 		MemoryContextSwitchTo(oldcxt);
+		/* never swallow a stop (none of this code checks, but be sure) */
+		if (geterrcode() == ERRCODE_QUERY_CANCELED)
+			PG_RE_THROW();
 		edata = CopyErrorData();
 		FlushErrorState();
 		*problem = psprintf("response body could not be read: %s",
