@@ -285,7 +285,9 @@ fw_parse_json(const char *body, size_t len, const char **problem)
 
 	PG_TRY();
 	{
-		char	   *text = pg_any_to_server(body, len, PG_UTF8);
+		/* already verified: a UTF-8 database takes the bytes as they are */
+		char	   *text = GetDatabaseEncoding() == PG_UTF8 ? (char *) body :
+			pg_any_to_server(body, len, PG_UTF8);
 
 		lex = makeJsonLexContextCstringLen(text, strlen(text),
 										   GetDatabaseEncoding(), true);

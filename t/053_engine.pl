@@ -390,6 +390,22 @@ SELECT pg_reload_conf();
 	ok(wait_for('every fuzz log row', sub { calls_count() >= $c0 + $ncases }, 60),
 		'the log received the fuzz rows');
 	is(calls_count() - $c0, $ncases, 'exactly one log row per case');
+
+	# a quarter as many in a LATIN1 database (UTF-8 the database cannot hold)
+	$node->safe_psql('postgres', q{
+CREATE DATABASE fuzzlat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0});
+	$node->safe_psql('fuzzlat1', 'CREATE EXTENSION fw_tier');
+	$node->safe_psql('fuzzlat1', $RespFuzz::DRIVER_SQL);
+	my $nlat = int($ncases / 4);
+	$c0 = calls_count();
+	$res = RespFuzz::run_cases($node, 'fuzzlat1', $seed + 1, $nlat, int(($nlat + 1) / 2) || 1);
+	is(scalar @{ $res->{bad} }, 0, "fuzz seed @{[$seed + 1]}, $nlat cases in a LATIN1 database: no error escapes")
+	  or diag(join(' ', @{ $res->{bad} }[0 .. ($#{ $res->{bad} } < 30 ? $#{ $res->{bad} } : 30)]));
+	diag(sprintf('fuzz LATIN1: %d cases; outcomes: %s', $nlat,
+		join(' ', map { "$_=$res->{count}{$_}" } sort keys %{ $res->{count} })));
+	ok(wait_for('every LATIN1 fuzz log row', sub { calls_count() >= $c0 + $nlat }, 60),
+		'the log received the LATIN1 fuzz rows');
+	is(calls_count() - $c0, $nlat, 'exactly one log row per LATIN1 case');
 	is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server is up');
 	my $log = slurp_file($node->logfile);
 	unlike($log, qr/terminated by signal|server process .* was terminated/, 'no backend crashed');
