@@ -25,6 +25,7 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "access/xact.h"
@@ -609,37 +610,84 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	pfree(url);
 }
 
+typedef struct FwRunCleanup
+{
+	FwCall	   *calls;
+	int			ncalls;
+	MemoryContext cxt;
+} FwRunCleanup;
+
+/* The run in progress, for the exit callback; NULL between runs. */
+static FwRunCleanup *fw_running = NULL;
+
+/*
+ * An error (or FATAL exit) from elsewhere in the statement ended the run:
+ * a parallel worker's error, a serviced interrupt's (a dead client found
+ * by client_connection_check_interval ends the session).  The attempts in
+ * flight were paid for, so they are logged before the handles go back.
+ */
+static void
+fw_engine_cleanup(FwRunCleanup *c)
+{
+	MemoryContextSwitchTo(c->cxt);
+	fw_cancel_in_flight(c->calls, c->ncalls, "interrupted by an error in the statement");
+	fw_progress_end();
+}
+
+/*
+ * before_shmem_exit callback, registered once per backend (not per run:
+ * PG_ENSURE_ERROR_CLEANUP would require no other registration during the
+ * run, and record mode's SPI may make one).  Runs before the transaction
+ * is aborted, so the log push still works.
+ */
+static void
+fw_engine_exit(int code, Datum arg)
+{
+	FwRunCleanup *c = fw_running;
+
+	fw_running = NULL;
+	if (c)
+		fw_engine_cleanup(c);
+}
+
 /*
  * Run calls to completion, at most concurrency attempts at once.  Calls
  * already marked finished (NULL prompts) are skipped.  With stop_on_error
  * the run ends at the first failed call (the caller raises it).  On any
- * error every transfer is released before the error propagates.
+ * error, or a FATAL exit, the attempts in flight are logged and every
+ * transfer is released before the error propagates.
  */
 void
 fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 {
-	MemoryContext cxt = CurrentMemoryContext;
+	static bool exit_hook = false;
+	FwRunCleanup cleanup;
+	FwRunCleanup *volatile prev = fw_running;
 
 	concurrency = Max(1, Min(concurrency, ncalls));
 	fw_http_reserve(concurrency);
+	if (!exit_hook)
+	{
+		before_shmem_exit(fw_engine_exit, (Datum) 0);
+		exit_hook = true;
+	}
 
+	cleanup.calls = calls;
+	cleanup.ncalls = ncalls;
+	cleanup.cxt = CurrentMemoryContext;
+	fw_running = &cleanup;
 	PG_TRY();
 	{
 		fw_engine_loop(calls, ncalls, concurrency, stop_on_error);
 	}
 	PG_CATCH();
 	{
-		/*
-		 * An error from elsewhere in the statement (a parallel worker's, a
-		 * serviced interrupt's) ends the run: the attempts it interrupts
-		 * were paid for, so they are logged before the handles go back.
-		 */
-		MemoryContextSwitchTo(cxt);
-		fw_cancel_in_flight(calls, ncalls, "interrupted by an error in the statement");
-		fw_progress_end();
+		fw_running = prev;
+		fw_engine_cleanup(&cleanup);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	fw_running = prev;
 }
 
 /* Raise the error a failed call stands for (README "Failure classes"). */
