@@ -171,6 +171,19 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 	return FW_CLIENT_ERROR;
 }
 
+/*
+ * Copy text in the database encoding into a fixed-size record field, cut
+ * between characters so the log (and any client) gets valid text.
+ */
+static void
+fw_clip_copy(char *dst, const char *src, size_t size)
+{
+	int			n = pg_mbcliplen(src, strlen(src), size - 1);
+
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 static void
 fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 			   const FwParsed *parsed)
@@ -190,9 +203,9 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.started_at = call->attempt_start;
 	namestrcpy(&rec.dbname, fw_dbname);
 	namestrcpy(&rec.username, GetUserNameFromId(GetUserId(), false));
-	strlcpy(rec.workload, call->wl.name, sizeof(rec.workload));
-	strlcpy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
-			sizeof(rec.model));
+	fw_clip_copy(rec.workload, call->wl.name, sizeof(rec.workload));
+	fw_clip_copy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
+				 sizeof(rec.model));
 	rec.path = (int8) call->path_sent;
 	rec.outcome = (int8) outcome;
 	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
@@ -206,17 +219,10 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.latency_us = r ? (int32) Min(r->latency_us, PG_INT32_MAX) :
 		(int32) Min(GetCurrentTimestamp() - call->attempt_start, PG_INT32_MAX);
 	rec.ttfb_us = r ? (int32) Min(r->ttfb_us, PG_INT32_MAX) : -1;
-	if (r)
+	if (r)						/* printable ASCII (http.c) */
 		strlcpy(rec.request_id, r->request_id, sizeof(rec.request_id));
 	if (outcome != FW_OK && call->detail)
-	{
-		/* detail is in the database encoding: cut between characters */
-		int			n = pg_mbcliplen(call->detail, strlen(call->detail),
-									 sizeof(rec.error) - 1);
-
-		memcpy(rec.error, call->detail, n);
-		rec.error[n] = '\0';
-	}
+		fw_clip_copy(rec.error, call->detail, sizeof(rec.error));
 
 	fw_calllog_push(&rec,
 					fw_log_content ? call->prompt_text : NULL,
