@@ -14,7 +14,9 @@
  * done, fail, retry at once on Priority (escalation), or retry after a
  * backoff.  Cancel (pg_cancel_backend, statement_timeout) is noticed within
  * one poll: in-flight attempts are logged as cancelled, every transfer is
- * released, and CHECK_FOR_INTERRUPTS raises 57014.
+ * released, and CHECK_FOR_INTERRUPTS raises 57014.  Any other interrupt
+ * (barriers, parallel worker messages, memory-context logging, client
+ * checks) is serviced by CHECK_FOR_INTERRUPTS while the attempts go on.
  *
  *-------------------------------------------------------------------------
  */

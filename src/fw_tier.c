@@ -159,7 +159,7 @@ _PG_init(void)
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("fw_tier.retry_after_cap",
-							"Upper bound on a wait requested by a Retry-After header.",
+							"Upper bound on this session's wait for a Retry-After header.",
 							NULL,
 							&fw_retry_after_cap_ms, 30000, 0, 3600000,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
