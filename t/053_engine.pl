@@ -413,6 +413,11 @@ SELECT pg_reload_conf();
 	ok(wait_for('every fuzz log row', sub { calls_count() >= $c0 + $ncases }, 60),
 		'the log received the fuzz rows');
 	is(calls_count() - $c0, $ncases, 'exactly one log row per case');
+	# the server sends "x-request-id: fuzz-\xc3\xa9-\x01": foreign bytes
+	# reach the log as printable ASCII only
+	is($node->safe_psql('postgres', q{SELECT count(*) FILTER (WHERE request_id ~ '[^ -~]')
+	   || '/' || (count(*) FILTER (WHERE request_id = 'fuzz-??-?') > 0) FROM fw_tier.calls}),
+		'0/true', 'request ids in the log are printable ASCII');
 
 	# a quarter as many in a LATIN1 database (UTF-8 the database cannot hold)
 	$node->safe_psql('postgres', q{

@@ -10,6 +10,10 @@
 # user with pg_config of the PostgreSQL to test first in PATH.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ "$(id -u)" = 0 ]; then
+	echo "respfuzz: run as a non-root user (initdb refuses root), e.g. su fwtest" >&2
+	exit 2
+fi
 export FUZZ_SEED="${1:-1}" FUZZ_CASES="${2:-10000}" ENGINE_SECTIONS=fuzz
 export PROVE_FLAGS="${PROVE_FLAGS:--v}"
 exec bash test/run-tap.sh t/053_engine.pl
