@@ -128,6 +128,25 @@ survives('conncheck', sub { usleep(300_000) },
 	"SET client_connection_check_interval = '10ms'");
 $bg->query('RESET client_connection_check_interval');
 
+# A batch with 8 requests in flight survives the same interrupts.
+{
+	$sim->reset;
+	$bg->{stderr} = '';
+	$bg->query_until(qr/started/, q{
+\echo started
+SELECT array_to_string(fw_complete_batch(array_agg('[fwsim:slow=1500] b' || i ORDER BY i), 'batch'), ',')
+  FROM generate_series(1, 8) i;
+});
+	ok(wait_for('8 in flight', sub { $sim->stats->{in_flight} >= 8 }, 20), 'batch: 8 requests in flight');
+	$node->safe_psql('postgres', "SELECT pg_log_backend_memory_contexts($pid)");
+	$node->safe_psql('postgres', 'CREATE DATABASE scratch2');
+	$node->safe_psql('postgres', 'DROP DATABASE scratch2');
+	my $out = $bg->query("SELECT 'end'");
+	like($out, qr/^Echo: b1,Echo: b2,.*,Echo: b8$/m, 'batch: every answer returned');
+	unlike($bg->{stderr}, qr/ERROR/, 'batch: no error') or diag($bg->{stderr});
+	is($sim->stats->{total}, 8, 'batch: each request sent once');
+}
+
 # ... and when that check finds the client gone, the session ends (FATAL)
 # and the attempt in flight is still logged.
 {
