@@ -14,7 +14,9 @@
  * done, fail, retry at once on Priority (escalation), or retry after a
  * backoff.  Cancel (pg_cancel_backend, statement_timeout) is noticed within
  * one poll: in-flight attempts are logged as cancelled, every transfer is
- * released, and CHECK_FOR_INTERRUPTS raises 57014.
+ * released, and CHECK_FOR_INTERRUPTS raises 57014.  Any other interrupt
+ * (barriers, parallel worker messages, memory-context logging, client
+ * checks) is serviced by CHECK_FOR_INTERRUPTS while the attempts go on.
  *
  *-------------------------------------------------------------------------
  */
@@ -22,8 +24,10 @@
 
 #include "commands/dbcommands.h"
 #include "common/pg_prng.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "access/xact.h"
@@ -43,6 +47,9 @@
 
 /* Unavailable and transport failures get one short retry, then fail. */
 #define FW_UNAVAILABLE_ATTEMPTS 2
+
+/* A 429 without Retry-After pauses the model this long for everyone. */
+#define FW_SHARED_PAUSE_MS	1000
 
 static char *fw_dbname = NULL;
 
@@ -98,6 +105,8 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid path option \"%s\"", forced),
 				 errhint("Use \"standard\", \"priority\" or \"fast\".")));
+	/* a forced path is sent as asked: never escalated (README "options") */
+	call->forced = (forced != NULL);
 
 	model = fw_option_text(options, "model");
 	call->model = model ? model : (call->wl.model ? call->wl.model : fw_default_model);
@@ -115,6 +124,11 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				 errhint("Set fast_model in fw_tier.workloads to the Fast model id.")));
 
 	call->affinity = fw_option_text(options, "session_affinity");
+	if (call->affinity && !fw_http_header_safe(call->affinity))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("session_affinity must not contain control characters"),
+				 errdetail("It is sent as the x-session-affinity header.")));
 	call->budget_model = (call->configured == FW_PATH_FAST) ? call->wl.fast_model : call->model;
 	/* about four bytes a token: only a pacing estimate, settled later */
 	call->est_prompt = (int) (VARSIZE(messages) / 4);
@@ -159,6 +173,19 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 	return FW_CLIENT_ERROR;
 }
 
+/*
+ * Copy text in the database encoding into a fixed-size record field, cut
+ * between characters so the log (and any client) gets valid text.
+ */
+static void
+fw_clip_copy(char *dst, const char *src, size_t size)
+{
+	int			n = pg_mbcliplen(src, strlen(src), size - 1);
+
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 static void
 fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 			   const FwParsed *parsed)
@@ -178,9 +205,9 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.started_at = call->attempt_start;
 	namestrcpy(&rec.dbname, fw_dbname);
 	namestrcpy(&rec.username, GetUserNameFromId(GetUserId(), false));
-	strlcpy(rec.workload, call->wl.name, sizeof(rec.workload));
-	strlcpy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
-			sizeof(rec.model));
+	fw_clip_copy(rec.workload, call->wl.name, sizeof(rec.workload));
+	fw_clip_copy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
+				 sizeof(rec.model));
 	rec.path = (int8) call->path_sent;
 	rec.outcome = (int8) outcome;
 	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
@@ -194,10 +221,10 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.latency_us = r ? (int32) Min(r->latency_us, PG_INT32_MAX) :
 		(int32) Min(GetCurrentTimestamp() - call->attempt_start, PG_INT32_MAX);
 	rec.ttfb_us = r ? (int32) Min(r->ttfb_us, PG_INT32_MAX) : -1;
-	if (r)
+	if (r)						/* printable ASCII (http.c) */
 		strlcpy(rec.request_id, r->request_id, sizeof(rec.request_id));
 	if (outcome != FW_OK && call->detail)
-		strlcpy(rec.error, call->detail, sizeof(rec.error));
+		fw_clip_copy(rec.error, call->detail, sizeof(rec.error));
 
 	fw_calllog_push(&rec,
 					fw_log_content ? call->prompt_text : NULL,
@@ -211,7 +238,7 @@ fw_prepare_attempt(FwCall *call)
 	TimestampTz now = GetCurrentTimestamp();
 	FwPath		path = call->configured;
 
-	if (path == FW_PATH_STANDARD)
+	if (path == FW_PATH_STANDARD && !call->forced)
 		path = fw_route(call->wl.slot, FW_PATH_STANDARD, now);
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
 	call->path_sent = path;
@@ -288,14 +315,28 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 			wait_ms = (r && r->retry_after_ms >= 0)
 				? Min(r->retry_after_ms, fw_retry_after_cap_ms)
 				: fw_backoff_ms(call->attempt);
-			/* every backend using this model waits as long (a replayed 429
-			 * is a test's story, not the account's) */
+
+			/*
+			 * Every backend using this model pauses too, for a time taken
+			 * only from the server's answer and superuser settings: this
+			 * caller's backoff, caps and max_attempts shape its own wait,
+			 * never anyone else's.  (A replayed 429 is a test's story, not
+			 * the account's.)
+			 */
 			if (fw_mode != FW_MODE_REPLAY)
-				fw_budget_pause(call->budget_model, now + wait_ms * 1000);
+			{
+				int64		shared_ms = (r && r->retry_after_ms >= 0)
+					? r->retry_after_ms : FW_SHARED_PAUSE_MS;
+
+				shared_ms = Min(shared_ms, fw_shared_pause_cap_ms);
+				if (shared_ms > 0)
+					fw_budget_pause(call->budget_model, now + shared_ms * 1000);
+			}
 			break;
 
 		case FW_OVERLOADED:
-			if (call->configured == FW_PATH_STANDARD &&
+			/* a forced Standard call never escalates: it backs off instead */
+			if (call->configured == FW_PATH_STANDARD && !call->forced &&
 				fw_on_overloaded(call->wl.slot, call->path_sent,
 								 call->wl.on_overload,
 								 call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
@@ -386,7 +427,7 @@ fw_launch(FwCall *c, const char *url, const char *key, TimestampTz deadline,
 
 /* Log the attempts a cancel interrupts, then give every handle back. */
 static void
-fw_cancel_in_flight(FwCall *calls, int ncalls)
+fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 {
 	FwParsed	none;
 
@@ -396,7 +437,7 @@ fw_cancel_in_flight(FwCall *calls, int ncalls)
 	{
 		if (calls[i].xfer == NULL)
 			continue;
-		calls[i].detail = pstrdup("canceled by the statement");
+		calls[i].detail = pstrdup(why);
 		fw_http_release(calls[i].xfer);
 		calls[i].xfer = NULL;
 		fw_count_attempt(calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
@@ -405,10 +446,32 @@ fw_cancel_in_flight(FwCall *calls, int ncalls)
 	fw_http_abort_all();
 }
 
+/*
+ * Is the statement being stopped?  Only a cancel, a statement_timeout (its
+ * handler sets QueryCancelPending) or a terminate stops paid requests;
+ * every other interrupt is serviced by CHECK_FOR_INTERRUPTS and the
+ * requests go on.
+ */
 static bool
 fw_cancel_pending(void)
 {
-	return InterruptPending && (QueryCancelPending || ProcDiePending);
+	return QueryCancelPending || ProcDiePending;
+}
+
+/* Refuse values that would become protocol bytes unsafely. */
+static void
+fw_check_transport_settings(const char *key)
+{
+	if (!fw_http_header_safe(key))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the fw_tier API key contains control characters"),
+				 errdetail("The key is sent in the Authorization header; it is not shown here."),
+				 errhint("Check fw_tier.api_key, fw_tier.api_key_file or FIREWORKS_API_KEY.")));
+	if (!fw_http_header_safe(fw_base_url))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("fw_tier.base_url must not contain control characters")));
 }
 
 static void
@@ -424,6 +487,9 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	int			failed = 0;
 	int			limit = concurrency;	/* lowered by 429s, regained slowly */
 	int			streak = 0;		/* successes since the limit last moved */
+
+	if (fw_mode != FW_MODE_REPLAY)
+		fw_check_transport_settings(key);
 
 	for (int i = 0; i < ncalls; i++)
 		if (calls[i].wl.name[0])
@@ -493,14 +559,15 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 		if (fw_cancel_pending())
 		{
-			fw_cancel_in_flight(calls, ncalls);
+			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 			CHECK_FOR_INTERRUPTS();
 			/* Cancel held off (e.g. inside a commit): report it ourselves. */
 			ereport(ERROR,
 					(errcode(ERRCODE_QUERY_CANCELED),
 					 errmsg("canceling statement due to user request")));
 		}
-		CHECK_FOR_INTERRUPTS();
+		else if (InterruptPending)
+			CHECK_FOR_INTERRUPTS();	/* barriers, parallel messages, ...: go on */
 
 		while ((x = fw_http_next_done()) != NULL)
 		{
@@ -540,7 +607,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (stop_on_error && c->finished && !c->ok)
 			{
 				/* The statement will fail: stop paying for the rest. */
-				fw_cancel_in_flight(calls, ncalls);
+				fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 				remaining = 0;
 				break;
 			}
@@ -551,29 +618,84 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	pfree(url);
 }
 
+typedef struct FwRunCleanup
+{
+	FwCall	   *calls;
+	int			ncalls;
+	MemoryContext cxt;
+} FwRunCleanup;
+
+/* The run in progress, for the exit callback; NULL between runs. */
+static FwRunCleanup *fw_running = NULL;
+
+/*
+ * An error (or FATAL exit) from elsewhere in the statement ended the run:
+ * a parallel worker's error, a serviced interrupt's (a dead client found
+ * by client_connection_check_interval ends the session).  The attempts in
+ * flight were paid for, so they are logged before the handles go back.
+ */
+static void
+fw_engine_cleanup(FwRunCleanup *c)
+{
+	MemoryContextSwitchTo(c->cxt);
+	fw_cancel_in_flight(c->calls, c->ncalls, "interrupted by an error in the statement");
+	fw_progress_end();
+}
+
+/*
+ * before_shmem_exit callback, registered once per backend (not per run:
+ * PG_ENSURE_ERROR_CLEANUP would require no other registration during the
+ * run, and record mode's SPI may make one).  Runs before the transaction
+ * is aborted, so the log push still works.
+ */
+static void
+fw_engine_exit(int code, Datum arg)
+{
+	FwRunCleanup *c = fw_running;
+
+	fw_running = NULL;
+	if (c)
+		fw_engine_cleanup(c);
+}
+
 /*
  * Run calls to completion, at most concurrency attempts at once.  Calls
  * already marked finished (NULL prompts) are skipped.  With stop_on_error
  * the run ends at the first failed call (the caller raises it).  On any
- * error every transfer is released before the error propagates.
+ * error, or a FATAL exit, the attempts in flight are logged and every
+ * transfer is released before the error propagates.
  */
 void
 fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 {
+	static bool exit_hook = false;
+	FwRunCleanup cleanup;
+	FwRunCleanup *volatile prev = fw_running;
+
 	concurrency = Max(1, Min(concurrency, ncalls));
 	fw_http_reserve(concurrency);
+	if (!exit_hook)
+	{
+		before_shmem_exit(fw_engine_exit, (Datum) 0);
+		exit_hook = true;
+	}
 
+	cleanup.calls = calls;
+	cleanup.ncalls = ncalls;
+	cleanup.cxt = CurrentMemoryContext;
+	fw_running = &cleanup;
 	PG_TRY();
 	{
 		fw_engine_loop(calls, ncalls, concurrency, stop_on_error);
 	}
 	PG_CATCH();
 	{
-		fw_http_abort_all();
-		fw_progress_end();
+		fw_running = prev;
+		fw_engine_cleanup(&cleanup);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	fw_running = prev;
 }
 
 /* Raise the error a failed call stands for (README "Failure classes"). */

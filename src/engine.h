@@ -34,6 +34,7 @@ typedef struct FwCall
 
 	/* ---- engine state ---- */
 	FwPath		configured;
+	bool		forced;			/* options.path given: never escalated */
 	char	   *model;
 	char	   *affinity;
 	int64		call_id;

@@ -40,6 +40,7 @@ int			fw_max_attempts = 3;
 int			fw_backoff_base_ms = 250;
 int			fw_backoff_cap_ms = 8000;
 int			fw_retry_after_cap_ms = 30000;
+int			fw_shared_pause_cap_ms = 30000;
 int			fw_on_error = FW_ONERROR_RAISE;
 int			fw_mode = FW_MODE_LIVE;
 int			fw_priority_window_s = 1800;
@@ -159,10 +160,16 @@ _PG_init(void)
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("fw_tier.retry_after_cap",
-							"Upper bound on a wait requested by a Retry-After header.",
+							"Upper bound on this session's wait for a Retry-After header.",
 							NULL,
 							&fw_retry_after_cap_ms, 30000, 0, 3600000,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.shared_pause_cap",
+							"Upper bound on the pause a 429 imposes on every backend using the model.",
+							"The pause is the server's Retry-After (1 s without one), never a user's backoff settings; 0 disables it.",
+							&fw_shared_pause_cap_ms, 30000, 0, 3600000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomEnumVariable("fw_tier.on_error",
 							 "What a failed call returns: raise an error, or NULL.",

@@ -85,6 +85,7 @@ extern int	fw_max_attempts;
 extern int	fw_backoff_base_ms;
 extern int	fw_backoff_cap_ms;
 extern int	fw_retry_after_cap_ms;
+extern int	fw_shared_pause_cap_ms;
 extern int	fw_on_error;
 extern int	fw_mode;
 extern int	fw_priority_window_s;

@@ -19,6 +19,7 @@
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/numeric.h"
 
 #include "fwjson.h"
 
@@ -213,37 +214,123 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 }
 
 /*
- * Parse a provider body into jsonb without ever raising on bad input:
- * NULL when the body is not valid UTF-8 JSON.
+ * Deeper bodies than this are refused before parsing: PostgreSQL's JSON
+ * parser recurses per level and would raise "stack depth limit exceeded"
+ * (no completion nests more than a handful of levels).
  */
-Jsonb *
-fw_parse_json(const char *body, size_t len)
-{
-	JsonLexContext *lex;
-	JsonParseErrorType err;
-	char	   *text;
+#define FW_MAX_JSON_DEPTH	256
 
-	if (len == 0 || !pg_verify_mbstr(PG_UTF8, body, len, true))
-		return NULL;
-	text = pg_any_to_server(body, len, PG_UTF8);
-	lex = makeJsonLexContextCstringLen(text, strlen(text),
-									   GetDatabaseEncoding(), true);
-	err = pg_parse_json(lex, &nullSemAction);
-	if (err != JSON_SUCCESS)
-		return NULL;
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+/* One pass over the bytes: is the nesting of [ and { within bounds? */
+static bool
+fw_json_depth_ok(const char *s, size_t len)
+{
+	int			depth = 0;
+	bool		in_str = false;
+
+	for (size_t i = 0; i < len; i++)
+	{
+		char		c = s[i];
+
+		if (in_str)
+		{
+			if (c == '\\')
+				i++;
+			else if (c == '"')
+				in_str = false;
+		}
+		else if (c == '"')
+			in_str = true;
+		else if (c == '[' || c == '{')
+		{
+			if (++depth > FW_MAX_JSON_DEPTH)
+				return false;
+		}
+		else if (c == ']' || c == '}')
+			depth--;
+	}
+	return true;
 }
 
+/*
+ * Parse a provider body into jsonb without ever raising on bad input:
+ * NULL, with *problem saying why, when the body is not usable JSON.
+ *
+ * The cheap checks come first (UTF-8, nesting depth, the non-throwing
+ * parser); what can still raise (conversion to a non-UTF-8 database
+ * encoding, a number numeric cannot hold) runs under PG_TRY, and the
+ * error becomes the problem text.  Those errors are raised by plain
+ * conversion and input code that holds no resources, so flushing them is
+ * safe.
+ */
+Jsonb *
+fw_parse_json(const char *body, size_t len, const char **problem)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	JsonLexContext *lex;
+	JsonParseErrorType err;
+	Jsonb	   *volatile jb = NULL;
+	const char *dummy;
+
+	if (problem == NULL)
+		problem = &dummy;
+	*problem = "response body is not valid JSON";
+	/* pg_verify_mbstr also refuses NUL bytes */
+	if (len == 0 || !pg_verify_mbstr(PG_UTF8, body, len, true))
+		return NULL;
+	if (!fw_json_depth_ok(body, len))
+	{
+		*problem = "response body nests too deeply";
+		return NULL;
+	}
+
+	PG_TRY();
+	{
+		/* already verified: a UTF-8 database takes the bytes as they are */
+		char	   *text = GetDatabaseEncoding() == PG_UTF8 ? (char *) body :
+			pg_any_to_server(body, len, PG_UTF8);
+
+		lex = makeJsonLexContextCstringLen(text, strlen(text),
+										   GetDatabaseEncoding(), true);
+		err = pg_parse_json(lex, &nullSemAction);
+		if (err == JSON_SUCCESS)
+			jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+													CStringGetDatum(text)));
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		/* never swallow a stop (none of this code checks, but be sure) */
+		if (geterrcode() == ERRCODE_QUERY_CANCELED)
+			PG_RE_THROW();
+		edata = CopyErrorData();
+		FlushErrorState();
+		*problem = psprintf("response body could not be read: %s",
+							edata->message);
+		FreeErrorData(edata);
+		jb = NULL;
+	}
+	PG_END_TRY();
+	return jb;
+}
+
+/*
+ * An integer field as a token count: -1 unless a number in 0..INT_MAX
+ * (a count beyond int4, negative or NaN is unknown, not an error).
+ */
 static int
 fw_int_field(JsonbContainer *c, const char *key)
 {
 	JsonbValue	v;
+	bool		bad = false;
+	int32		n;
 
-	if (c && getKeyJsonValueFromContainer(c, key, strlen(key), &v) &&
-		v.type == jbvNumeric)
-		return DatumGetInt32(DirectFunctionCall1(numeric_int4,
-												 NumericGetDatum(v.val.numeric)));
-	return -1;
+	if (c == NULL || !getKeyJsonValueFromContainer(c, key, strlen(key), &v) ||
+		v.type != jbvNumeric)
+		return -1;
+	n = numeric_int4_opt_error(v.val.numeric, &bad);
+	return (bad || n < 0) ? -1 : n;
 }
 
 static JsonbContainer *
@@ -274,12 +361,9 @@ fw_parse_completion(const char *body, size_t len, bool need_text, FwParsed *out)
 	memset(out, 0, sizeof(*out));
 	out->prompt_tokens = out->cached_tokens = out->completion_tokens = -1;
 
-	out->response = fw_parse_json(body, len);
+	out->response = fw_parse_json(body, len, &out->problem);
 	if (out->response == NULL)
-	{
-		out->problem = "response body is not valid JSON";
 		return false;
-	}
 	if (!JB_ROOT_IS_OBJECT(out->response))
 	{
 		out->problem = "response body is not a JSON object";
@@ -328,7 +412,7 @@ fw_parse_completion(const char *body, size_t len, bool need_text, FwParsed *out)
 char *
 fw_error_excerpt(const char *body, size_t len)
 {
-	Jsonb	   *jb = fw_parse_json(body, len);
+	Jsonb	   *jb = fw_parse_json(body, len, NULL);
 	StringInfoData buf;
 
 	if (jb && JB_ROOT_IS_OBJECT(jb))
@@ -342,7 +426,10 @@ fw_error_excerpt(const char *body, size_t len)
 			 v.type == jbvString) ||
 			(getKeyJsonValueFromContainer(&jb->root, "error", 5, &v) &&
 			 v.type == jbvString))
-			return pnstrdup(v.val.string.val, Min(v.val.string.len, FW_ERRLEN - 1));
+			/* jsonb text is in the database encoding: cut between characters */
+			return pnstrdup(v.val.string.val,
+							pg_mbcliplen(v.val.string.val, v.val.string.len,
+										 FW_ERRLEN - 1));
 	}
 
 	initStringInfo(&buf);

@@ -26,7 +26,7 @@ extern void fw_check_messages(Jsonb *messages);
 extern char *fw_option_text(Jsonb *options, const char *key);
 extern char *fw_build_request(const char *model, Jsonb *messages,
 							  Jsonb *options, bool priority, size_t *len);
-extern Jsonb *fw_parse_json(const char *body, size_t len);
+extern Jsonb *fw_parse_json(const char *body, size_t len, const char **problem);
 extern bool fw_parse_completion(const char *body, size_t len, bool need_text,
 								FwParsed *out);
 extern char *fw_error_excerpt(const char *body, size_t len);

@@ -11,10 +11,12 @@
  * single call is a batch of one.
  *
  * Error discipline: curl callbacks never raise; they write into malloc'd
- * buffers and return a failure code that aborts the transfer.  Callers
- * check InterruptPending after fw_http_poll() returns, call
- * fw_http_abort_all() and only then CHECK_FOR_INTERRUPTS(), so a cancel
- * reports SQLSTATE 57014 with every handle back in the pool.  A pending
+ * buffers and return a failure code that aborts the transfer.  Only a
+ * stop (QueryCancelPending, ProcDiePending) aborts; callers check those
+ * after fw_http_poll() returns, call fw_http_abort_all() and only then
+ * CHECK_FOR_INTERRUPTS(), so a cancel reports SQLSTATE 57014 with every
+ * handle back in the pool; any other interrupt is serviced by the
+ * caller's CHECK_FOR_INTERRUPTS() while the transfers go on.  A pending
  * signal (SIGINT, the statement_timeout alarm) makes poll() return EINTR,
  * which libcurl treats as "nothing happened", so cancel is prompt.
  *
@@ -103,6 +105,36 @@ fw_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 	return n;
 }
 
+/*
+ * Replace every byte outside printable ASCII with '?', in place: for text
+ * from the network or libcurl (request ids, transport errors) that reaches
+ * errdetail or the call log and may be in no known encoding.  ASCII is
+ * valid in every server encoding, so any later cut is on a boundary.
+ */
+static void
+fw_ascii_only(char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char) *s < 0x20 || (unsigned char) *s > 0x7e)
+			*s = '?';
+}
+
+/*
+ * May value be sent as (part of) a header line or URL?  No control
+ * characters (CR, LF, NUL-free by construction, TAB, DEL): they would end
+ * the header and start another.  Values are refused, never escaped.
+ */
+bool
+fw_http_header_safe(const char *value)
+{
+	if (value == NULL)
+		return true;
+	for (const unsigned char *p = (const unsigned char *) value; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			return false;
+	return true;
+}
+
 /* Does header line h (length len) start with name (lower case)? */
 static const char *
 fw_header_value(const char *h, size_t len, const char *name)
@@ -171,16 +203,25 @@ fw_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 		vlen = Min(vlen, FW_REQIDLEN - 1);
 		memcpy(r->request_id, v, vlen);
 		r->request_id[vlen] = '\0';
+		/* foreign bytes headed for the call log: printable ASCII only */
+		fw_ascii_only(r->request_id);
 	}
 	return len;
 }
 
-/* Abort a transfer as soon as a cancel or statement timeout is pending. */
+/*
+ * Abort a transfer only when the statement is being stopped: a cancel, a
+ * statement_timeout (its handler sets QueryCancelPending) or a terminate.
+ * Other interrupts (barriers, a parallel worker exiting, memory-context
+ * logging, client connection checks) are serviced by the engine's
+ * CHECK_FOR_INTERRUPTS and must not throw away a paid request.  Only the
+ * flags are read here: a callback never raises.
+ */
 static int
 fw_progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 			   curl_off_t ultotal, curl_off_t ulnow)
 {
-	return InterruptPending ? 1 : 0;
+	return (QueryCancelPending || ProcDiePending) ? 1 : 0;
 }
 
 static FwHttpXfer *
@@ -378,8 +419,11 @@ fw_finish(FwHttpXfer *x, CURLcode rc)
 		if (x->too_large)
 			strlcpy(r->errmsg, "response body exceeds 64 MB", sizeof(r->errmsg));
 		else
+		{
 			snprintf(r->errmsg, sizeof(r->errmsg), "%s",
 					 x->curl_err[0] ? x->curl_err : curl_easy_strerror(rc));
+			fw_ascii_only(r->errmsg);
+		}
 	}
 	x->done = true;
 }
@@ -399,6 +443,7 @@ fw_http_poll(long timeout_ms)
 		return;
 
 	curl_multi_perform(fw_multi, &running);
+	/* Any pending interrupt returns to the caller at once to be serviced. */
 	if (running > 0 && !InterruptPending)
 	{
 		long		curl_ms = -1;

@@ -45,5 +45,6 @@ extern const FwHttpResult *fw_http_result(FwHttpXfer *xfer);
 extern void fw_http_release(FwHttpXfer *xfer);
 extern void fw_http_abort_all(void);
 extern int	fw_http_in_flight(void);
+extern bool fw_http_header_safe(const char *value);
 
 #endif							/* FW_HTTP_H */
