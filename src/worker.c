@@ -660,10 +660,10 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 			StringInfoData payload;
 
 			ereport(WARNING,
-					(errmsg("fw_tier: workload \"%s\" of database \"%s\" has been escalated to priority for %d windows in a row",
-							w->name, dbname, w->windows_in_row),
-					 errdetail("The current window lasts until %s.",
-							   timestamptz_to_str(w->until)),
+					(errmsg("fw_tier: workload \"%s\" has been escalated to priority for %d windows in a row",
+							w->name, w->windows_in_row),
+					 errdetail("The workload is in database \"%s\"; the current window lasts until %s.",
+							   dbname, timestamptz_to_str(w->until)),
 					 errhint("Sustained 503 Service Overloaded on the standard path is a capacity problem, not a spike: review the workload's path and capacity.")));
 
 			initStringInfo(&payload);
