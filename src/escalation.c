@@ -4,6 +4,8 @@
  *		The per-workload Priority window: a small state machine in shared
  *		memory.
  *
+ * State is per (database, workload): see "Slots" below.
+ *
  * A workload starts on its configured path.  When an attempt on Standard is
  * shed with 503 Service Overloaded and the workload's policy is "priority",
  * the workload is escalated: priority_until = now + window, and every new
@@ -13,8 +15,10 @@
  * opened under wl_lock held exclusively, after re-checking it is not open.
  *
  * Contracts: functions ending in _locked expect the caller to hold
- * fw_shared->wl_lock exclusively.  fw_route() and fw_count_attempt() take
- * no lock at all (see shmem.c for the protocol).
+ * fw_shared->wl_lock exclusively (fw_find_slot_locked: in any mode).
+ * fw_route() and fw_count_attempt() take no lock at all (see shmem.c for
+ * the protocol), except to resolve again a handle whose slot was reused,
+ * which is rare.
  *
  *-------------------------------------------------------------------------
  */
@@ -315,6 +319,7 @@ fw_workload_slot_valid(int slot)
 {
 	FwWorkload *w;
 	int			index;
+	TimestampTz now;
 
 	if (fw_shared == NULL || slot < 0)
 		return false;
@@ -322,8 +327,13 @@ fw_workload_slot_valid(int slot)
 	if (index >= fw_max_workloads)
 		return false;
 	w = &fw_shared->workloads[index];
-	pg_atomic_write_u64(&w->last_used, (uint64) GetCurrentTimestamp());
-	pg_memory_barrier();
+	now = GetCurrentTimestamp();
+	if (now - (TimestampTz) pg_atomic_read_u64(&w->last_used) > FW_SLOT_TOUCH_US)
+	{
+		pg_atomic_write_u64(&w->last_used, (uint64) now);
+		/* the touch is visible before we trust the generation */
+		pg_memory_barrier();
+	}
 	return fw_slot_handle(index, pg_atomic_read_u32(&w->generation)) == slot;
 }
 
