@@ -257,6 +257,17 @@ fw_fixture_try_write(FwPendingFixture *f)
 	ResourceOwner oldowner = CurrentResourceOwner;
 	volatile bool ok = false;
 
+	/* a parallel query's leader may neither write nor start a subxact */
+	if (IsInParallelMode())
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("could not record fw_tier fixture for request %s", f->fingerprint),
+				 errdetail("Fixtures cannot be written during a parallel operation."),
+				 errhint("Record with max_parallel_workers_per_gather = 0.")));
+		return false;
+	}
+
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();

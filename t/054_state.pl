@@ -175,6 +175,37 @@ is($node->safe_psql('postgres',
 is($node->safe_psql('postgres',
 		"SELECT max(attempts) FROM fw_tier.status WHERE workload LIKE 's_'"),
 	'1', 'no other workload got keep\'s attempt');
+
+# a slot reused while a call of its workload is in flight: the answer's
+# attempt is never counted in the new owner's slot
+$node->safe_psql('postgres', "INSERT INTO fw_tier.workloads (workload) VALUES ('slowpoke')");
+sleep 3;
+$bg->query_until(qr/started/, q{
+\echo started
+SELECT fw_complete('[fwsim:slow=6000] slow', 'slowpoke');
+});
+my $inflight = 0;
+for (1 .. 200)
+{
+	$inflight = $sim->stats->{in_flight};
+	last if $inflight >= 1;
+	usleep(25_000);
+}
+is($inflight, 1, 'slowpoke\'s call is in flight');
+usleep(2_500_000);    # its slot idle for 2 s: reusable
+$t0 = time;
+($ret, $out, $err) = use_workloads(qw(t1 t2 t3 t4));
+$elapsed = time - $t0;
+is($out, "Echo: hi t1\nEcho: hi t2\nEcho: hi t3\nEcho: hi t4",
+	'4 workloads take every slot, slowpoke\'s too');
+like($bg->query('SELECT 1'), qr/^Echo: slow\n1$/, 'slowpoke\'s call ends well');
+# the stale slot is resolved again by name: the attempt lands in a slot of
+# slowpoke's own (taking the idlest t's) or nowhere, never in a t's
+is($node->safe_psql('postgres',
+		"SELECT max(attempts) FILTER (WHERE workload LIKE 't_'),"
+		  . " max(attempts) FILTER (WHERE workload = 'slowpoke') <= 1"
+		  . " FROM fw_tier.status"),
+	'1|t', "its attempt went to none of the others (t's took $elapsed s)");
 $bg->quit;
 $node->stop;
 $sim->stop;
@@ -312,7 +343,7 @@ $abg->query_until(qr/started/, q{
 \echo started
 SELECT fw_complete('[fwsim:slow=3000] alice takes her time');
 });
-my $inflight = 0;
+$inflight = 0;
 for (1 .. 200)
 {
 	$inflight = $sim->stats->{in_flight};
