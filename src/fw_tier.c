@@ -16,6 +16,7 @@
 
 #include <sys/stat.h>
 
+#include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
@@ -370,8 +371,8 @@ fw_read_key_file(const char *path, const char *what)
  * reachable through SQL (the directory is set in postgresql.conf, the file
  * has no SQL interface), so no role can read another's key.  The file must
  * not be accessible by group or others, like a server's SSL key.  Cached
- * per backend; re-read when the role or the file (inode, size, times)
- * changes.
+ * per backend; looked at once per statement, and re-read when the role or
+ * the file (inode, size, times) changes.
  */
 static const char *
 fw_role_api_key(void)
@@ -380,13 +381,21 @@ fw_role_api_key(void)
 	static char *cached_path = NULL;
 	static struct stat cached_st;
 	static char *cached_key = NULL;
+	static TimestampTz checked_stmt = 0;
+	static Oid	checked_role = InvalidOid;
+	static bool checked_found = false;
 	Oid			role = GetUserId();
+	TimestampTz stmt = GetCurrentStatementStartTimestamp();
 	char	   *name;
 	char	   *path;
 	struct stat st;
 
 	if (fw_api_key_dir == NULL || fw_api_key_dir[0] == '\0')
 		return NULL;
+	/* once per statement and role: a statement of 20,000 calls stats once */
+	if (checked_stmt == stmt && checked_role == role)
+		return checked_found ? cached_key : NULL;
+	checked_stmt = 0;
 	name = GetUserNameFromId(role, true);
 	/* a name that could leave the directory, or a hidden file: no key */
 	if (name == NULL || name[0] == '\0' || name[0] == '.' ||
@@ -399,6 +408,9 @@ fw_role_api_key(void)
 		if (errno == ENOENT)
 		{
 			pfree(path);
+			checked_stmt = stmt;
+			checked_role = role;
+			checked_found = false;
 			return NULL;
 		}
 		ereport(ERROR,
@@ -437,6 +449,9 @@ fw_role_api_key(void)
 		cached_st = st;
 	}
 	pfree(path);
+	checked_stmt = stmt;
+	checked_role = role;
+	checked_found = true;
 	return cached_key;
 }
 
