@@ -4,6 +4,8 @@
  *		The per-workload Priority window: a small state machine in shared
  *		memory.
  *
+ * State is per (database, workload): see "Slots" below.
+ *
  * A workload starts on its configured path.  When an attempt on Standard is
  * shed with 503 Service Overloaded and the workload's policy is "priority",
  * the workload is escalated: priority_until = now + window, and every new
@@ -13,8 +15,10 @@
  * opened under wl_lock held exclusively, after re-checking it is not open.
  *
  * Contracts: functions ending in _locked expect the caller to hold
- * fw_shared->wl_lock exclusively.  fw_route() and fw_count_attempt() take
- * no lock at all (see shmem.c for the protocol).
+ * fw_shared->wl_lock exclusively (fw_find_slot_locked: in any mode).
+ * fw_route() and fw_count_attempt() take no lock at all (see shmem.c for
+ * the protocol), except to resolve again a handle whose slot was reused,
+ * which is rare.
  *
  *-------------------------------------------------------------------------
  */
@@ -22,6 +26,7 @@
 
 #include "common/pg_prng.h"
 #include "miscadmin.h"
+#include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -53,74 +58,228 @@ fw_check_shared(void)
 				 errhint("Add fw_tier to shared_preload_libraries in postgresql.conf and restart the server.")));
 }
 
+/*
+ * Slots
+ * -----
+ * A slot holds the state of one workload of one database, keyed by
+ * (database oid, workload name): a window opened in one database never
+ * routes another database's workload of the same name.  A slot is only
+ * assigned to a workload whose row was found (fw_workload_get, fw_escalate
+ * check the row first), so names that are not workloads never take one.
+ *
+ * Slots are reused.  When every slot is taken, the least recently used one
+ * whose window is closed and already recorded by the worker (and which was
+ * not looked up or routed for FW_SLOT_REUSE_IDLE_US) is given to the new
+ * workload under wl_lock held exclusively; its counters restart at zero.
+ * An open window is never taken away.
+ *
+ * Backends keep slot handles (index + generation) across calls.  Each
+ * reassignment bumps the slot's generation, so a handle of the previous
+ * owner no longer matches: it is resolved again by name (below), never
+ * applied to the new owner.
+ */
+#define FW_SLOT_INDEX_BITS	16
+#define FW_SLOT_INDEX_MASK	((1 << FW_SLOT_INDEX_BITS) - 1)
+#define FW_SLOT_GEN_MASK	0x7FFF
+#define FW_SLOT_REUSE_IDLE_US	(2 * USECS_PER_SEC)
+/* last_used is written at most this often by one backend */
+#define FW_SLOT_TOUCH_US	(100 * 1000)
+
+StaticAssertDecl(10000 <= FW_SLOT_INDEX_MASK, "slot index must fit in a handle");
+
+static inline int
+fw_slot_handle(int index, uint32 gen)
+{
+	return (int) (((gen & FW_SLOT_GEN_MASK) << FW_SLOT_INDEX_BITS) | (uint32) index);
+}
+
+/*
+ * Backend-local: the workload name each handle was issued for, so a stale
+ * handle (its slot was reused) can be resolved again by name.
+ */
+typedef struct FwHandleName
+{
+	int			handle;			/* hash key */
+	char		name[FW_NAMELEN];
+} FwHandleName;
+
+static HTAB *fw_handle_names = NULL;
+
+static void
+fw_remember_handle(int handle, const char *name)
+{
+	FwHandleName *e;
+	bool		found;
+
+	if (fw_handle_names == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(int);
+		ctl.entrysize = sizeof(FwHandleName);
+		fw_handle_names = hash_create("fw_tier slot handles", 16, &ctl,
+									  HASH_ELEM | HASH_BLOBS);
+	}
+	e = hash_search(fw_handle_names, &handle, HASH_ENTER, &found);
+	strlcpy(e->name, name, FW_NAMELEN);
+}
+
 /* caller holds wl_lock (any mode) */
 static int
-fw_find_slot_locked(const char *name)
+fw_find_slot_locked(Oid dboid, const char *name)
 {
 	for (int i = 0; i < fw_shared->num_workloads; i++)
 	{
 		FwWorkload *w = &fw_shared->workloads[i];
 
-		if (w->in_use && strcmp(w->name, name) == 0)
-			return i;
+		if (w->in_use && w->dboid == dboid && strcmp(w->name, name) == 0)
+			return fw_slot_handle(i, pg_atomic_read_u32(&w->generation));
 	}
 	return -1;
 }
 
 /*
- * Find a slot, creating it when create is true and there is room.  Returns
- * -1 when not found (or the table is full); never raises.
+ * A slot for a new assignment: a never used one, else the least recently
+ * used idle one whose window is closed and recorded.  -1 when none.
+ * Caller holds wl_lock exclusively.
  */
 static int
-fw_lookup_slot(const char *name, bool create, bool *full)
+fw_free_slot_locked(TimestampTz now)
 {
-	int			slot;
+	int			best = -1;
+	TimestampTz best_used = 0;
+
+	if (fw_shared->num_workloads < fw_max_workloads)
+		return fw_shared->num_workloads++;
+
+	for (int i = 0; i < fw_shared->num_workloads; i++)
+	{
+		FwWorkload *w = &fw_shared->workloads[i];
+		TimestampTz until = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
+		TimestampTz used = (TimestampTz) pg_atomic_read_u64(&w->last_used);
+
+		if (!w->in_use)
+			return i;
+		if (until > now || now - used < FW_SLOT_REUSE_IDLE_US)
+			continue;
+		/* a window the worker has not written (or closed) yet stays */
+		if (w->window_started != 0 &&
+			(w->mirrored_started != w->window_started || !w->mirrored_closed ||
+			 (w->alerted && !w->alert_notified)))
+			continue;
+		if (best < 0 || used < best_used)
+		{
+			best = i;
+			best_used = used;
+		}
+	}
+	return best;
+}
+
+/*
+ * Find the slot of (dboid, name), assigning one when create is true and
+ * there is room.  Returns a handle, or -1 when not found (or no slot is
+ * free: *full).  Never raises.
+ */
+static int
+fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
+{
+	int			handle;
+	int			i;
+	TimestampTz now;
 
 	*full = false;
 
 	LWLockAcquire(fw_shared->wl_lock, LW_SHARED);
-	slot = fw_find_slot_locked(name);
+	handle = fw_find_slot_locked(dboid, name);
 	LWLockRelease(fw_shared->wl_lock);
-	if (slot >= 0 || !create)
-		return slot;
+	if (handle >= 0 || !create)
+		return handle;
 
+	now = GetCurrentTimestamp();
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
-	slot = fw_find_slot_locked(name);
-	if (slot < 0)
+	handle = fw_find_slot_locked(dboid, name);
+	if (handle < 0 && (i = fw_free_slot_locked(now)) >= 0)
 	{
-		if (fw_shared->num_workloads < fw_max_workloads)
-		{
-			FwWorkload *w;
+		FwWorkload *w = &fw_shared->workloads[i];
+		uint32		gen = (pg_atomic_read_u32(&w->generation) + 1) & FW_SLOT_GEN_MASK;
 
-			slot = fw_shared->num_workloads;
-			w = &fw_shared->workloads[slot];
-			/* atomics were initialized at startup and never used since */
-			strlcpy(w->name, name, FW_NAMELEN);
-			w->window_started = 0;
-			w->last_overloaded = 0;
-			w->escalations = 0;
-			w->priority_overloaded = 0;
-			w->windows_in_row = 0;
-			w->manual = false;
-			w->alerted = false;
-			w->alert_notified = false;
-			w->mirrored_started = 0;
-			w->mirrored_until = 0;
-			w->mirrored_closed = false;
-			w->in_use = true;
-			fw_shared->num_workloads++;
-		}
-		else
-			*full = true;
+		/* the new generation first: old handles stop matching at once */
+		pg_atomic_write_u32(&w->generation, gen);
+		pg_memory_barrier();
+		w->dboid = dboid;
+		strlcpy(w->name, name, FW_NAMELEN);
+		pg_atomic_write_u64(&w->priority_until, 0);
+		pg_atomic_write_u64(&w->window_us, 0);
+		pg_atomic_write_u64(&w->last_used, (uint64) now);
+		for (int p = 0; p < FW_NUM_PATHS; p++)
+			for (int o = 0; o < FW_NUM_OUTCOMES; o++)
+				pg_atomic_write_u64(&w->attempts[p][o], 0);
+		w->window_started = 0;
+		w->last_overloaded = 0;
+		w->escalations = 0;
+		w->priority_overloaded = 0;
+		w->windows_in_row = 0;
+		w->manual = false;
+		w->alerted = false;
+		w->alert_notified = false;
+		w->mirrored_started = 0;
+		w->mirrored_until = 0;
+		w->mirrored_closed = false;
+		w->in_use = true;
+		handle = fw_slot_handle(i, gen);
 	}
+	else if (handle < 0)
+		*full = true;
 	LWLockRelease(fw_shared->wl_lock);
-	return slot;
+	return handle;
 }
 
 /*
- * The slot of a workload, created on first use.  The engine caches the
- * index per backend; slots are never freed, so an index stays valid until
- * the shared memory is re-created.
+ * The slot a handle stands for, or NULL.  Marks it used (now > 0).  A
+ * stale handle is resolved again by the name it was issued for (a slot is
+ * assigned when needed); *handle then gets the current one.  Never raises
+ * but for out of memory: the hot path calls it.
+ */
+static FwWorkload *
+fw_resolve(int *handle, TimestampTz now)
+{
+	int			index;
+	FwWorkload *w;
+	FwHandleName *e;
+	bool		full;
+
+	if (fw_shared == NULL || *handle < 0)
+		return NULL;
+	index = *handle & FW_SLOT_INDEX_MASK;
+	if (index >= fw_max_workloads)
+		return NULL;
+	w = &fw_shared->workloads[index];
+	if (now > 0 &&
+		now - (TimestampTz) pg_atomic_read_u64(&w->last_used) > FW_SLOT_TOUCH_US)
+	{
+		pg_atomic_write_u64(&w->last_used, (uint64) now);
+		/* the touch is visible before we trust the generation */
+		pg_memory_barrier();
+	}
+	if (fw_slot_handle(index, pg_atomic_read_u32(&w->generation)) == *handle)
+		return w;
+
+	/* reused for another workload since the handle was issued */
+	if (fw_handle_names == NULL ||
+		(e = hash_search(fw_handle_names, handle, HASH_FIND, NULL)) == NULL)
+		return NULL;
+	*handle = fw_lookup_slot(MyDatabaseId, e->name, true, &full);
+	if (*handle < 0)
+		return NULL;
+	fw_remember_handle(*handle, e->name);
+	return &fw_shared->workloads[*handle & FW_SLOT_INDEX_MASK];
+}
+
+/*
+ * The slot of a workload of this database, assigned on first use.  The
+ * caller has found the workload's row.  Backends cache the handle (see
+ * fw_workload_slot_valid).
  */
 int
 fw_workload_slot(const char *name)
@@ -140,15 +299,42 @@ fw_workload_slot(const char *name)
 				 errdetail("Workload names are limited to %d bytes.",
 						   FW_NAMELEN - 1)));
 
-	slot = fw_lookup_slot(name, true, &full);
+	slot = fw_lookup_slot(MyDatabaseId, name, true, &full);
 	if (slot < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("too many fw_tier workloads"),
-				 errdetail("All %d workload slots in shared memory are in use.",
-						   fw_max_workloads),
-				 errhint("Raise fw_tier.max_workloads and restart the server.")));
+				 errdetail("All %d workload slots in shared memory hold an open or recent priority window, or were used in the last %d seconds.",
+						   fw_max_workloads, (int) (FW_SLOT_REUSE_IDLE_US / USECS_PER_SEC)),
+				 errhint("Raise fw_tier.max_workloads (it counts the workloads of every database) and restart the server.")));
+	fw_remember_handle(slot, name);
 	return slot;
+}
+
+/*
+ * Is a cached handle still its workload's?  Marks the slot used.
+ */
+bool
+fw_workload_slot_valid(int slot)
+{
+	FwWorkload *w;
+	int			index;
+	TimestampTz now;
+
+	if (fw_shared == NULL || slot < 0)
+		return false;
+	index = slot & FW_SLOT_INDEX_MASK;
+	if (index >= fw_max_workloads)
+		return false;
+	w = &fw_shared->workloads[index];
+	now = GetCurrentTimestamp();
+	if (now - (TimestampTz) pg_atomic_read_u64(&w->last_used) > FW_SLOT_TOUCH_US)
+	{
+		pg_atomic_write_u64(&w->last_used, (uint64) now);
+		/* the touch is visible before we trust the generation */
+		pg_memory_barrier();
+	}
+	return fw_slot_handle(index, pg_atomic_read_u32(&w->generation)) == slot;
 }
 
 /*
@@ -202,11 +388,12 @@ fw_route(int slot, FwPath configured, TimestampTz now)
 	uint64		until;
 	FwJitter   *j;
 
-	if (configured != FW_PATH_STANDARD || fw_shared == NULL ||
-		slot < 0 || slot >= fw_max_workloads)
+	if (configured != FW_PATH_STANDARD)
+		return configured;
+	w = fw_resolve(&slot, now);
+	if (w == NULL)
 		return configured;
 
-	w = &fw_shared->workloads[slot];
 	until = pg_atomic_read_u64(&w->priority_until);
 	if (until == 0)
 		return FW_PATH_STANDARD;
@@ -217,7 +404,7 @@ fw_route(int slot, FwPath configured, TimestampTz now)
 	if (fw_jitter == NULL)
 		fw_jitter = MemoryContextAllocZero(TopMemoryContext,
 										   sizeof(FwJitter) * fw_max_workloads);
-	j = &fw_jitter[slot];
+	j = &fw_jitter[slot & FW_SLOT_INDEX_MASK];
 	if (j->until != until)
 	{
 		uint64		window_us;
@@ -248,9 +435,9 @@ fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
 	bool		retry = false;
 	bool		wake = false;
 
-	if (fw_shared == NULL || slot < 0 || slot >= fw_max_workloads)
+	w = fw_resolve(&slot, now);
+	if (w == NULL)
 		return false;
-	w = &fw_shared->workloads[slot];
 	window_us = (int64) (window_s > 0 ? window_s : fw_priority_window_s) * USECS_PER_SEC;
 
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
@@ -290,39 +477,56 @@ fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
 void
 fw_count_attempt(int slot, FwPath path, FwOutcome outcome)
 {
-	if (fw_shared == NULL || slot < 0 || slot >= fw_max_workloads ||
-		path < 0 || path >= FW_NUM_PATHS ||
+	FwWorkload *w;
+
+	if (path < 0 || path >= FW_NUM_PATHS ||
 		outcome < 0 || outcome >= FW_NUM_OUTCOMES)
 		return;
-	pg_atomic_fetch_add_u64(&fw_shared->workloads[slot].attempts[path][outcome], 1);
+	w = fw_resolve(&slot, 0);
+	if (w != NULL)
+		pg_atomic_fetch_add_u64(&w->attempts[path][outcome], 1);
 }
 
 /*
- * Operator: put the workload on Priority for window_ms from now.  An open
- * window gets the new end (no new escalation is counted); otherwise a
- * manual window opens.
+ * Operator: put the workload of this database on Priority for window_ms
+ * from now.  An open window gets the new end (no new escalation is
+ * counted); otherwise a manual window opens.  The caller has checked the
+ * workload exists.  Returns the window's end.
  */
-void
+TimestampTz
 fw_escalate_now(const char *workload, int64 window_ms)
 {
-	int			slot = fw_workload_slot(workload);
-	FwWorkload *w = &fw_shared->workloads[slot];
+	int			slot;
+	FwWorkload *w;
 	TimestampTz now = GetCurrentTimestamp();
 	int64		window_us = window_ms * 1000;
+	TimestampTz until;
 
 	if (window_us <= 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("escalation window must be positive")));
 
+	slot = fw_workload_slot(workload);
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
+	/* the slot cannot be reused while we hold the lock */
+	w = &fw_shared->workloads[slot & FW_SLOT_INDEX_MASK];
+	if (fw_slot_handle(slot & FW_SLOT_INDEX_MASK,
+					   pg_atomic_read_u32(&w->generation)) != slot)
+	{
+		LWLockRelease(fw_shared->wl_lock);
+		/* reused between lookup and lock: idle for seconds, never open */
+		elog(ERROR, "fw_tier workload slot of \"%s\" was reused", workload);
+	}
 	if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
 		fw_set_until_locked(w, now + window_us, window_us);
 	else
 		fw_open_window_locked(w, now, window_us, true);
+	until = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
 	LWLockRelease(fw_shared->wl_lock);
 
 	fw_wake_worker();
+	return until;
 }
 
 /*
@@ -332,16 +536,28 @@ fw_escalate_now(const char *workload, int64 window_ms)
 void
 fw_deescalate_now(const char *workload)
 {
-	int			slot = fw_workload_slot(workload);
-	FwWorkload *w = &fw_shared->workloads[slot];
 	TimestampTz now = GetCurrentTimestamp();
 	bool		ended = false;
 
+	fw_check_shared();
+	if (strlen(workload) >= FW_NAMELEN)
+		return;					/* never had a slot */
+
+	/* no slot is assigned: a workload without one has no window */
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
-	if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
 	{
-		fw_set_until_locked(w, now, 0);
-		ended = true;
+		int			slot = fw_find_slot_locked(MyDatabaseId, workload);
+		FwWorkload *w;
+
+		if (slot >= 0)
+		{
+			w = &fw_shared->workloads[slot & FW_SLOT_INDEX_MASK];
+			if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
+			{
+				fw_set_until_locked(w, now, 0);
+				ended = true;
+			}
+		}
 	}
 	LWLockRelease(fw_shared->wl_lock);
 
@@ -350,24 +566,27 @@ fw_deescalate_now(const char *workload)
 }
 
 /*
- * Copies of every tracked workload, palloc'd in the current context.  The
- * array is allocated before the lock is taken.
+ * Copies of the tracked workloads of this database, palloc'd in the
+ * current context.  The array is allocated before the lock is taken.
  */
 int
 fw_workload_snapshots(FwWorkloadSnapshot **out)
 {
 	FwWorkloadSnapshot *snaps;
-	int			n;
+	int			n = 0;
 
 	fw_check_shared();
 	snaps = palloc0(sizeof(FwWorkloadSnapshot) * fw_max_workloads);
 
 	LWLockAcquire(fw_shared->wl_lock, LW_SHARED);
-	n = fw_shared->num_workloads;
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < fw_shared->num_workloads; i++)
 	{
 		FwWorkload *w = &fw_shared->workloads[i];
-		FwWorkloadSnapshot *s = &snaps[i];
+		FwWorkloadSnapshot *s;
+
+		if (!w->in_use || w->dboid != MyDatabaseId)
+			continue;
+		s = &snaps[n++];
 
 		memcpy(s->name, w->name, FW_NAMELEN);
 		s->priority_until = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
@@ -392,14 +611,17 @@ fw_workload_snapshots(FwWorkloadSnapshot **out)
  * window counts as one escalation, and is already mirrored.
  */
 void
-fw_restore_window(const char *workload, TimestampTz started,
+fw_restore_window(Oid dboid, const char *workload, TimestampTz started,
 				  TimestampTz until, int32 windows_in_row, bool manual)
 {
 	int			slot;
 	bool		full;
 	FwWorkload *w;
 
-	slot = fw_lookup_slot(workload, true, &full);
+	fw_check_shared();
+	if (strlen(workload) >= FW_NAMELEN)
+		return;
+	slot = fw_lookup_slot(dboid, workload, true, &full);
 	if (slot < 0)
 	{
 		ereport(WARNING,
@@ -411,10 +633,12 @@ fw_restore_window(const char *workload, TimestampTz started,
 				 errhint("Raise fw_tier.max_workloads and restart the server.")));
 		return;
 	}
-	w = &fw_shared->workloads[slot];
+	w = &fw_shared->workloads[slot & FW_SLOT_INDEX_MASK];
 
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
-	if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) < until)
+	if (fw_slot_handle(slot & FW_SLOT_INDEX_MASK,
+					   pg_atomic_read_u32(&w->generation)) == slot &&
+		(TimestampTz) pg_atomic_read_u64(&w->priority_until) < until)
 	{
 		w->window_started = started;
 		w->windows_in_row = Max(windows_in_row, 1);
@@ -466,7 +690,8 @@ fw_windows_to_sync(FwWindowSync *out, TimestampTz now, TimestampTz *next_expiry)
 			w->mirrored_closed == closed && !alert)
 			continue;
 
-		out[n].slot = i;
+		out[n].slot = fw_slot_handle(i, pg_atomic_read_u32(&w->generation));
+		out[n].dboid = w->dboid;
 		memcpy(out[n].name, w->name, FW_NAMELEN);
 		out[n].started = w->window_started;
 		out[n].until = until;
@@ -485,9 +710,16 @@ fw_windows_to_sync(FwWindowSync *out, TimestampTz now, TimestampTz *next_expiry)
 void
 fw_windows_synced(const FwWindowSync *ws)
 {
-	FwWorkload *w = &fw_shared->workloads[ws->slot];
+	int			index = ws->slot & FW_SLOT_INDEX_MASK;
+	FwWorkload *w = &fw_shared->workloads[index];
 
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
+	/* reused since: that is another workload's state */
+	if (fw_slot_handle(index, pg_atomic_read_u32(&w->generation)) != ws->slot)
+	{
+		LWLockRelease(fw_shared->wl_lock);
+		return;
+	}
 	w->mirrored_started = ws->started;
 	w->mirrored_until = ws->until;
 	w->mirrored_closed = ws->closed;

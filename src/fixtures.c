@@ -23,7 +23,8 @@
  * fingerprint and the start of the prompt, so the user knows what to
  * record.  Recording writes in the caller's transaction, and writes again
  * what a rollback took away (a failed call raises, and that failure is the
- * fixture a test of failures needs): see FwPendingFixture.
+ * fixture a test of failures needs): see FwPendingFixture.  A fixture that
+ * cannot be written is a WARNING, never the call's failure.
  *
  * The SQL side (fw_fingerprint, fw_fixture, the export and import views)
  * is in the extension script; fw_fixture_key() below is what it calls, so
@@ -40,7 +41,9 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "storage/ipc.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -234,6 +237,74 @@ fw_pending_free(FwPendingFixture *f)
 	pfree(f);
 }
 
+/*
+ * Write one fixture in a subtransaction of its own.  A write that fails
+ * (no INSERT privilege, a constraint, a read-only transaction, ...) is a
+ * WARNING and returns false; the caller drops the record.  Nothing is left
+ * behind to fail again: the error used to propagate, the record stayed
+ * owed, and every later record/replay call and fixtures_export retried it
+ * and failed the same way until the session ended.  The attempt itself is
+ * unaffected: the engine logs it and returns its answer (item 7: a paid
+ * attempt is never lost to a fixture).
+ *
+ * A cancel that arrives during the write is not swallowed: it is raised
+ * again at the engine's next interrupt check, which logs what is in flight.
+ */
+static bool
+fw_fixture_try_write(FwPendingFixture *f)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool ok = false;
+
+	/* a parallel query's leader may neither write nor start a subxact */
+	if (IsInParallelMode())
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("could not record fw_tier fixture for request %s", f->fingerprint),
+				 errdetail("Fixtures cannot be written during a parallel operation."),
+				 errhint("Record with max_parallel_workers_per_gather = 0.")));
+		return false;
+	}
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		fw_fixture_write(f);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		{
+			InterruptPending = true;
+			QueryCancelPending = true;
+		}
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("could not record fw_tier fixture for request %s", f->fingerprint),
+				 errdetail("%s", edata->message),
+				 errhint("The call itself is unaffected and logged; recording needs INSERT and UPDATE on fw_tier.fixtures.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return ok;
+}
+
 static void
 fw_fixture_xact_callback(XactEvent event, void *arg)
 {
@@ -285,7 +356,10 @@ fw_fixture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 	}
 }
 
-/* Write the records a rollback took away; returns how many. */
+/*
+ * Write the records a rollback took away; returns how many.  One that
+ * cannot be written is dropped with a WARNING (fw_fixture_try_write).
+ */
 static int
 fw_fixture_flush_pending(void)
 {
@@ -296,10 +370,14 @@ fw_fixture_flush_pending(void)
 	{
 		FwPendingFixture *f = lfirst(lc);
 
-		if (!f->written)
-		{
-			fw_fixture_write(f);
+		if (f->written)
+			continue;
+		if (fw_fixture_try_write(f))
 			n++;
+		else
+		{
+			fw_pending = foreach_delete_current(fw_pending, lc);
+			fw_pending_free(f);
 		}
 	}
 	return n;
@@ -376,7 +454,12 @@ fw_fixture_record(FwCall *call, const FwHttpResult *r)
 	fw_pending = lappend(fw_pending, f);
 	MemoryContextSwitchTo(old);
 
-	fw_fixture_write(f);
+	/* in the list first: the subtransaction callbacks follow its subid */
+	if (!fw_fixture_try_write(f))
+	{
+		fw_pending = list_delete_ptr(fw_pending, f);
+		fw_pending_free(f);
+	}
 }
 
 PG_FUNCTION_INFO_V1(fw_fixture_flush);

@@ -16,6 +16,7 @@
 
 #include <sys/stat.h>
 
+#include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
@@ -32,6 +33,7 @@ void		_PG_init(void);
 char	   *fw_base_url = NULL;
 char	   *fw_api_key = NULL;
 char	   *fw_api_key_file = NULL;
+char	   *fw_api_key_dir = NULL;
 char	   *fw_default_model = NULL;
 char	   *fw_database = NULL;
 int			fw_connect_timeout_ms = 10000;
@@ -88,6 +90,47 @@ fw_api_key_show(void)
 	return (fw_api_key && fw_api_key[0]) ? "********" : "";
 }
 
+/*
+ * fw_tier.api_key may come from postgresql.conf (or ALTER SYSTEM), from
+ * the command line, or from a superuser's SET in their own session.  Never
+ * from ALTER ROLE / ALTER DATABASE ... SET, nor a function's SET clause:
+ * those store the value in pg_db_role_setting or pg_proc.proconfig, which
+ * every role can read.  Per-role keys are files in fw_tier.api_key_dir.
+ *
+ * Storing such a setting is validated with source PGC_S_TEST: refused with
+ * an ERROR raised here, with errhidestmt so that log_min_error_statement
+ * does not copy the statement, key included, into the server log.  A value
+ * stored before 0.2 arrives at session start (PGC_S_DATABASE, PGC_S_USER,
+ * PGC_S_DATABASE_USER, PGC_S_GLOBAL): it is ignored with a WARNING of ours
+ * (the default message would quote the value).  Setting it to '' is
+ * harmless and always allowed.
+ */
+static bool
+fw_api_key_check(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+
+	if (source == PGC_S_TEST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("fw_tier.api_key cannot be stored with ALTER ROLE, ALTER DATABASE or a function's SET clause"),
+				 errdetail("Such settings are readable by every role in pg_db_role_setting and pg_proc."),
+				 errhint("Give a role its own key as a file named after the role in fw_tier.api_key_dir."),
+				 errhidestmt(true)));
+
+	if (source == PGC_S_GLOBAL || source == PGC_S_DATABASE ||
+		source == PGC_S_USER || source == PGC_S_DATABASE_USER)
+	{
+		GUC_check_errcode(ERRCODE_INSUFFICIENT_PRIVILEGE);
+		GUC_check_errmsg("fw_tier.api_key set with ALTER ROLE or ALTER DATABASE is ignored");
+		GUC_check_errdetail("Such settings are readable by every role in pg_db_role_setting.");
+		GUC_check_errhint("Remove it with ALTER ROLE ... RESET fw_tier.api_key (or ALTER DATABASE) and put the key in a file in fw_tier.api_key_dir.");
+		return false;
+	}
+	return true;
+}
+
 void
 _PG_init(void)
 {
@@ -107,13 +150,20 @@ _PG_init(void)
 							   &fw_api_key, "",
 							   PGC_SUSET,
 							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, fw_api_key_show);
+							   fw_api_key_check, NULL, fw_api_key_show);
 
 	DefineCustomStringVariable("fw_tier.api_key_file",
 							   "File holding the Fireworks API key, read by the server.",
 							   NULL,
 							   &fw_api_key_file, "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("fw_tier.api_key_dir",
+							   "Directory of per-role API key files, one named after each role, read by the server.",
+							   "A role's file wins over fw_tier.api_key; a role without one uses the server-wide key.",
+							   &fw_api_key_dir, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 
 	DefineCustomStringVariable("fw_tier.default_model",
@@ -298,11 +348,133 @@ fw_parse_on_overload(const char *s, FwOnOverload *policy)
 }
 
 /*
- * The API key in force: fw_tier.api_key, else the first line of
- * fw_tier.api_key_file, else FIREWORKS_API_KEY from the server's
- * environment.  The file is re-read only when its name or mtime changes.
- * Returns "" when there is no key (the request then goes out without
- * Authorization, and the provider answers 401).
+ * The first line of a key file, trailing blanks removed, in
+ * TopMemoryContext.  what names the setting in error messages, which give
+ * the file's name, never its content.
+ */
+static char *
+fw_read_key_file(const char *path, const char *what)
+{
+	FILE	   *f;
+	char		buf[1024];
+	size_t		len;
+	char	   *key;
+
+	f = AllocateFile(path, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open %s \"%s\": %m", what, path)));
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	FreeFile(f);
+	len = strlen(buf);
+	while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r' ||
+					   buf[len - 1] == ' ' || buf[len - 1] == '\t'))
+		buf[--len] = '\0';
+	key = MemoryContextStrdup(TopMemoryContext, buf);
+	explicit_bzero(buf, sizeof(buf));
+	return key;
+}
+
+/*
+ * The calling role's own key: the file named after current_user in
+ * fw_tier.api_key_dir, or NULL when there is none (no directory set, no
+ * file, or a role name that is not a plain file name).  Read by the
+ * backend itself, as the server's operating-system user: nothing of it is
+ * reachable through SQL (the directory is set in postgresql.conf, the file
+ * has no SQL interface), so no role can read another's key.  The file must
+ * not be accessible by group or others, like a server's SSL key.  Cached
+ * per backend; looked at once per statement, and re-read when the role or
+ * the file (inode, size, times) changes.
+ */
+static const char *
+fw_role_api_key(void)
+{
+	static Oid	cached_role = InvalidOid;
+	static char *cached_path = NULL;
+	static struct stat cached_st;
+	static char *cached_key = NULL;
+	static TimestampTz checked_stmt = 0;
+	static Oid	checked_role = InvalidOid;
+	static bool checked_found = false;
+	Oid			role = GetUserId();
+	TimestampTz stmt = GetCurrentStatementStartTimestamp();
+	char	   *name;
+	char	   *path;
+	struct stat st;
+
+	if (fw_api_key_dir == NULL || fw_api_key_dir[0] == '\0')
+		return NULL;
+	/* once per statement and role: a statement of 20,000 calls stats once */
+	if (checked_stmt == stmt && checked_role == role)
+		return checked_found ? cached_key : NULL;
+	checked_stmt = 0;
+	name = GetUserNameFromId(role, true);
+	/* a name that could leave the directory, or a hidden file: no key */
+	if (name == NULL || name[0] == '\0' || name[0] == '.' ||
+		strchr(name, '/') != NULL)
+		return NULL;
+	path = psprintf("%s/%s", fw_api_key_dir, name);
+
+	if (stat(path, &st) != 0)
+	{
+		if (errno == ENOENT)
+		{
+			pfree(path);
+			checked_stmt = stmt;
+			checked_role = role;
+			checked_found = false;
+			return NULL;
+		}
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not stat fw_tier key file \"%s\": %m", path)));
+	}
+	if (!S_ISREG(st.st_mode))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("fw_tier key file \"%s\" is not a regular file", path)));
+	if (st.st_mode & (S_IRWXG | S_IRWXO))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("fw_tier key file \"%s\" has group or world access", path),
+				 errdetail("Permissions should be u=rw (0600) or less."),
+				 errhint("chmod 0600 the file; it must be readable by the database server's user only.")));
+
+	if (cached_key == NULL || cached_role != role ||
+		strcmp(cached_path, path) != 0 ||
+		st.st_ino != cached_st.st_ino || st.st_dev != cached_st.st_dev ||
+		st.st_size != cached_st.st_size ||
+		st.st_mtime != cached_st.st_mtime || st.st_ctime != cached_st.st_ctime)
+	{
+		char	   *key = fw_read_key_file(path, "fw_tier key file");
+
+		if (cached_key)
+		{
+			explicit_bzero(cached_key, strlen(cached_key));
+			pfree(cached_key);
+		}
+		if (cached_path)
+			pfree(cached_path);
+		cached_key = key;
+		cached_path = MemoryContextStrdup(TopMemoryContext, path);
+		cached_role = role;
+		cached_st = st;
+	}
+	pfree(path);
+	checked_stmt = stmt;
+	checked_role = role;
+	checked_found = true;
+	return cached_key;
+}
+
+/*
+ * The API key in force: the calling role's file in fw_tier.api_key_dir,
+ * else fw_tier.api_key, else the first line of fw_tier.api_key_file, else
+ * FIREWORKS_API_KEY from the server's environment.  Files are re-read only
+ * when they change.  Returns "" when there is no key (the request then
+ * goes out without Authorization, and the provider answers 401).
  */
 const char *
 fw_effective_api_key(void)
@@ -310,7 +482,12 @@ fw_effective_api_key(void)
 	static char *file_key = NULL;
 	static char *file_name = NULL;
 	static time_t file_mtime = 0;
+	const char *role_key;
 	const char *env;
+
+	role_key = fw_role_api_key();
+	if (role_key != NULL)
+		return role_key;
 
 	if (fw_api_key && fw_api_key[0])
 		return fw_api_key;
@@ -328,32 +505,18 @@ fw_effective_api_key(void)
 		if (file_key == NULL || file_name == NULL ||
 			strcmp(file_name, fw_api_key_file) != 0 || st.st_mtime != file_mtime)
 		{
-			FILE	   *f;
-			char		buf[1024];
-			size_t		len;
-
-			f = AllocateFile(fw_api_key_file, "r");
-			if (f == NULL)
-				ereport(ERROR,
-						(errcode_for_file_access(),
-						 errmsg("could not open fw_tier.api_key_file \"%s\": %m",
-								fw_api_key_file)));
-			if (fgets(buf, sizeof(buf), f) == NULL)
-				buf[0] = '\0';
-			FreeFile(f);
-			len = strlen(buf);
-			while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r' ||
-							   buf[len - 1] == ' ' || buf[len - 1] == '\t'))
-				buf[--len] = '\0';
+			char	   *key = fw_read_key_file(fw_api_key_file, "fw_tier.api_key_file");
 
 			if (file_key)
+			{
+				explicit_bzero(file_key, strlen(file_key));
 				pfree(file_key);
+			}
 			if (file_name)
 				pfree(file_name);
-			file_key = MemoryContextStrdup(TopMemoryContext, buf);
+			file_key = key;
 			file_name = MemoryContextStrdup(TopMemoryContext, fw_api_key_file);
 			file_mtime = st.st_mtime;
-			explicit_bzero(buf, sizeof(buf));
 		}
 		return file_key;
 	}

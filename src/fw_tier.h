@@ -77,6 +77,7 @@ typedef enum FwOnError
 extern char *fw_base_url;
 extern char *fw_api_key;
 extern char *fw_api_key_file;
+extern char *fw_api_key_dir;
 extern char *fw_default_model;
 extern char *fw_database;
 extern int	fw_connect_timeout_ms;
@@ -136,6 +137,10 @@ typedef struct FwWorkload
 	TimestampTz mirrored_until;
 	bool		mirrored_closed;
 	pg_atomic_uint64 attempts[FW_NUM_PATHS][FW_NUM_OUTCOMES];
+	/* the slot's key and reuse (escalation.c, "Slots" in its header) */
+	Oid			dboid;			/* database of the workload */
+	pg_atomic_uint32 generation;	/* bumped each time the slot is assigned */
+	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup or route */
 } FwWorkload;
 
 typedef struct FwSharedState
@@ -202,24 +207,31 @@ typedef struct FwWorkloadSnapshot
 	int64		attempts[FW_NUM_PATHS][FW_NUM_OUTCOMES];
 } FwWorkloadSnapshot;
 
+/*
+ * A slot handle names a slot and the assignment it was given for (index and
+ * generation): a slot reused for another workload invalidates old handles.
+ * -1 = none.
+ */
 extern int	fw_workload_slot(const char *name);
+extern bool fw_workload_slot_valid(int slot);
 extern FwPath fw_route(int slot, FwPath configured, TimestampTz now);
 extern bool fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
 							 int window_s, TimestampTz now);
 extern void fw_count_attempt(int slot, FwPath path, FwOutcome outcome);
-extern void fw_escalate_now(const char *workload, int64 window_ms);
+extern TimestampTz fw_escalate_now(const char *workload, int64 window_ms);
 extern void fw_deescalate_now(const char *workload);
 extern int	fw_workload_snapshots(FwWorkloadSnapshot **out);
 
 /* worker side: restore an open window read back from fw_tier.escalations */
-extern void fw_restore_window(const char *workload, TimestampTz started,
-							  TimestampTz until, int32 windows_in_row,
-							  bool manual);
+extern void fw_restore_window(Oid dboid, const char *workload,
+							  TimestampTz started, TimestampTz until,
+							  int32 windows_in_row, bool manual);
 
 /* worker side: windows whose state differs from fw_tier.escalations */
 typedef struct FwWindowSync
 {
-	int			slot;
+	int			slot;			/* handle */
+	Oid			dboid;			/* the workload's database */
 	char		name[FW_NAMELEN];
 	TimestampTz started;
 	TimestampTz until;

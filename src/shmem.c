@@ -10,13 +10,19 @@
  * held across palloc, ereport, SPI, a latch wait or any other I/O:
  *
  * wl_lock (workload slots, escalation.c):
- *	- shared to look a name up and to copy slots out (snapshots, the
- *	  worker's mirror list); exclusive to create a slot or to change a
- *	  window (open, extend, de-escalate, restore, worker bookkeeping).
+ *	- shared to look a (database, name) key up and to copy slots out
+ *	  (snapshots, the worker's mirror list); exclusive to assign or reuse a
+ *	  slot or to change a window (open, extend, de-escalate, restore, worker
+ *	  bookkeeping).  num_workloads is the high-water mark of slots ever
+ *	  assigned; slots are reused, never emptied (escalation.c, "Slots").
  *	- priority_until and window_us are pg_atomic_uint64: written only while
  *	  holding wl_lock exclusively, read WITHOUT any lock by fw_route() so the
  *	  per-request hot path never contends.  The attempt counters are
  *	  atomics too, incremented without a lock.
+ *	- generation is written only under wl_lock exclusively, when a slot is
+ *	  (re)assigned, and read without a lock to check a backend's cached
+ *	  handle; last_used is written by any backend without a lock (a
+ *	  timestamp, last writer wins) and read by the reuse decision.
  *
  * ring_lock (the call-log ring, calllog.c):
  *	- exclusive, briefly, for a writer to reserve space: it moves head and
@@ -130,8 +136,11 @@ fw_shmem_startup(void)
 		{
 			FwWorkload *w = &fw_shared->workloads[i];
 
+			w->dboid = InvalidOid;
 			pg_atomic_init_u64(&w->priority_until, 0);
 			pg_atomic_init_u64(&w->window_us, 0);
+			pg_atomic_init_u32(&w->generation, 0);
+			pg_atomic_init_u64(&w->last_used, 0);
 			for (int p = 0; p < FW_NUM_PATHS; p++)
 				for (int o = 0; o < FW_NUM_OUTCOMES; o++)
 					pg_atomic_init_u64(&w->attempts[p][o], 0);

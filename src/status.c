@@ -29,8 +29,9 @@ PG_FUNCTION_INFO_V1(fw_flush);
 #define FW_STATE_COLS	16
 
 /*
- * fw_tier_workload_state(): one row per workload tracked in shared memory
- * (a workload appears once a call used it or it was escalated).
+ * fw_tier_workload_state(): one row per workload of this database tracked
+ * in shared memory (a workload appears once a call used it or it was
+ * escalated, until its slot is reused).
  */
 Datum
 fw_tier_workload_state(PG_FUNCTION_ARGS)
@@ -203,7 +204,6 @@ fw_escalate(PG_FUNCTION_ARGS)
 {
 	char	   *workload;
 	int64		window_us;
-	int			slot;
 
 	fw_require_preload();
 	if (PG_ARGISNULL(0))
@@ -229,11 +229,7 @@ fw_escalate(PG_FUNCTION_ARGS)
 		window_us = (int64) fw_priority_window_s * USECS_PER_SEC;
 
 	/* whole milliseconds, at least one */
-	fw_escalate_now(workload, Max(window_us / 1000, 1));
-
-	slot = fw_workload_slot(workload);
-	PG_RETURN_TIMESTAMPTZ((TimestampTz)
-						  pg_atomic_read_u64(&fw_shared->workloads[slot].priority_until));
+	PG_RETURN_TIMESTAMPTZ(fw_escalate_now(workload, Max(window_us / 1000, 1)));
 }
 
 /*

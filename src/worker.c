@@ -61,6 +61,7 @@
 #include "catalog/pg_database.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "common/string.h"
 #include "executor/spi.h"
@@ -840,8 +841,11 @@ fw_log_pending(void)
 /*
  * Write fw_tier.escalations from shared memory: for each window whose
  * state changed, close older open rows of the workload, then update the
- * row of this window or insert it.  Idempotent, so a crash between COMMIT
- * and fw_windows_synced() only repeats the work.
+ * row of this window or insert it.  Windows are per database: every row
+ * names its database (the worker writes them all here, in
+ * fw_tier.database).  A window of a database dropped since is not written.
+ * Idempotent, so a crash between COMMIT and fw_windows_synced() only
+ * repeats the work.
  */
 static void
 fw_worker_sync_rows(FwWindowSync *ws, int n)
@@ -849,13 +853,17 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 	for (int i = 0; i < n; i++)
 	{
 		FwWindowSync *w = &ws[i];
-		Datum		args[6];
-		char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
-		Oid			types2[2] = {TEXTOID, TIMESTAMPTZOID};
-		Oid			types4[4] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-		Oid			types6[6] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, TEXTOID, INT4OID};
+		Datum		args[7];
+		char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+		Oid			types[7] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, TEXTOID, INT4OID, NAMEOID};
 		int			ret;
+		char	   *dbname = get_database_name(w->dboid);
+		NameData	dbn;
+
+		if (dbname == NULL)
+			continue;			/* dropped: nobody can read its windows */
+		namestrcpy(&dbn, dbname);
 
 		args[0] = CStringGetTextDatum(w->name);
 		args[1] = TimestampTzGetDatum(w->started);
@@ -865,19 +873,22 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 			nulls[3] = 'n';
 		args[4] = CStringGetTextDatum(w->manual ? "manual" : "overloaded");
 		args[5] = Int32GetDatum(w->windows_in_row);
+		args[6] = NameGetDatum(&dbn);
 
+		/* every statement gets all 7 (fixed parameters may go unused) */
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET ended = LEAST(priority_until, $2)"
-									" WHERE workload = $1 AND ended IS NULL AND started <> $2",
-									2, types2, args, nulls, false, 0);
+									" WHERE database = $7 AND workload = $1"
+									" AND ended IS NULL AND started <> $2",
+									7, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: closing old windows failed: %s",
 				 SPI_result_code_string(ret));
 
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET priority_until = $3, ended = $4"
-									" WHERE workload = $1 AND started = $2",
-									4, types4, args, nulls, false, 0);
+									" WHERE database = $7 AND workload = $1 AND started = $2",
+									7, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: updating a window failed: %s",
 				 SPI_result_code_string(ret));
@@ -885,9 +896,9 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 		if (SPI_processed == 0)
 		{
 			ret = SPI_execute_with_args("INSERT INTO fw_tier.escalations"
-										" (workload, started, priority_until, ended, trigger, windows_in_row)"
-										" VALUES ($1, $2, $3, $4, $5, $6)",
-										6, types6, args, nulls, false, 0);
+										" (database, workload, started, priority_until, ended, trigger, windows_in_row)"
+										" VALUES ($7, $1, $2, $3, $4, $5, $6)",
+										7, types, args, nulls, false, 0);
 			if (ret != SPI_OK_INSERT)
 				elog(ERROR, "fw_tier: recording a window failed: %s",
 					 SPI_result_code_string(ret));
@@ -900,12 +911,14 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 			ereport(WARNING,
 					(errmsg("fw_tier: workload \"%s\" has been escalated to priority for %d windows in a row",
 							w->name, w->windows_in_row),
-					 errdetail("The current window lasts until %s.",
-							   timestamptz_to_str(w->until)),
+					 errdetail("The workload is in database \"%s\"; the current window lasts until %s.",
+							   dbname, timestamptz_to_str(w->until)),
 					 errhint("Sustained 503 Service Overloaded on the standard path is a capacity problem, not a spike: review the workload's path and capacity.")));
 
 			initStringInfo(&payload);
-			appendStringInfoString(&payload, "{\"workload\": ");
+			appendStringInfoString(&payload, "{\"database\": ");
+			escape_json(&payload, dbname);
+			appendStringInfoString(&payload, ", \"workload\": ");
 			escape_json(&payload, w->name);
 			appendStringInfo(&payload, ", \"windows_in_row\": %d, \"priority_until\": ",
 							 w->windows_in_row);
@@ -918,17 +931,19 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 }
 
 /*
- * At start: put back windows still open in fw_tier.escalations (a server
- * restart inside a window keeps Priority), then close rows whose window
- * passed while we were away.  Runs after fw_worker_sync_rows() in the same
- * transaction, so windows still in shared memory (worker restart without
- * crash) were written first and are not closed.
+ * At start: put back windows still open in fw_tier.escalations, those of
+ * every database (a server restart inside a window keeps Priority), then
+ * close rows whose window passed while we were away.  A row of a database
+ * that no longer exists is not restored.  Runs after fw_worker_sync_rows()
+ * in the same transaction, so windows still in shared memory (worker
+ * restart without crash) were written first and are not closed.
  */
 static void
 fw_worker_restore(void)
 {
 	typedef struct
 	{
+		Oid			dboid;
 		char		name[FW_NAMELEN];
 		TimestampTz started;
 		TimestampTz until;
@@ -940,7 +955,7 @@ fw_worker_restore(void)
 	int			ret;
 
 	ret = SPI_execute("SELECT workload, started, priority_until, windows_in_row,"
-					  " trigger = 'manual'"
+					  " trigger = 'manual', database"
 					  " FROM fw_tier.escalations"
 					  " WHERE ended IS NULL AND priority_until > now()"
 					  " ORDER BY id", true, 0);
@@ -962,18 +977,22 @@ fw_worker_restore(void)
 		rows[i].until = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
 		rows[i].windows_in_row = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
 		rows[i].manual = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+		rows[i].dboid = InvalidOid;
+		if (SPI_getvalue(tup, desc, 6) != NULL)
+			rows[i].dboid = get_database_oid(SPI_getvalue(tup, desc, 6), true);
 	}
 
 	/* takes wl_lock per call; no SPI while it is held */
 	for (int i = 0; i < nrows; i++)
 	{
-		if (rows[i].name[0] == '\0')
+		if (rows[i].name[0] == '\0' || !OidIsValid(rows[i].dboid))
 			continue;
-		fw_restore_window(rows[i].name, rows[i].started, rows[i].until,
-						  rows[i].windows_in_row, rows[i].manual);
+		fw_restore_window(rows[i].dboid, rows[i].name, rows[i].started,
+						  rows[i].until, rows[i].windows_in_row, rows[i].manual);
 		ereport(LOG,
-				(errmsg("fw_tier worker: workload \"%s\" stays on priority until %s",
-						rows[i].name, timestamptz_to_str(rows[i].until))));
+				(errmsg("fw_tier worker: workload \"%s\" of database %u stays on priority until %s",
+						rows[i].name, rows[i].dboid,
+						timestamptz_to_str(rows[i].until))));
 	}
 
 	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until"

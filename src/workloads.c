@@ -32,7 +32,7 @@ static Oid	fw_wl_relid = InvalidOid;
 static bool fw_wl_valid = false;
 static bool fw_wl_callback_registered = false;
 
-/* Shared-memory slot per name; survives cache rebuilds. */
+/* Shared-memory slot handle per name; survives cache rebuilds. */
 typedef struct FwSlotEntry
 {
 	char		name[FW_NAMELEN];
@@ -178,7 +178,8 @@ fw_workload_get(const char *name, FwWorkloadConf *out)
 									HASH_ELEM | HASH_STRINGS);
 	}
 	se = hash_search(fw_slot_cache, out->name, HASH_FIND, &found);
-	if (se == NULL)
+	/* a slot left idle may have been given to another workload since */
+	if (se == NULL || !fw_workload_slot_valid(se->slot))
 	{
 		int			slot = fw_workload_slot(out->name);
 
