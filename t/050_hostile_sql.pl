@@ -223,9 +223,9 @@ SELECT g, 1, now() - interval '100 days', 'postgres', 'someone_else', 'default',
   FROM generate_series(1, 5) g;
 });
 my $before = $node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls');
-is($node->safe_psql('postgres',
-		"SET ROLE janitor; SELECT fw_tier.purge_calls('90 days', 2)"),
-	'5', 'a grantee purges every old row, whoever made the call');
+my ($pret, $pout, $perr) = $node->psql('postgres',
+	"SET ROLE janitor; SELECT fw_tier.purge_calls('90 days', 2)");
+is("$pout$perr", '5', 'a grantee purges every old row, whoever made the call');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls'), $before - 5,
 	'recent rows stay');
 my ($ret, $out, $err) = $node->psql('postgres',
