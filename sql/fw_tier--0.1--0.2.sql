@@ -202,7 +202,8 @@ ALTER TABLE fw_tier.prices
  * data: dumped with the database.  fw_tier.workloads is dumped except the
  * shipped rows still as shipped, which CREATE EXTENSION inserts again; an
  * edited shipped row is dumped, and the trigger below lets its restore
- * replace the freshly inserted original instead of failing on the key.
+ * (a COPY) replace the freshly inserted original instead of failing on
+ * the key.
  */
 SELECT pg_catalog.pg_extension_config_dump('fw_tier.calls', '');
 SELECT pg_catalog.pg_extension_config_dump('fw_tier.escalations', '');
@@ -230,20 +231,22 @@ $$;
 SELECT pg_catalog.pg_extension_config_dump('fw_tier.workloads',
 	'WHERE NOT fw_tier.workload_is_shipped(workload, path, model, fast_model, on_overload, priority_window)');
 
--- An INSERT of a shipped workload's name replaces the shipped row while it
--- is still as shipped (a restore of an edited one); otherwise the key
--- refuses it as before.
+-- A COPY into fw_tier.workloads (what pg_restore and psql run for the
+-- dumped rows, and \copy) of a shipped workload's name replaces the
+-- shipped row while that row is still as shipped.  INSERT keeps its usual
+-- meaning: the key refuses a duplicate, ON CONFLICT works as always.
 CREATE FUNCTION fw_tier.workloads_replace_shipped() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-	-- looked up first: only then does the inserter need DELETE
-	IF EXISTS (SELECT FROM fw_tier.workloads w
-				WHERE w.workload OPERATOR(pg_catalog.=) NEW.workload
-				  AND fw_tier.workload_is_shipped(w.workload, w.path, w.model,
-												  w.fast_model, w.on_overload,
-												  w.priority_window)) THEN
+	IF pg_catalog.current_query() OPERATOR(pg_catalog.~*) '^\s*copy\s'
+	   -- looked up first: only then does the copier need DELETE
+	   AND EXISTS (SELECT FROM fw_tier.workloads w
+				    WHERE w.workload OPERATOR(pg_catalog.=) NEW.workload
+					  AND fw_tier.workload_is_shipped(w.workload, w.path, w.model,
+													  w.fast_model, w.on_overload,
+													  w.priority_window)) THEN
 		DELETE FROM fw_tier.workloads w
 		 WHERE w.workload OPERATOR(pg_catalog.=) NEW.workload;
 	END IF;

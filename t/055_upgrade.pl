@@ -146,6 +146,27 @@ my $dump_s = sub {
 };
 is($dump_s->('upgraded'), $dump_s->('fresh'), 'pg_dump --schema-only is the same for both');
 
+# The restore's COPY of an edited shipped workload replaces the shipped
+# row; INSERT keeps its meaning.
+{
+	my ($r, $o, $e) = $node->psql('fresh',
+		"\\set VERBOSITY verbose\nINSERT INTO fw_tier.workloads (workload) VALUES ('default')");
+	like($e, qr/23505/, 'INSERT of a shipped workload name is still a duplicate key');
+	$node->safe_psql('fresh', q{
+INSERT INTO fw_tier.workloads (workload, path) VALUES ('batch', 'priority')
+	ON CONFLICT (workload) DO UPDATE SET path = EXCLUDED.path});
+	is($node->safe_psql('fresh',
+			"SELECT path || ' ' || on_overload FROM fw_tier.workloads WHERE workload = 'batch'"),
+		'priority retry', 'INSERT ... ON CONFLICT DO UPDATE still updates the shipped row');
+	$node->safe_psql('fresh', "COPY fw_tier.workloads (workload, path, on_overload) FROM stdin;\nagent\tpriority\tfail\n\\.\n");
+	is($node->safe_psql('fresh',
+			"SELECT count(*) || ' ' || string_agg(path || ' ' || on_overload, ',') FROM fw_tier.workloads WHERE workload = 'agent'"),
+		'1 priority fail', 'COPY of a shipped workload name replaces the unchanged shipped row');
+	my ($r2, $o2, $e2) = $node->psql('fresh',
+		"\\set VERBOSITY verbose\nCOPY fw_tier.workloads (workload) FROM stdin;\nbatch\n\\.\n");
+	like($e2, qr/23505/, 'COPY of an edited shipped workload is a duplicate key');
+}
+
 # ---- (b) pg_dump / pg_restore keeps workloads, prices, the log ------------
 my $model = 'accounts/fireworks/models/kimi-k2p6';
 $node->safe_psql('postgres', 'CREATE DATABASE src');
