@@ -207,7 +207,9 @@ fw_worker_pin_search_path(void)
  * The launcher's SIGTERM: who sent it?  The postmaster sends SIGTERM when
  * the server shuts down; anything else (pg_terminate_backend, kill) is a
  * termination the launcher must come back from, and a background worker
- * that exits with 0 is unregistered for good.  si_pid tells the two apart.
+ * that exits with 0 is unregistered for good.  si_pid tells the two apart
+ * (TerminateBackgroundWorker() is delivered by the postmaster too, and
+ * means "for good").
  */
 static volatile sig_atomic_t fw_term_by_postmaster = false;
 

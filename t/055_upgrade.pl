@@ -7,7 +7,7 @@
 # pg_restore of a database using fw_tier keeps edited and added workloads,
 # prices, the call log and the escalation history, with no error and no
 # duplicate, into the same cluster and into another cluster where fw_tier
-# is preloaded and its worker is live.
+# is preloaded and its worker is live with records waiting in its ring.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -203,6 +203,7 @@ UNION ALL
 SELECT 'prices ' || string_agg(p::text, ' ' ORDER BY model, path) FROM fw_tier.prices p
 UNION ALL
 SELECT 'calls ' || count(*) || ' ' || md5(string_agg(c::text, E'\n' ORDER BY call_id, attempt)) FROM fw_tier.calls c
+ WHERE c.database = 'src'
 UNION ALL
 SELECT 'escalations ' || string_agg(e::text, ' ' ORDER BY id) FROM fw_tier.escalations e
 };
@@ -242,7 +243,13 @@ $node->safe_psql('postgres', 'CREATE DATABASE dst');
 restore($node, 'dst', 'same cluster');
 
 # into another cluster, into its fw_tier.database, with the worker live
+# and records of calls made there before waiting in its ring: the flusher
+# writes them as soon as the extension is restored, alongside the restore
 my $node2 = new_node('restored');
+$node2->safe_psql('postgres', q{
+CREATE EXTENSION fw_tier;
+SELECT count(fw_complete('before the restore ' || g)) FROM generate_series(1, 3) g;
+});
 $node2->safe_psql('postgres', 'CREATE DATABASE src');
 restore($node2, 'src', 'other cluster');
 $node2->safe_psql('src', q{
@@ -250,8 +257,10 @@ SELECT fw_complete('after the restore', 'support_bot');
 SET statement_timeout = '120s';
 SELECT fw_flush();
 });
-is($node2->safe_psql('src', 'SELECT count(*) FROM fw_tier.calls'), '7',
+is($node2->safe_psql('src', "SELECT count(*) FROM fw_tier.calls WHERE database = 'src'"), '7',
 	'the restored log takes new calls');
+is($node2->safe_psql('src', "SELECT count(*) FROM fw_tier.calls WHERE database = 'postgres'"), '3',
+	'the records that waited in the ring during the restore are written too');
 is( $node2->safe_psql('src',
 		"SELECT count(*) FROM fw_tier.calls WHERE workload = 'support_bot' AND cost_usd > 0"),
 	'5', 'priced with the restored prices');
