@@ -61,7 +61,7 @@ sub is_super
 {
 	my ($role) = @_;
 	return $node->safe_psql('postgres',
-		"SELECT rolsuper FROM pg_roles WHERE rolname = '$role'");
+		"SET search_path = pg_catalog; SELECT rolsuper FROM pg_roles WHERE rolname = '$role'");
 }
 
 # A new flusher prepares its INSERT again: wait until none runs, so the
@@ -73,7 +73,7 @@ sub wait_no_flusher
 	{
 		return 1
 		  if $node->safe_psql('postgres',
-			"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'")
+			"SET search_path = pg_catalog; SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'")
 		  eq '0';
 		usleep(100_000);
 	}
@@ -82,7 +82,7 @@ sub wait_no_flusher
 
 sub flush
 {
-	$node->safe_psql('postgres', "SET statement_timeout = '120s'; SELECT fw_flush()");
+	$node->safe_psql('postgres', "SET search_path = pg_catalog; SET statement_timeout = '120s'; SELECT public.fw_flush()");
 }
 
 # The SQL of a function that makes $role superuser when it runs as one.
@@ -150,6 +150,33 @@ is( $node->safe_psql('postgres', qq{
 	  FROM fw_tier.calls WHERE username = 'evil2'}),
 	'1|t', 'that call is logged with the right cost too');
 unlike(log_since($log_start), qr/ERROR:/, 'no error in the server log so far');
+
+# ---- item 1: the database owner sets the database's search_path ----------
+# An owner of fw_tier.database need not be a superuser; ALTER DATABASE SET
+# reaches every new session of the database, the flusher's included (and
+# this test's: its own queries pin search_path until the RESET).
+$node->safe_psql('postgres', qq{
+CREATE ROLE evil5 LOGIN;
+ALTER DATABASE postgres OWNER TO evil5;
+CREATE SCHEMA evil5 AUTHORIZATION evil5;
+GRANT EXECUTE ON FUNCTION fw_complete(text, text) TO evil5;
+SET ROLE evil5;
+CREATE FUNCTION evil5.evil_eq(text, text) RETURNS boolean
+	LANGUAGE plpgsql AS \$\$@{[escalate_body('evil5') =~ s/RETURN 777777/RETURN \$1 OPERATOR(pg_catalog.=) \$2/r]}\$\$;
+CREATE OPERATOR evil5.= (leftarg = text, rightarg = text, function = evil5.evil_eq);
+GRANT USAGE ON SCHEMA evil5 TO PUBLIC;
+ALTER DATABASE postgres SET search_path = evil5, pg_catalog;
+});
+ok(wait_no_flusher(), 'no flusher runs before the call under the owner\'s search_path');
+$node->safe_psql('postgres', "SET ROLE evil5; SELECT public.fw_complete('hostile database setting')");
+flush();
+is(is_super('evil5'), 'f', 'ALTER DATABASE SET search_path does not reach the flusher');
+$node->safe_psql('postgres', q{
+ALTER DATABASE postgres RESET search_path;
+ALTER DATABASE postgres OWNER TO CURRENT_USER;
+});
+is($node->safe_psql('postgres', "SELECT count(*) FROM fw_tier.calls WHERE username = 'evil5'"),
+	'1', 'that call is logged');
 
 # ---- item 1: fw_enrich run by a superuser ---------------------------------
 $node->safe_psql('postgres', qq{
