@@ -5,8 +5,10 @@
 #
 # Pins (issue 10, items 1, 11, 14, 15):
 # - operators a role defines in public (int4 * numeric, numeric / int4) or
-#   in a schema named after the bootstrap superuser ("$user") are never
-#   used by the flusher: the role stays ordinary, cost_usd is right;
+#   in a schema named after the bootstrap superuser ("$user"), or that the
+#   owner of fw_tier.database puts first with ALTER DATABASE SET
+#   search_path, are never used by the flusher: the role stays ordinary,
+#   cost_usd is right;
 # - fw_enrich run by a superuser never calls a role's public.cardinality;
 # - operators planted in public before CREATE EXTENSION are not bound by
 #   the extension's views and CHECK constraints;

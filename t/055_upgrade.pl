@@ -216,6 +216,15 @@ ok( IPC::Run::run([ 'pg_dump', '-Fc', '-f', $dumpfile, '-d', $node->connstr('src
 	'pg_dump -Fc runs');
 is($err, '', 'pg_dump says nothing');
 
+# the log can be left out as for any table
+{
+	my ($plain, $perr) = ('', '');
+	IPC::Run::run([ 'pg_dump', '--exclude-table-data=fw_tier.calls', '-d', $node->connstr('src') ],
+		'>', \$plain, '2>', \$perr) or die "pg_dump: $perr";
+	ok($plain !~ /^COPY fw_tier\.calls /m && $plain =~ /^COPY fw_tier\.prices /m,
+		'pg_dump --exclude-table-data=fw_tier.calls leaves the log out, keeps the prices');
+}
+
 sub restore
 {
 	my ($target, $db, $label) = @_;
