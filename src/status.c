@@ -167,16 +167,16 @@ fw_escalate_duration_us(const Interval *iv, const char *what)
 }
 
 /*
- * The workload's priority_window from fw_tier.workloads, in microseconds
- * (0 when NULL).  Raises 22023 when the workload does not exist.
+ * The workload's priority_window from fw_tier.workloads into *window;
+ * false when it is NULL.  Raises 22023 when the workload does not exist.
  */
-static int64
-fw_status_workload_window(const char *workload)
+static bool
+fw_status_workload_window(const char *workload, Interval *window)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	int			ret;
-	int64		window_us = 0;
+	bool		has_window = false;
 	bool		found;
 
 	args[0] = CStringGetTextDatum(workload);
@@ -196,8 +196,11 @@ fw_status_workload_window(const char *workload)
 									  SPI_tuptable->tupdesc, 1, &isnull);
 
 		if (!isnull)
-			window_us = fw_escalate_duration_us(DatumGetIntervalP(d),
-												"the workload's priority_window");
+		{
+			/* SPI_finish frees the tuple: copy the value out */
+			*window = *DatumGetIntervalP(d);
+			has_window = true;
+		}
 	}
 	SPI_finish();
 
@@ -206,7 +209,7 @@ fw_status_workload_window(const char *workload)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("workload \"%s\" does not exist", workload),
 				 errhint("Workloads are rows of fw_tier.workloads.")));
-	return window_us;
+	return has_window;
 }
 
 /*
@@ -219,6 +222,8 @@ fw_escalate(PG_FUNCTION_ARGS)
 {
 	char	   *workload;
 	int64		window_us;
+	Interval	window;
+	bool		has_window;
 	int			slot;
 
 	fw_require_preload();
@@ -228,13 +233,15 @@ fw_escalate(PG_FUNCTION_ARGS)
 				 errmsg("workload must not be null")));
 	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
-	window_us = fw_status_workload_window(workload);
+	/* checks that the workload exists, whatever the duration */
+	has_window = fw_status_workload_window(workload, &window);
 	if (!PG_ARGISNULL(1))
-	{
 		window_us = fw_escalate_duration_us(PG_GETARG_INTERVAL_P(1),
 											"escalation duration");
-	}
-	else if (window_us <= 0)
+	else if (has_window)
+		window_us = fw_escalate_duration_us(&window,
+											"the workload's priority_window");
+	else
 		window_us = (int64) fw_priority_window_s * USECS_PER_SEC;
 
 	/* whole milliseconds, at least one */
@@ -252,6 +259,7 @@ Datum
 fw_deescalate(PG_FUNCTION_ARGS)
 {
 	char	   *workload;
+	Interval	window;
 
 	fw_require_preload();
 	if (PG_ARGISNULL(0))
@@ -260,7 +268,7 @@ fw_deescalate(PG_FUNCTION_ARGS)
 				 errmsg("workload must not be null")));
 	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
-	(void) fw_status_workload_window(workload);
+	(void) fw_status_workload_window(workload, &window);
 	fw_deescalate_now(workload);
 	PG_RETURN_VOID();
 }

@@ -288,6 +288,10 @@ $node->safe_psql('postgres',
 is(escalate_error("SELECT fw_escalate('agent')"),
 	"22008 the workload's priority_window is out of range",
 	'a huge priority_window of the workload: 22008');
+is( $node->safe_psql('postgres', q{
+	SELECT fw_escalate('agent', '5 minutes') - now() BETWEEN interval '4 minutes' AND interval '6 minutes'}),
+	't', 'an explicit duration does not depend on the workload\'s window');
+$node->safe_psql('postgres', "SELECT fw_deescalate('agent')");
 $node->safe_psql('postgres',
 	"UPDATE fw_tier.workloads SET priority_window = NULL WHERE workload = 'agent'");
 is( $node->safe_psql('postgres', q{
