@@ -239,6 +239,16 @@ is( $node->safe_psql('late', q{
 	  JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND d.refobjid = o.oid
 	 WHERE o.oprnamespace <> 'pg_catalog'::regnamespace}),
 	'0', 'no object depends on an operator outside pg_catalog');
+is( $node->safe_psql('late', q{
+	SELECT count(*) FROM pg_depend d
+	  JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
+	 WHERE d.classid IN ('pg_rewrite'::regclass, 'pg_constraint'::regclass,
+						 'pg_attrdef'::regclass, 'pg_policy'::regclass)
+	   AND p.pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+	   AND NOT EXISTS (SELECT FROM pg_depend e
+					    WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid
+						  AND e.refclassid = 'pg_extension'::regclass AND e.deptype = 'e')}),
+	'0', 'no object depends on a function that is neither pg_catalog\'s nor the extension\'s');
 
 # ---- item 14: purge_calls for its grantees --------------------------------
 $node->safe_psql('postgres', qq{
