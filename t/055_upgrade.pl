@@ -225,6 +225,28 @@ is($err, '', 'pg_dump says nothing');
 		'pg_dump --exclude-table-data=fw_tier.calls leaves the log out, keeps the prices');
 }
 
+# a database owner who is not a superuser may not read the log and the
+# escalation history: the README's flags leave them out
+$node->safe_psql('postgres', 'CREATE ROLE dbowner LOGIN; ALTER DATABASE src OWNER TO dbowner');
+{
+	my ($o, $e) = ('', '');
+	my $ok = IPC::Run::run([ 'pg_dump', '-U', 'dbowner', '--exclude-table-data=fw_tier.calls',
+			'--exclude-table-data=fw_tier.escalations', '--exclude-table-data=fw_tier.escalations_id_seq',
+			'-d', $node->connstr('src') ],
+		'>', \$o, '2>', \$e);
+	ok($ok && $e eq '' && $o =~ /^COPY fw_tier\.prices /m && $o =~ /^support_bot\t/m,
+		'a non-superuser owner dumps prices and workloads with the log left out');
+}
+$node->safe_psql('postgres', 'ALTER DATABASE src OWNER TO CURRENT_USER');
+$node->safe_psql('postgres', 'CREATE ROLE reader LOGIN BYPASSRLS IN ROLE pg_read_all_data');
+{
+	my ($o, $e) = ('', '');
+	my $ok = IPC::Run::run([ 'pg_dump', '-U', 'reader', '-d', $node->connstr('src') ],
+		'>', \$o, '2>', \$e);
+	ok($ok && $e eq '' && $o =~ /^COPY fw_tier\.calls /m,
+		'pg_read_all_data with BYPASSRLS dumps the log too');
+}
+
 sub restore
 {
 	my ($target, $db, $label) = @_;
