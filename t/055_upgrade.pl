@@ -7,7 +7,9 @@
 # pg_restore of a database using fw_tier keeps edited and added workloads,
 # prices, the call log and the escalation history, with no error and no
 # duplicate, into the same cluster and into another cluster where fw_tier
-# is preloaded and its worker is live with records waiting in its ring.
+# is preloaded and its worker is live with records waiting in its ring;
+# COPY (a restore) of an edited shipped workload replaces the shipped row,
+# INSERT and ON CONFLICT keep their meaning; who may dump the log.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
