@@ -8,7 +8,256 @@
 -- purge_calls for its grantees
 -- ---------------------------------------------------------------------
 
--- (section A)
+-- (section A: begin)
+
+/*
+ * Objects that run for someone else resolve nothing through the caller's
+ * search_path.  A function pins search_path = pg_catalog, pg_temp; a view,
+ * a CHECK constraint or a policy binds its operators when it is created
+ * (an operator a role planted in public before CREATE EXTENSION or ALTER
+ * EXTENSION UPDATE would be bound), so those below name pg_catalog's
+ * operators explicitly.  OPERATOR() has the precedence of "any other
+ * operator": every arithmetic step is parenthesised.
+ */
+
+-- Retention.  SECURITY DEFINER: the call log is written by the worker and
+-- row level security lets a role see only its own rows, so a retention job
+-- run by a non-owner deleted nothing.  A grantee of EXECUTE deletes every
+-- row older than the cutoff, whoever made the call; nobody else may call it.
+CREATE OR REPLACE FUNCTION fw_tier.purge_calls(older_than interval, batch_size integer DEFAULT 10000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	total	bigint := 0;
+	n		bigint;
+	cutoff	timestamptz;
+BEGIN
+	IF older_than IS NULL OR batch_size IS NULL OR batch_size OPERATOR(pg_catalog.<) 1 THEN
+		RAISE EXCEPTION 'older_than must not be null and batch_size must be positive'
+			USING ERRCODE = '22023';
+	END IF;
+	cutoff := pg_catalog.now() OPERATOR(pg_catalog.-) older_than;
+	LOOP
+		DELETE FROM fw_tier.calls
+		WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(
+				SELECT ctid FROM fw_tier.calls
+				 WHERE started_at OPERATOR(pg_catalog.<) cutoff
+				 LIMIT batch_size));
+		GET DIAGNOSTICS n = ROW_COUNT;
+		total := total OPERATOR(pg_catalog.+) n;
+		EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
+	END LOOP;
+	RETURN total;
+END;
+$$;
+REVOKE EXECUTE ON FUNCTION fw_tier.purge_calls(interval, integer) FROM PUBLIC;
+
+/*
+ * fw_enrich commits per chunk, and a procedure with a SET clause may not:
+ * it cannot pin search_path, so every name it uses is qualified instead
+ * (a role's public.cardinality(text[]) would otherwise be a better match
+ * than pg_catalog.cardinality(anyarray) for whoever runs it).  The caller's
+ * own table, column type and its operators are the caller's.
+ */
+CREATE OR REPLACE PROCEDURE fw_enrich(tbl regclass, id_column name, prompt_column name,
+						   answer_column name, workload text DEFAULT 'batch',
+						   chunk_size integer DEFAULT 500,
+						   options jsonb DEFAULT '{"on_error": "null"}')
+LANGUAGE plpgsql AS $$
+DECLARE
+	id_type pg_catalog.text;
+	last_id pg_catalog.text;
+	ids pg_catalog.text[];
+	prompts pg_catalog.text[];
+	answers pg_catalog.text[];
+	chunk pg_catalog.int4 := 0;
+	answered pg_catalog.int8 := 0;
+	attempted pg_catalog.int8 := 0;
+	n pg_catalog.int8;
+BEGIN
+	IF chunk_size OPERATOR(pg_catalog.<) 1 THEN
+		RAISE EXCEPTION 'chunk_size must be positive' USING ERRCODE = '22023';
+	END IF;
+	SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO id_type
+	  FROM pg_catalog.pg_attribute a
+	 WHERE a.attrelid OPERATOR(pg_catalog.=) tbl::pg_catalog.oid AND a.attname OPERATOR(pg_catalog.=) id_column AND NOT a.attisdropped;
+	IF id_type IS NULL THEN
+		RAISE EXCEPTION 'column "%" does not exist in %', id_column, tbl USING ERRCODE = '42703';
+	END IF;
+	LOOP
+		EXECUTE pg_catalog.format(
+			'SELECT pg_catalog.array_agg(%1$I::pg_catalog.text ORDER BY %1$I), pg_catalog.array_agg(%2$I ORDER BY %1$I)'
+			' FROM (SELECT %1$I, %2$I FROM %3$s'
+			'  WHERE %4$I IS NULL AND %2$I IS NOT NULL AND ($1 IS NULL OR %1$I > $1::%5$s)'
+			'  ORDER BY %1$I LIMIT %6$s) chunk',
+			id_column, prompt_column, tbl, answer_column, id_type, chunk_size)
+		INTO ids, prompts USING last_id;
+		EXIT WHEN ids IS NULL;
+
+		answers := @extschema@.fw_complete_batch(prompts, workload, options);
+		EXECUTE pg_catalog.format(
+			'UPDATE %1$s t SET %2$I = a.answer'
+			' FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS a(id, answer)'
+			' WHERE t.%3$I = a.id::%4$s AND a.answer IS NOT NULL',
+			tbl, answer_column, id_column, id_type)
+		USING ids, answers;
+		GET DIAGNOSTICS n = ROW_COUNT;
+		chunk := chunk OPERATOR(pg_catalog.+) 1;
+		answered := answered OPERATOR(pg_catalog.+) n;
+		attempted := attempted OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
+		last_id := ids[pg_catalog.cardinality(ids)];
+		COMMIT;
+		RAISE NOTICE 'fw_enrich: chunk %: % of % rows answered so far', chunk, answered, attempted;
+	END LOOP;
+END $$;
+
+-- Views whose arithmetic needs an implicit cast (int4 * numeric, numeric
+-- / int4, numeric / int8), bound to pg_catalog's operators.
+CREATE OR REPLACE VIEW fw_tier.error_rates_hourly WITH (security_invoker = true) AS
+SELECT date_trunc('hour', c.started_at) AS hour,
+	   c.path,
+	   count(*) AS attempts,
+	   count(*) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
+	   count(*) FILTER (WHERE c.outcome = 'rate_limited') AS rate_limited_429,
+	   count(*) FILTER (WHERE c.outcome = 'unavailable') AS unavailable_503,
+	   round(count(*) FILTER (WHERE c.outcome = 'overloaded')::numeric
+			 OPERATOR(pg_catalog./) count(*)::numeric, 6) AS overloaded_rate,
+	   round(count(*) FILTER (WHERE c.outcome = 'rate_limited')::numeric
+			 OPERATOR(pg_catalog./) count(*)::numeric, 6) AS rate_limited_rate,
+	   round(count(*) FILTER (WHERE c.outcome = 'unavailable')::numeric
+			 OPERATOR(pg_catalog./) count(*)::numeric, 6) AS unavailable_rate
+FROM fw_tier.calls c
+GROUP BY 1, 2;
+
+CREATE OR REPLACE VIEW fw_tier.priority_premium WITH (security_invoker = true) AS
+SELECT date_trunc('day', c.started_at) AS day,
+	   c.workload,
+	   c.escalated,
+	   count(*) AS attempts,
+	   sum(c.cost_usd) AS priority_cost_usd,
+	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric)) AS standard_cost_usd,
+	   sum(c.cost_usd)
+	   OPERATOR(pg_catalog.-)
+	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric)) AS premium_usd
+FROM fw_tier.calls c
+	 JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
+WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL
+GROUP BY 1, 2, 3;
+
+CREATE OR REPLACE VIEW fw_tier.escalation_timeline WITH (security_invoker = true) AS
+SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
+	   e.windows_in_row,
+	   coalesce(e.ended, greatest(e.priority_until, now())) - e.started AS duration,
+	   count(c.call_id) AS attempts,
+	   count(c.call_id) FILTER (WHERE c.path = 'priority') AS priority_attempts,
+	   count(c.call_id) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
+	   sum(c.cost_usd) AS cost_usd,
+	   sum(c.cost_usd) FILTER (WHERE c.path = 'priority')
+	   OPERATOR(pg_catalog.-)
+	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric))
+		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL) AS premium_usd
+FROM fw_tier.escalations e
+	 LEFT JOIN fw_tier.calls c
+	 ON c.workload = e.workload
+		AND c.started_at >= e.started
+		AND c.started_at < coalesce(e.ended, greatest(e.priority_until, now()))
+	 LEFT JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
+GROUP BY e.id;
+
+-- The prices CHECKs compare numeric with an int4 literal: same class.
+ALTER TABLE fw_tier.prices
+	DROP CONSTRAINT prices_input_usd_per_mtok_check,
+	DROP CONSTRAINT prices_cached_input_usd_per_mtok_check,
+	DROP CONSTRAINT prices_output_usd_per_mtok_check,
+	ADD CONSTRAINT prices_input_usd_per_mtok_check
+		CHECK (input_usd_per_mtok OPERATOR(pg_catalog.>=) 0::numeric),
+	ADD CONSTRAINT prices_cached_input_usd_per_mtok_check
+		CHECK (cached_input_usd_per_mtok OPERATOR(pg_catalog.>=) 0::numeric),
+	ADD CONSTRAINT prices_output_usd_per_mtok_check
+		CHECK (output_usd_per_mtok OPERATOR(pg_catalog.>=) 0::numeric);
+
+/*
+ * pg_dump / pg_restore.  The call log and the escalation history are user
+ * data: dumped with the database.  fw_tier.workloads is dumped except the
+ * shipped rows still as shipped, which CREATE EXTENSION inserts again; an
+ * edited shipped row is dumped, and the trigger below lets its restore
+ * (a COPY) replace the freshly inserted original instead of failing on
+ * the key.
+ */
+SELECT pg_catalog.pg_extension_config_dump('fw_tier.calls', '');
+SELECT pg_catalog.pg_extension_config_dump('fw_tier.escalations', '');
+SELECT pg_catalog.pg_extension_config_dump('fw_tier.escalations_id_seq', '');
+
+-- Is this row a shipped workload exactly as shipped?
+CREATE FUNCTION fw_tier.workload_is_shipped(workload text, path text, model text,
+											fast_model text, on_overload text,
+											priority_window interval)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT priority_window IS NULL
+	   AND CASE workload
+			WHEN 'default' THEN path = 'standard' AND model IS NULL AND fast_model IS NULL AND on_overload = 'priority'
+			WHEN 'interactive' THEN path = 'standard' AND model IS NULL AND fast_model IS NULL AND on_overload = 'priority'
+			WHEN 'agent' THEN path = 'standard' AND model IS NULL AND fast_model IS NULL AND on_overload = 'priority'
+			WHEN 'batch' THEN path = 'standard' AND model IS NULL AND fast_model IS NULL AND on_overload = 'retry'
+			WHEN 'fast' THEN path = 'fast' AND model = 'accounts/fireworks/models/kimi-k2p6'
+				 AND fast_model = 'accounts/fireworks/routers/kimi-k2p6-turbo' AND on_overload = 'retry'
+			ELSE false END IS TRUE
+$$;
+
+SELECT pg_catalog.pg_extension_config_dump('fw_tier.workloads',
+	'WHERE NOT fw_tier.workload_is_shipped(workload, path, model, fast_model, on_overload, priority_window)');
+
+-- A COPY into fw_tier.workloads (what pg_restore and psql run for the
+-- dumped rows, and \copy) of a shipped workload's name replaces the
+-- shipped row while that row is still as shipped.  INSERT keeps its usual
+-- meaning: the key refuses a duplicate, ON CONFLICT works as always.
+CREATE FUNCTION fw_tier.workloads_replace_shipped() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF pg_catalog.current_query() OPERATOR(pg_catalog.~*) '^\s*copy\s'
+	   -- looked up first: only then does the copier need DELETE
+	   AND EXISTS (SELECT FROM fw_tier.workloads w
+				    WHERE w.workload OPERATOR(pg_catalog.=) NEW.workload
+					  AND fw_tier.workload_is_shipped(w.workload, w.path, w.model,
+													  w.fast_model, w.on_overload,
+													  w.priority_window)) THEN
+		DELETE FROM fw_tier.workloads w
+		 WHERE w.workload OPERATOR(pg_catalog.=) NEW.workload;
+	END IF;
+	RETURN NEW;
+END
+$$;
+CREATE TRIGGER workloads_replace_shipped
+	BEFORE INSERT ON fw_tier.workloads
+	FOR EACH ROW EXECUTE FUNCTION fw_tier.workloads_replace_shipped();
+
+-- (section A: end)
 
 -- ---------------------------------------------------------------------
 -- Section B: the call-log ring, spill and dead letters; log_status
@@ -65,7 +314,7 @@ SELECT pg_catalog.pg_extension_config_dump('fw_tier.calls_dead_letter_id_seq', '
 -- Section C: the engine
 -- ---------------------------------------------------------------------
 
--- (section C)
+-- (nothing: the engine changes no SQL object)
 
 -- ---------------------------------------------------------------------
 -- Section D: per-database escalation state, per-role keys, fixtures

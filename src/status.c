@@ -15,6 +15,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "common/int.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -146,17 +147,57 @@ fw_tier_log_state(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
+/* the longest escalation window fw_escalate() opens */
+#define FW_ESCALATE_MAX_DAYS	365
+
 /*
- * The workload's priority_window from fw_tier.workloads, in microseconds
- * (0 when NULL).  Raises 22023 when the workload does not exist.
+ * An escalation duration in microseconds, or an error: a month counts 30
+ * days, as in interval comparison; every step is overflow-checked (an
+ * interval can hold about 178 million years of months, far more than
+ * int64 microseconds), and the result must be positive and at most
+ * FW_ESCALATE_MAX_DAYS (a longer Priority is a configuration: set the
+ * workload's path).
  */
 static int64
-fw_status_workload_window(const char *workload)
+fw_escalate_duration_us(const Interval *iv, const char *what)
+{
+	int64		us;
+	int64		part;
+
+	if (pg_mul_s64_overflow((int64) iv->month, (int64) DAYS_PER_MONTH * USECS_PER_DAY, &part) ||
+		pg_add_s64_overflow(iv->time, part, &us) ||
+		pg_mul_s64_overflow((int64) iv->day, USECS_PER_DAY, &part) ||
+		pg_add_s64_overflow(us, part, &us))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_FIELD_OVERFLOW),
+				 errmsg("%s is out of range", what),
+				 errdetail("An escalation lasts at most %d days.",
+						   FW_ESCALATE_MAX_DAYS)));
+	if (us <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be positive", what)));
+	if (us > (int64) FW_ESCALATE_MAX_DAYS * USECS_PER_DAY)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_FIELD_OVERFLOW),
+				 errmsg("%s is out of range", what),
+				 errdetail("An escalation lasts at most %d days.",
+						   FW_ESCALATE_MAX_DAYS),
+				 errhint("To keep a workload on priority, set its path in fw_tier.workloads.")));
+	return us;
+}
+
+/*
+ * The workload's priority_window from fw_tier.workloads into *window;
+ * false when it is NULL.  Raises 22023 when the workload does not exist.
+ */
+static bool
+fw_status_workload_window(const char *workload, Interval *window)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	int			ret;
-	int64		window_us = 0;
+	bool		has_window = false;
 	bool		found;
 
 	args[0] = CStringGetTextDatum(workload);
@@ -177,11 +218,9 @@ fw_status_workload_window(const char *workload)
 
 		if (!isnull)
 		{
-			Interval   *iv = DatumGetIntervalP(d);
-
-			window_us = iv->time +
-				(int64) iv->day * USECS_PER_DAY +
-				(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+			/* SPI_finish frees the tuple: copy the value out */
+			*window = *DatumGetIntervalP(d);
+			has_window = true;
 		}
 	}
 	SPI_finish();
@@ -191,7 +230,7 @@ fw_status_workload_window(const char *workload)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("workload \"%s\" does not exist", workload),
 				 errhint("Workloads are rows of fw_tier.workloads.")));
-	return window_us;
+	return has_window;
 }
 
 /*
@@ -204,6 +243,8 @@ fw_escalate(PG_FUNCTION_ARGS)
 {
 	char	   *workload;
 	int64		window_us;
+	Interval	window;
+	bool		has_window;
 
 	fw_require_preload();
 	if (PG_ARGISNULL(0))
@@ -212,20 +253,15 @@ fw_escalate(PG_FUNCTION_ARGS)
 				 errmsg("workload must not be null")));
 	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
-	window_us = fw_status_workload_window(workload);
+	/* checks that the workload exists, whatever the duration */
+	has_window = fw_status_workload_window(workload, &window);
 	if (!PG_ARGISNULL(1))
-	{
-		Interval   *iv = PG_GETARG_INTERVAL_P(1);
-
-		window_us = iv->time +
-			(int64) iv->day * USECS_PER_DAY +
-			(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
-		if (window_us <= 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("escalation duration must be positive")));
-	}
-	else if (window_us <= 0)
+		window_us = fw_escalate_duration_us(PG_GETARG_INTERVAL_P(1),
+											"escalation duration");
+	else if (has_window)
+		window_us = fw_escalate_duration_us(&window,
+											"the workload's priority_window");
+	else
 		window_us = (int64) fw_priority_window_s * USECS_PER_SEC;
 
 	/* whole milliseconds, at least one */
@@ -239,6 +275,7 @@ Datum
 fw_deescalate(PG_FUNCTION_ARGS)
 {
 	char	   *workload;
+	Interval	window;
 
 	fw_require_preload();
 	if (PG_ARGISNULL(0))
@@ -247,7 +284,7 @@ fw_deescalate(PG_FUNCTION_ARGS)
 				 errmsg("workload must not be null")));
 	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
-	(void) fw_status_workload_window(workload);
+	(void) fw_status_workload_window(workload, &window);
 	fw_deescalate_now(workload);
 	PG_RETURN_VOID();
 }

@@ -87,6 +87,9 @@
 
 #include "fw_tier.h"
 
+/* after a termination (exit 1) the postmaster restarts the launcher */
+#define FW_LAUNCHER_RESTART_S	5
+
 #define FW_BATCH_MAX		1000	/* records per transaction */
 #define FW_RETRY_MAX_MS		10000	/* longest pause after a failed batch */
 #define FW_LOCK_TIMEOUT_MS	1000	/* the flusher's lock_timeout */
@@ -138,6 +141,14 @@ static const Oid fw_insert_elemtypes[FW_INSERT_NARGS] = {
 	TEXTOID, TEXTOID, TEXTOID, TEXTOID
 };
 
+/*
+ * Runs as the bootstrap superuser: every operator and function is pinned
+ * to pg_catalog (OPERATOR(pg_catalog.x), pg_catalog.f), on top of the
+ * search_path the worker pins at start, so that no operator a role defines
+ * (an int4 * numeric in public, say) can be picked by an implicit cast.
+ * OPERATOR() has the precedence of "any other operator": hence the
+ * parentheses around every arithmetic step.
+ */
 static const char *fw_insert_sql =
 "INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
 "  workload, path, model, service_tier, escalated, http_status, outcome,"
@@ -148,20 +159,33 @@ static const char *fw_insert_sql =
 "  u.outcome, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,"
 "  u.latency_ms, u.ttfb_ms,"
 "  CASE WHEN u.prompt_tokens IS NULL AND u.completion_tokens IS NULL"
-"            AND u.outcome <> 'ok' THEN 0"
-"       WHEN p.model IS NULL THEN NULL"
-"       ELSE ((coalesce(u.prompt_tokens, 0) - coalesce(u.cached_prompt_tokens, 0))"
-"             * p.input_usd_per_mtok"
-"             + coalesce(u.cached_prompt_tokens, 0) * p.cached_input_usd_per_mtok"
-"             + coalesce(u.completion_tokens, 0) * p.output_usd_per_mtok) / 1000000 END,"
+"            AND u.outcome OPERATOR(pg_catalog.<>) 'ok'::pg_catalog.text"
+"         THEN 0::pg_catalog.numeric"
+"       WHEN p.model IS NULL THEN NULL::pg_catalog.numeric"
+"       ELSE ((((coalesce(u.prompt_tokens, 0) OPERATOR(pg_catalog.-)"
+"                coalesce(u.cached_prompt_tokens, 0))::pg_catalog.numeric"
+"               OPERATOR(pg_catalog.*) p.input_usd_per_mtok)"
+"             OPERATOR(pg_catalog.+)"
+"              (coalesce(u.cached_prompt_tokens, 0)::pg_catalog.numeric"
+"               OPERATOR(pg_catalog.*) p.cached_input_usd_per_mtok)"
+"             OPERATOR(pg_catalog.+)"
+"              (coalesce(u.completion_tokens, 0)::pg_catalog.numeric"
+"               OPERATOR(pg_catalog.*) p.output_usd_per_mtok))"
+"            OPERATOR(pg_catalog./) 1000000::pg_catalog.numeric) END,"
 "  u.request_id, u.error, u.prompt, u.answer"
-" FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-"             $15, $16, $17, $18, $19, $20, $21)"
+" FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
+"   pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
+"   pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
+"   pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),"
+"   pg_catalog.unnest($13), pg_catalog.unnest($14), pg_catalog.unnest($15),"
+"   pg_catalog.unnest($16), pg_catalog.unnest($17), pg_catalog.unnest($18),"
+"   pg_catalog.unnest($19), pg_catalog.unnest($20), pg_catalog.unnest($21))"
 "   AS u(call_id, attempt, started_at, database, username, workload, path,"
 "        model, service_tier, escalated, http_status, outcome, prompt_tokens,"
 "        cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
 "        request_id, error, prompt, answer)"
-" LEFT JOIN fw_tier.prices p ON p.model = u.model AND p.path = u.path"
+" LEFT JOIN fw_tier.prices p ON p.model OPERATOR(pg_catalog.=) u.model"
+"   AND p.path OPERATOR(pg_catalog.=) u.path"
 " ON CONFLICT (call_id, attempt) DO NOTHING";
 
 /* The batch, column by column, before it becomes the array parameters. */
@@ -172,6 +196,56 @@ typedef struct FwInsertColumns
 } FwInsertColumns;
 
 static FwInsertColumns *fw_cols = NULL;
+
+/*
+ * Both workers run as the bootstrap superuser.  Before their first
+ * statement they pin search_path to pg_catalog, pg_temp (PGC_S_OVERRIDE: a
+ * reload of postgresql.conf or ALTER ROLE/DATABASE SET cannot change it),
+ * so no object of an ordinary role (an operator in public, a schema named
+ * after the superuser for "$user") can be resolved by their SQL.  The SQL
+ * strings qualify their operators and functions as well.
+ */
+static void
+fw_worker_pin_search_path(void)
+{
+	SetConfigOption("search_path", "pg_catalog, pg_temp",
+					PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/*
+ * The launcher's SIGTERM: who sent it?  The postmaster sends SIGTERM when
+ * the server shuts down; anything else (pg_terminate_backend, kill) is a
+ * termination the launcher must come back from, and a background worker
+ * that exits with 0 is unregistered for good.  si_pid tells the two apart
+ * (TerminateBackgroundWorker() is delivered by the postmaster too, and
+ * means "for good").
+ */
+static volatile sig_atomic_t fw_term_by_postmaster = false;
+
+static void
+fw_launcher_sigterm(int signo, siginfo_t *info, void *context)
+{
+	int			save_errno = errno;
+
+	if (info == NULL || info->si_pid == PostmasterPid)
+		fw_term_by_postmaster = true;
+	ShutdownRequestPending = true;
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+static void
+fw_launcher_set_sigterm(void)
+{
+	struct sigaction act;
+
+	memset(&act, 0, sizeof(act));
+	act.sa_sigaction = fw_launcher_sigterm;
+	sigemptyset(&act.sa_mask);
+	act.sa_flags = SA_SIGINFO | SA_RESTART;
+	if (sigaction(SIGTERM, &act, NULL) < 0)
+		elog(FATAL, "fw_tier launcher: could not set the SIGTERM handler: %m");
+}
 
 /*
  * _PG_init: the launcher is the only static worker.  It needs a connection
@@ -185,7 +259,7 @@ fw_register_worker(void)
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
+	worker.bgw_restart_time = FW_LAUNCHER_RESTART_S;
 	strlcpy(worker.bgw_library_name, "fw_tier", BGW_MAXLEN);
 	strlcpy(worker.bgw_function_name, "fw_launcher_main", BGW_MAXLEN);
 	strlcpy(worker.bgw_name, "fw_tier launcher", BGW_MAXLEN);
@@ -821,6 +895,12 @@ fw_worker_drain_batch(void)
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 		pgstat_report_activity(STATE_IDLE, NULL);
+		/*
+		 * A long-lived flusher would otherwise report its inserts only at
+		 * exit: autovacuum and autoanalyze would not see fw_tier.calls
+		 * grow.  Not forced: at most once per PGSTAT_MIN_INTERVAL.
+		 */
+		pgstat_report_stat(false);
 	}
 
 	/* only now, after COMMIT, may the space be reused */
@@ -878,8 +958,9 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 		/* every statement gets all 7 (fixed parameters may go unused) */
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET ended = LEAST(priority_until, $2)"
-									" WHERE database = $7 AND workload = $1"
-									" AND ended IS NULL AND started <> $2",
+									" WHERE database OPERATOR(pg_catalog.=) $7"
+									" AND workload OPERATOR(pg_catalog.=) $1 AND ended IS NULL"
+									" AND started OPERATOR(pg_catalog.<>) $2",
 									7, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: closing old windows failed: %s",
@@ -887,7 +968,9 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET priority_until = $3, ended = $4"
-									" WHERE database = $7 AND workload = $1 AND started = $2",
+									" WHERE database OPERATOR(pg_catalog.=) $7"
+									" AND workload OPERATOR(pg_catalog.=) $1"
+									" AND started OPERATOR(pg_catalog.=) $2",
 									7, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: updating a window failed: %s",
@@ -955,9 +1038,10 @@ fw_worker_restore(void)
 	int			ret;
 
 	ret = SPI_execute("SELECT workload, started, priority_until, windows_in_row,"
-					  " trigger = 'manual', database"
+					  " trigger OPERATOR(pg_catalog.=) 'manual'::pg_catalog.text, database"
 					  " FROM fw_tier.escalations"
-					  " WHERE ended IS NULL AND priority_until > now()"
+					  " WHERE ended IS NULL"
+					  " AND priority_until OPERATOR(pg_catalog.>) pg_catalog.now()"
 					  " ORDER BY id", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "fw_tier: reading open windows failed: %s",
@@ -996,7 +1080,8 @@ fw_worker_restore(void)
 	}
 
 	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until"
-					  " WHERE ended IS NULL AND priority_until <= now()",
+					  " WHERE ended IS NULL"
+					  " AND priority_until OPERATOR(pg_catalog.<=) pg_catalog.now()",
 					  false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "fw_tier: closing expired windows failed: %s",
@@ -1138,6 +1223,7 @@ fw_flusher_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(fw_database, NULL, 0);
+	fw_worker_pin_search_path();
 	fw_flusher_lock_timeout();
 
 	fw_worker_cxt = AllocSetContextCreate(TopMemoryContext,
@@ -1313,6 +1399,8 @@ fw_flusher_main(Datum main_arg)
 				(errmsg("fw_tier flusher: " UINT64_FORMAT " bytes of call log remain in the ring file and will be written after the next start",
 						used)));
 	}
+	/* what the last batches inserted */
+	pgstat_report_stat(true);
 	proc_exit(0);
 }
 
@@ -1333,11 +1421,12 @@ fw_launcher_main(Datum main_arg)
 	int			recheck_ms = FW_RECHECK_MIN_MS;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	fw_launcher_set_sigterm();
 	BackgroundWorkerUnblockSignals();
 
 	/* no database: shared catalogs only */
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	fw_worker_pin_search_path();
 
 	sync = MemoryContextAllocZero(TopMemoryContext,
 								  sizeof(FwWindowSync) * fw_max_workloads);
@@ -1494,6 +1583,25 @@ fw_launcher_main(Datum main_arg)
 		}
 		(void) WaitLatch(MyLatch, events, timeout, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+	}
+
+	if (!fw_term_by_postmaster)
+	{
+		/*
+		 * Terminated while the server runs: take the flusher along (it
+		 * drains the ring first), so that the launcher the postmaster
+		 * starts again in bgw_restart_time seconds finds no flusher it has
+		 * no handle for, then exit with 1 so that it is restarted.
+		 */
+		if (flusher != NULL)
+		{
+			TerminateBackgroundWorker(flusher);
+			(void) WaitForBackgroundWorkerShutdown(flusher);
+		}
+		ereport(LOG,
+				(errmsg("fw_tier launcher terminated; it restarts in %d s",
+						FW_LAUNCHER_RESTART_S)));
+		proc_exit(1);
 	}
 
 	/* a running flusher got SIGTERM too and does the final drain */
