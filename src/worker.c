@@ -58,7 +58,10 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "access/genam.h"
+#include "catalog/indexing.h"
 #include "catalog/pg_database.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/dbcommands.h"
@@ -77,6 +80,7 @@
 #include "tcop/tcopprot.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
@@ -107,6 +111,8 @@
 
 /* FwSharedState.worker_flags */
 #define FW_WF_RESTORED		0x01	/* open windows read back after startup */
+#define FW_WF_OLDEXT		0x04	/* the extension's SQL is older than this
+									 * library (said once, until it changes) */
 #define FW_WF_NOEXT			0x02	/* a flusher found no extension (and said
 									 * so) */
 
@@ -414,18 +420,58 @@ fw_flusher_detach(int code, Datum arg)
 }
 
 /*
- * Flusher: is the extension created in our database?  Says so once when it
- * is not, and once when it appears; the flag is shared because every
- * flusher is a new process.
+ * The version of fw_tier created in this database, palloc'd, or NULL when
+ * it is not created.  Caller is in a transaction.
+ */
+static char *
+fw_extension_version(void)
+{
+	Relation	rel;
+	SysScanDesc scan;
+	ScanKeyData key;
+	HeapTuple	tup;
+	char	   *version = NULL;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber,
+				F_NAMEEQ, CStringGetDatum("fw_tier"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, Anum_pg_extension_extversion,
+									 RelationGetDescr(rel), &isnull);
+
+		version = isnull ? pstrdup("") : TextDatumGetCString(d);
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
+}
+
+/*
+ * Flusher: is the extension created in our database, at the version this
+ * library writes for?  Says so once when it is not, and once when it is
+ * again; the flags are shared because every flusher is a new process.  A
+ * library newer than the extension's SQL (the server was upgraded, ALTER
+ * EXTENSION fw_tier UPDATE not yet run) would fail on every insert: the
+ * records wait instead, and drain_state says what to run.
  */
 static bool
 fw_flusher_extension_ready(void)
 {
+	char	   *version;
 	bool		ok;
+	bool		current;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	ok = OidIsValid(get_extension_oid("fw_tier", true));
+	version = fw_extension_version();
+	ok = (version != NULL);
+	current = ok && strcmp(version, FW_SQL_VERSION) == 0;
+	if (ok && !current)
+		version = MemoryContextStrdup(fw_worker_cxt, version);
 	CommitTransactionCommand();
 
 	if (!ok)
@@ -440,13 +486,36 @@ fw_flusher_extension_ready(void)
 					 errdetail("Call-log records wait in the ring and Priority windows are not recorded; once the ring is full they go to the spill (pg_fw_tier/spill.*, up to fw_tier.log_spill_limit)."),
 					 errhint("Run CREATE EXTENSION fw_tier in database \"%s\", or set fw_tier.database to the database where it is installed.",
 							 fw_database)));
+		return false;
 	}
-	else if ((pg_atomic_fetch_and_u32(&fw_shared->worker_flags, ~FW_WF_NOEXT) &
-			  FW_WF_NOEXT) != 0)
+	if (!current)
+	{
+		char		state[FW_ERRLEN];
+
+		snprintf(state, sizeof(state), "extension needs update: %s, library %s",
+				 version, FW_SQL_VERSION);
+		fw_set_drain_state(state);
+		/* the launcher backs off as for a missing extension */
+		pg_atomic_fetch_or_u32(&fw_shared->worker_flags, FW_WF_NOEXT);
+		if ((pg_atomic_fetch_or_u32(&fw_shared->worker_flags, FW_WF_OLDEXT) &
+			 FW_WF_OLDEXT) == 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("fw_tier flusher: extension \"fw_tier\" in database \"%s\" is at version %s, the library at %s",
+							fw_database, version, FW_SQL_VERSION),
+					 errdetail("Call-log records wait in the ring and the spill until the extension is updated."),
+					 errhint("Run ALTER EXTENSION fw_tier UPDATE in database \"%s\".",
+							 fw_database)));
+		pfree(version);
+		return false;
+	}
+	if ((pg_atomic_fetch_and_u32(&fw_shared->worker_flags,
+								 ~(FW_WF_NOEXT | FW_WF_OLDEXT)) &
+		 (FW_WF_NOEXT | FW_WF_OLDEXT)) != 0)
 		ereport(LOG,
-				(errmsg("fw_tier flusher: extension \"fw_tier\" found in database \"%s\"",
-						fw_database)));
-	return ok;
+				(errmsg("fw_tier flusher: extension \"fw_tier\" %s found in database \"%s\"",
+						FW_SQL_VERSION, fw_database)));
+	return true;
 }
 
 /*

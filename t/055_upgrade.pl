@@ -234,6 +234,8 @@ $node->safe_psql('postgres', 'CREATE ROLE dbowner LOGIN; ALTER DATABASE src OWNE
 	my ($o, $e) = ('', '');
 	my $ok = IPC::Run::run([ 'pg_dump', '-U', 'dbowner', '--exclude-table-data=fw_tier.calls',
 			'--exclude-table-data=fw_tier.escalations', '--exclude-table-data=fw_tier.escalations_id_seq',
+			'--exclude-table-data=fw_tier.calls_dead_letter',
+			'--exclude-table-data=fw_tier.calls_dead_letter_id_seq',
 			'-d', $node->connstr('src') ],
 		'>', \$o, '2>', \$e);
 	ok($ok && $e eq '' && $o =~ /^COPY fw_tier\.prices /m && $o =~ /^support_bot\t/m,
@@ -298,6 +300,52 @@ is( $node2->safe_psql('src',
 		"SELECT count(*) FROM fw_tier.calls WHERE workload = 'support_bot' AND cost_usd > 0"),
 	'5', 'priced with the restored prices');
 unlike(slurp_file($node2->logfile), qr/ERROR:/, 'no error in the restored cluster\'s log');
+
+# ---- (c) a new library over the 0.1 SQL: records wait, nothing fails ------
+# The server runs the 0.2 library while fw_tier.database still has the 0.1
+# objects (ALTER EXTENSION UPDATE not yet run): the flusher says once what
+# to run, the records wait, and they all land after the update.
+my $node3 = PostgreSQL::Test::Cluster->new('oldsql');
+$node3->init;
+$node3->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'fw_tier'
+fw_tier.base_url = '@{[$sim->url]}/inference/v1'
+fw_tier.api_key = 'upgrade-key'
+fw_tier.database = 'postgres'
+fw_tier.flush_interval = '100ms'
+});
+$node3->start;
+$node3->safe_psql('postgres', q{
+CREATE EXTENSION fw_tier VERSION '0.1';
+SELECT count(fw_complete('on the old SQL ' || g)) FROM generate_series(1, 5) g;
+});
+my $waited = 0;
+for (1 .. 300)
+{
+	if (slurp_file($node3->logfile) =~ /is at version 0\.1, the library at 0\.2/)
+	{
+		$waited = 1;
+		last;
+	}
+	usleep(100_000);
+}
+ok($waited, 'the flusher says the extension needs ALTER EXTENSION UPDATE');
+is($node3->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls'), '0',
+	'nothing is written into the 0.1 tables');
+$node3->safe_psql('postgres', q{
+ALTER EXTENSION fw_tier UPDATE;
+SET statement_timeout = '120s';
+SELECT fw_flush();
+});
+is($node3->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls'), '5',
+	'after the update every waiting record lands');
+is($node3->safe_psql('postgres', 'SELECT drain_state FROM fw_tier.log_status'), 'ok',
+	'and the log drains again');
+my $log3 = slurp_file($node3->logfile);
+my @warned = ($log3 =~ /is at version 0\.1, the library at 0\.2/g);
+is(scalar @warned, 1, 'said once');
+unlike($log3, qr/ERROR:|terminated by signal/, 'no error in that cluster\'s log');
+$node3->stop;
 
 $node2->stop;
 $node->stop;
