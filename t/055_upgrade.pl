@@ -26,14 +26,15 @@ my $sim = FwSim->start('--time-scale', '0');
 
 sub new_node
 {
-	my ($name) = @_;
+	my ($name, $database) = @_;
+	$database //= 'src';
 	my $node = PostgreSQL::Test::Cluster->new($name);
 	$node->init;
 	$node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'fw_tier'
 fw_tier.base_url = '@{[$sim->url]}/inference/v1'
 fw_tier.api_key = 'upgrade-key'
-fw_tier.database = 'src'
+fw_tier.database = '$database'
 fw_tier.flush_interval = '100ms'
 });
 	$node->start;
@@ -305,16 +306,7 @@ unlike(slurp_file($node2->logfile), qr/ERROR:/, 'no error in the restored cluste
 # The server runs the 0.2 library while fw_tier.database still has the 0.1
 # objects (ALTER EXTENSION UPDATE not yet run): the flusher says once what
 # to run, the records wait, and they all land after the update.
-my $node3 = PostgreSQL::Test::Cluster->new('oldsql');
-$node3->init;
-$node3->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'fw_tier'
-fw_tier.base_url = '@{[$sim->url]}/inference/v1'
-fw_tier.api_key = 'upgrade-key'
-fw_tier.database = 'postgres'
-fw_tier.flush_interval = '100ms'
-});
-$node3->start;
+my $node3 = new_node('oldsql', 'postgres');
 $node3->safe_psql('postgres', q{
 CREATE EXTENSION fw_tier VERSION '0.1';
 SELECT count(fw_complete('on the old SQL ' || g)) FROM generate_series(1, 5) g;
