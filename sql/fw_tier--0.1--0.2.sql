@@ -159,31 +159,7 @@ FROM fw_tier.calls c
 WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL
 GROUP BY 1, 2, 3;
 
-CREATE OR REPLACE VIEW fw_tier.escalation_timeline WITH (security_invoker = true) AS
-SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
-	   e.windows_in_row,
-	   coalesce(e.ended, greatest(e.priority_until, now())) - e.started AS duration,
-	   count(c.call_id) AS attempts,
-	   count(c.call_id) FILTER (WHERE c.path = 'priority') AS priority_attempts,
-	   count(c.call_id) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
-	   sum(c.cost_usd) AS cost_usd,
-	   sum(c.cost_usd) FILTER (WHERE c.path = 'priority')
-	   OPERATOR(pg_catalog.-)
-	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
-			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
-			OPERATOR(pg_catalog./) 1000000::numeric))
-		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL) AS premium_usd
-FROM fw_tier.escalations e
-	 LEFT JOIN fw_tier.calls c
-	 ON c.workload = e.workload
-		AND c.started_at >= e.started
-		AND c.started_at < coalesce(e.ended, greatest(e.priority_until, now()))
-	 LEFT JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
-GROUP BY e.id;
+-- fw_tier.escalation_timeline: in section D, which adds its database.
 
 -- The prices CHECKs compare numeric with an int4 literal: same class.
 ALTER TABLE fw_tier.prices
@@ -341,9 +317,14 @@ SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
 	   count(c.call_id) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
 	   sum(c.cost_usd) AS cost_usd,
 	   sum(c.cost_usd) FILTER (WHERE c.path = 'priority')
-	   - sum(((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0)) * ps.input_usd_per_mtok
-			  + coalesce(c.cached_prompt_tokens, 0) * ps.cached_input_usd_per_mtok
-			  + coalesce(c.completion_tokens, 0) * ps.output_usd_per_mtok) / 1000000)
+	   OPERATOR(pg_catalog.-)
+	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric))
 		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL) AS premium_usd,
 	   e.database
 FROM fw_tier.escalations e

@@ -223,8 +223,8 @@ INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username, wor
 	path, model, outcome, prompt_tokens, completion_tokens, cost_usd)
 VALUES (1, 1, now(), 'late', 'x', 'default', 'priority', '$model', 'ok', 10, 20, 1),
 	   (2, 1, now(), 'late', 'x', 'default', 'standard', '$model', 'overloaded', NULL, NULL, 0);
-INSERT INTO fw_tier.escalations (workload, started, priority_until, trigger, windows_in_row)
-VALUES ('default', now() - interval '1 minute', now() + interval '1 minute', 'manual', 1);
+INSERT INTO fw_tier.escalations (database, workload, started, priority_until, trigger, windows_in_row)
+VALUES ('late', 'default', now() - interval '1 minute', now() + interval '1 minute', 'manual', 1);
 });
 my $views = $node->safe_psql('late', q{
 SELECT (SELECT count(*) FROM fw_tier.priority_premium) || ','
