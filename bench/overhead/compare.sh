@@ -70,12 +70,17 @@ new_bin=$(build_copy new "$NEW_REV")
 cluster old "$old_bin" $((PGPORT_BENCH + 2))
 cluster new "$new_bin" $((PGPORT_BENCH + 3))
 
-best_old=0; best_new=0; best_ref=0
+best_old=0; best_new=0; best_ref=0; ratios=""
 for r in $(seq 1 "$ROUNDS"); do
 	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
 	o=$(rate $((PGPORT_BENCH + 2)) "$old_bin")
 	n=$(rate $((PGPORT_BENCH + 3)) "$new_bin")
 	echo "round $r: libcurl loop $ref, old ($OLD_REV) $o, new (${NEW_REV:-working tree}) $n calls/s"
 	best_ref=$(best "$ref" "$best_ref"); best_old=$(best "$o" "$best_old"); best_new=$(best "$n" "$best_new")
+	ratios="$ratios $(echo "$n $o" | awk '{printf "%.4f", $1 / $2}')"
 done
+# the median of the per-round ratios: each round's two runs are seconds
+# apart, so it shrugs off load that comes and goes better than best-of
+median=$(echo $ratios | tr ' ' '\n' | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
+echo "RESULT compare: median of per-round new/old = $median (rounds:$ratios)"
 echo "$best_new $best_old $best_ref" | awk -v R="$ROUNDS" '{printf "RESULT compare: new/old = %.3f (best of %d: %s vs %s calls/s); new/libcurl-loop = %.2f, old/libcurl-loop = %.2f\n", $1/$2, R, $1, $2, $1/$3, $2/$3}'
