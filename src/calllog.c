@@ -620,10 +620,12 @@ fw_calllog_draining(void)
  * Push one record.  The attempt it describes was paid for, so it is never
  * lost silently: while the ring is full the writer waits a bounded time
  * for space (fw_tier.flush_interval, at most FW_RING_WAIT_MAX_MS, and only
- * while the log drains), then the record goes to the spill.  A cancel,
- * statement_timeout or terminate ends that wait at once (it sets our
- * latch): the record is spilled, and the interrupt stays pending for the
- * caller's next CHECK_FOR_INTERRUPTS().
+ * while the log drains), then the record goes to the spill.  Interrupts
+ * are held for the whole wait: none is serviced before the record has a
+ * place.  A cancel, statement_timeout or terminate ends that wait at once
+ * (it sets our latch): the record is spilled, and the interrupt stays
+ * pending for the caller's next CHECK_FOR_INTERRUPTS(); any other
+ * interrupt waits at most the bounded wait.
  * Never raises once the record is reserved.  Only a full (or failing)
  * spill drops a record: counted, with a WARNING.
  */
@@ -720,8 +722,16 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		{
 			waited = true;
 			pg_atomic_fetch_add_u64(&fw_shared->ring_waits, 1);
-			/* a cancel must not abandon the record: see give_up */
-			HOLD_CANCEL_INTERRUPTS();
+
+			/*
+			 * No interrupt may be serviced before the record has a place:
+			 * an error re-raised from a parallel worker, a client-gone
+			 * FATAL or a terminate would lose it.  Cancel and terminate
+			 * are only looked at (give_up); the rest waits for the
+			 * caller's next CHECK_FOR_INTERRUPTS(), at most the bounded
+			 * wait later.
+			 */
+			HOLD_INTERRUPTS();
 			wait_until = GetCurrentTimestamp() +
 				(int64) Min(fw_flush_interval_ms, FW_RING_WAIT_MAX_MS) * 1000;
 		}
@@ -736,19 +746,18 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 
 		/*
 		 * Sleep on our latch, not in ConditionVariableSleep(): its
-		 * CHECK_FOR_INTERRUPTS() would process a terminate before we could
+		 * CHECK_FOR_INTERRUPTS() would process an interrupt before we could
 		 * save the record.  Joining the CV's wakeup list makes the
 		 * flusher's broadcast set the latch; so do cancel and terminate.
-		 * Other interrupts (barriers, memory-context dumps ...) are
-		 * serviced between slices, with cancel held off.
+		 * Nothing is serviced here (interrupts are held): other interrupts
+		 * (barriers, memory-context dumps ...) wait at most the bounded
+		 * wait.
 		 */
 		ConditionVariablePrepareToSleep(&fw_shared->ring_space_cv);
 		fw_wake_worker();
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 50, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
-		if (!QueryCancelPending && !ProcDiePending)
-			CHECK_FOR_INTERRUPTS();
 	}
 
 	if (to_spill)
@@ -763,13 +772,13 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		LWLockRelease(fw_shared->ring_lock);
 	}
 	if (waited)
-	{
 		ConditionVariableCancelSleep();
-		RESUME_CANCEL_INTERRUPTS();
-	}
 
 	if (to_spill)
 	{
+		/* the record is in the spill (or counted as dropped) */
+		if (waited)
+			RESUME_INTERRUPTS();
 		if (spilled)
 		{
 			pg_atomic_fetch_add_u64(&fw_shared->records_pushed, 1);
@@ -803,6 +812,9 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	r->state = FW_REC_READY;
 
 	pg_atomic_fetch_add_u64(&fw_shared->records_pushed, 1);
+	/* published: a pending interrupt is the caller's to service */
+	if (waited)
+		RESUME_INTERRUPTS();
 
 	/* the worker sleeps while the ring is empty; flush early past half */
 	if (was_empty || used > size / 2)

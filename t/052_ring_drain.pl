@@ -274,6 +274,37 @@ is( $node->safe_psql('fwdb',
 	$made, "the $made records, the terminated call's included, land");
 is(status('writer_waits > 0, records_dropped'), 't|0', 'the wait is counted, nothing dropped');
 
+# a client found gone during the wait (client_connection_check_interval):
+# no interrupt but cancel/terminate is serviced before the record has a
+# place, so the session ends only after it is spilled, and it lands
+$node->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.flush_interval = '3s'});
+$node->reload;
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
+	'the flusher has left again');
+my $sent0 = $sim->stats->{total};
+$waits0 = status('writer_waits');
+kill 'STOP', $launcher;
+($h, $hout, $herr) = bg_psql('postgres',
+	"SET client_connection_check_interval = '100ms'; SELECT count(fw_complete('gone ' || g, 'wd')) FROM generate_series(1, 100) g");
+ok($node->poll_query_until('postgres',
+		"SELECT writer_waits > $waits0 FROM fw_tier.log_status"),
+	'a call waits for ring space');
+$wpid = wait_pid_waiting('%fw_complete(_gone%');
+ok($wpid ne '', 'the waiting backend is found');
+$h->kill_kill;    # the client goes away mid-wait
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $wpid"),
+	'the backend of the vanished client ends');
+my $sent = $sim->stats->{total} - $sent0;
+kill 'CONT', $launcher;
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.flush_interval});
+$node->reload;
+($ret, $out, $err) = flush();
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'gone %'"),
+	$sent, "each of the $sent requests sent lands, the one waiting when the client went included");
+
 # ---- every row refused the same way: the environment, not dead letters ----
 ok( $node->poll_query_until('postgres',
 		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
