@@ -408,6 +408,57 @@ ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: damaged record in call-log 
 	'the flusher warns');
 unlike(substr(slurp_file($node->logfile), $log_off), qr/terminated by signal/, 'no crash');
 
+# ---- a spill segment larger than a segment: the excess is damage ----------
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+($ret, $out, $err) = calls(20, 'oversize');
+is($ret, 0, '20 calls spill') or diag $err;
+$node->stop('fast');
+@segs = glob($node->data_dir . '/pg_fw_tier/spill.0*');
+is(scalar(@segs), 1, 'one spill segment');
+truncate($segs[0], 16 * 1024 * 1024 + 65536) or die "truncate: $!";
+my $corrupt0;
+$log_off = -s $node->logfile;
+$node->start;
+$corrupt0 = status('records_corrupt');
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'oversize %'"),
+	20, 'the 20 records of the oversized segment land');
+ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: call-log spill segment \S+ is larger than 16777216 bytes/, $log_off),
+	'the flusher warns that the segment is too large');
+is(status('records_corrupt - ' . $corrupt0 . ', spill_records, drain_state'), '2|0|ok',
+	'the zeros and the excess past 16 MB count once each; the spill is empty');
+ok(!glob($node->data_dir . '/pg_fw_tier/spill.0*'), 'the segment is gone');
+
+# ---- a spill segment that cannot be opened: an error, drain_state says so --
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+($ret, $out, $err) = calls(20, 'eacces');
+is($ret, 0, '20 calls spill') or diag $err;
+@segs = glob($node->data_dir . '/pg_fw_tier/spill.0*');
+is(scalar(@segs), 1, 'one spill segment');
+my $eacces_spilled = status('spill_records');
+cmp_ok($eacces_spilled, '>', 0, "$eacces_spilled of them in the spill");
+chmod(0000, $segs[0]) or die "chmod: $!";
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+ok( $node->poll_query_until('postgres',
+		"SELECT drain_state LIKE '%could not open file%spill.%' FROM fw_tier.log_status"),
+	'drain_state names the segment that cannot be opened');
+is(status('spill_records'), $eacces_spilled, 'its records are kept');
+chmod(0600, $segs[0]) or die "chmod: $!";
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns once it can be read') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'eacces %'"),
+	20, 'and the 20 records land');
+ok( $node->poll_query_until('postgres', "SELECT drain_state = 'ok' FROM fw_tier.log_status"),
+	'the state is ok again');
+
 # ---- a hot standby: calls do not hang, log_status says standby -------------
 $node->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('standby');
