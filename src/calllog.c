@@ -119,6 +119,15 @@ typedef struct FwRingRec
 static FwRingFile *fw_ring = NULL;
 static char *fw_ring_data = NULL;
 
+/*
+ * The data size, process-local: the length this process mapped
+ * (fw_tier.log_buffer, fixed at server start).  fw_ring->size in the file
+ * is checked against it once at startup (a mismatch resets the ring) and
+ * never used for addressing: a stray write to the file cannot make a
+ * writer or the flusher address past the mapping.
+ */
+static uint64 fw_ring_size = 0;
+
 Size
 fw_calllog_shmem_size(void)
 {
@@ -311,7 +320,7 @@ fw_rec_to_drained(const char *buf, FwDrainedRecord *out)
 static uint64
 fw_ring_avail(uint64 pos, uint64 head)
 {
-	uint64		size = fw_ring->size;
+	uint64		size = fw_ring_size;
 
 	return Min(size - pos % size, head - pos);
 }
@@ -336,13 +345,15 @@ fw_ring_resync(uint64 pos, uint64 head, bool stop_at_reserved)
 {
 	for (pos += 8; pos < head; pos += 8)
 	{
-		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring->size);
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring_size);
 		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state;
 
 		if (avail < sizeof(FwRingRec))
 			continue;
 		state = r->state;
+		/* the payload is read only after the state (as fw_calllog_read) */
+		pg_read_barrier();
 		if (state == FW_REC_READY && fw_rec_problem(r, avail, true) == NULL)
 			return pos;
 		if (stop_at_reserved && state == FW_REC_RESERVED &&
@@ -356,7 +367,7 @@ fw_ring_resync(uint64 pos, uint64 head, bool stop_at_reserved)
 static void
 fw_ring_skip_range(uint64 from, uint64 to)
 {
-	uint64		size = fw_ring->size;
+	uint64		size = fw_ring_size;
 
 	while (from < to)
 	{
@@ -380,7 +391,7 @@ fw_ring_skip_range(uint64 from, uint64 to)
 static void
 fw_ring_recover(bool legacy)
 {
-	uint64		size = fw_ring->size;
+	uint64		size = fw_ring_size;
 	uint64		pos = fw_ring->tail;
 	uint64		head = fw_ring->head;
 	int			ready = 0;
@@ -527,6 +538,7 @@ fw_ring_map(bool validate)
 
 	fw_ring = (FwRingFile *) p;
 	fw_ring_data = (char *) p + FW_RING_HDRSZ;
+	fw_ring_size = want - FW_RING_HDRSZ;
 
 	if (!validate)
 		return;
@@ -590,7 +602,16 @@ fw_calllog_startup(void)
 	{
 		/* crash-restart: the mapping survived in the postmaster */
 		if (!IsUnderPostmaster)
-			fw_ring_recover(false);
+		{
+			if (fw_ring->size != fw_ring_size)
+			{
+				fw_ring_reset("Its size field was damaged; records it held are discarded.");
+				if (fw_shared)
+					pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, 1);
+			}
+			else
+				fw_ring_recover(false);
+		}
 	}
 	else
 		fw_ring_map(!IsUnderPostmaster);
@@ -653,7 +674,7 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("fw_tier call log is not initialized"),
 				 errhint("Add fw_tier to shared_preload_libraries in postgresql.conf and restart the server.")));
-	size = fw_ring->size;
+	size = fw_ring_size;
 
 	/* a record always fits in half the ring: clip the content to that */
 	content_max = ((int64) size / 2 - (int64) sizeof(FwRingRec) - 8) / 2;
@@ -792,7 +813,10 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 					(errcode(save_errno != 0 ? ERRCODE_IO_ERROR : ERRCODE_DISK_FULL),
 					 errmsg("fw_tier: call-log record dropped: the ring is full and %s",
 							why),
-					 save_errno != 0 ? errdetail("%m") : 0,
+			/* one DETAIL: a second errdetail would replace the OS error */
+					 save_errno != 0 ?
+					 errdetail_internal("%m; call_id " INT64_FORMAT ", attempt %d; counted in fw_tier.log_status.records_dropped.",
+										rec->call_id, rec->attempt) :
 					 errdetail_internal("call_id " INT64_FORMAT ", attempt %d; counted in fw_tier.log_status.records_dropped.",
 										rec->call_id, rec->attempt),
 					 errhint("See fw_tier.log_status.drain_state for why the call log does not drain; raise fw_tier.log_spill_limit for more room.")));
@@ -833,10 +857,11 @@ fw_ring_header_ok_locked(void)
 	uint64		head = fw_ring->head;
 	uint64		tail = fw_ring->tail;
 
-	if (tail <= head && head - tail <= fw_ring->size &&
+	if (tail <= head && head - tail <= fw_ring_size &&
 		tail % 8 == 0 && head % 8 == 0)
 		return true;
-	fw_ring->head = fw_ring->tail = TYPEALIGN(8, Max(head, tail));
+	/* 0, not Max(head, tail): damaged positions may be near UINT64_MAX */
+	fw_ring->head = fw_ring->tail = 0;
 	return false;
 }
 
@@ -877,7 +902,7 @@ fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 
 	while (pos < head && n < max)
 	{
-		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring->size);
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring_size);
 		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state = r->state;
 		const char *problem;
@@ -946,7 +971,7 @@ fw_calllog_sync(bool force)
 	if (!force && now - last < (int64) FW_RING_SYNC_MS * 1000)
 		return;
 	last = now;
-	if (msync((void *) fw_ring, FW_RING_HDRSZ + fw_ring->size, MS_SYNC) != 0)
+	if (msync((void *) fw_ring, FW_RING_HDRSZ + fw_ring_size, MS_SYNC) != 0)
 		ereport(WARNING,
 				(errcode_for_file_access(),
 				 errmsg("could not sync file \"%s\": %m", FW_RING_FILE)));
@@ -973,7 +998,7 @@ void
 fw_calllog_usage(uint64 *size, uint64 *used, uint64 *head, uint64 *tail)
 {
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
-	*size = fw_ring->size;
+	*size = fw_ring_size;
 	*head = fw_ring->head;
 	*tail = fw_ring->tail;
 	LWLockRelease(fw_shared->ring_lock);
@@ -1020,16 +1045,25 @@ fw_flush_wait(void)
 	ConditionVariablePrepareToSleep(&fw_shared->ring_flushed_cv);
 	for (;;)
 	{
+		uint64		head;
 		uint64		tail;
 		uint64		spill_read;
 		bool		spill_active;
 
 		LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+		head = fw_ring->head;
 		tail = fw_ring->tail;
 		spill_read = fw_shared->spill_read_pos;
 		spill_active = fw_shared->spill_active;
 		LWLockRelease(fw_shared->ring_lock);
-		if (tail >= target && (spill_read >= spill_target || !spill_active))
+
+		/*
+		 * head only grows, but a damaged header resets the ring to 0: what
+		 * was below target is then gone (counted in records_corrupt), and
+		 * nothing is left to wait for in the ring.
+		 */
+		if ((tail >= target || head < target) &&
+			(spill_read >= spill_target || !spill_active))
 			break;
 
 		pg_atomic_write_u32(&fw_shared->flush_requested, 1);

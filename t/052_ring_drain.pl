@@ -150,6 +150,14 @@ is( $node->safe_psql('fwdb',
 		  . " FROM fw_tier.calls_dead_letter"),
 	'1|23514|poison|mix 6|t', 'the poison row is a dead letter, with its error');
 is(status('dead_letters, drain_state'), '1|ok', 'counted; the log drains');
+# a batch written again (a crash between COMMIT and the tail moving on)
+# does not dead-letter an attempt twice
+is( $node->safe_psql('fwdb', q{
+	INSERT INTO fw_tier.calls_dead_letter (call_id, attempt, record, sqlstate, error)
+	SELECT call_id, attempt, record, sqlstate, error FROM fw_tier.calls_dead_letter
+	ON CONFLICT (call_id, attempt) DO NOTHING;
+	SELECT count(*) FROM fw_tier.calls_dead_letter}),
+	'1', 'one dead letter per (call_id, attempt): the insert the flusher runs adds none');
 ok($node->wait_for_log(qr/1 of \d+ call-log records were refused by fw_tier.calls/),
 	'the flusher warns');
 
@@ -193,6 +201,35 @@ is( $node->safe_psql('fwdb',
 		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'locked %'"),
 	'40', 'the 40 rows land after the lock is released');
 is(status('drain_state'), 'ok', 'and the state is ok again');
+
+# ---- a lock on fw_tier.escalations stops the window sync, not the log ------
+$log_off = -s $node->logfile;
+($lh, $lout, $lerr) = bg_psql('fwdb',
+	'BEGIN; LOCK TABLE fw_tier.escalations IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60); COMMIT;');
+ok( $node->poll_query_until('fwdb',
+		"SELECT count(*) = 1 FROM pg_locks WHERE relation = 'fw_tier.escalations'::regclass AND mode = 'AccessExclusiveLock' AND granted"),
+	'a session holds ACCESS EXCLUSIVE on fw_tier.escalations');
+$node->safe_psql('postgres', "SELECT fw_escalate('wd', '10 minutes')");
+($ret, $out, $err) = calls(10, 'escsync');
+is($ret, 0, '10 calls with a window to record') or diag $err;
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns while fw_tier.escalations is locked') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'escsync %'"),
+	'10', 'the 10 rows land meanwhile');
+is($node->safe_psql('fwdb',
+		"SELECT count(*) FROM pg_locks WHERE relation = 'fw_tier.escalations'::regclass AND mode = 'AccessExclusiveLock' AND granted"),
+	'1', 'the lock was still held');
+is(status('drain_state'), 'ok', 'drain_state does not blame fw_tier.calls');
+ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: could not record escalation windows in fw_tier.escalations/, $log_off),
+	'the sync failure is logged');
+$node->safe_psql('fwdb',
+	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'BEGIN; LOCK TABLE fw_tier.escalations%'");
+$lh->finish;
+ok( $node->poll_query_until('fwdb',
+		"SELECT count(*) > 0 FROM fw_tier.escalations WHERE workload = 'wd' AND ended IS NULL"),
+	'the window is recorded once the lock is gone');
+$node->safe_psql('postgres', "SELECT fw_deescalate('wd')");
 
 # ---- a cancel during a full-ring wait: ends the call, keeps the record ----
 $node->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.flush_interval = '10s'});
