@@ -409,6 +409,22 @@ is(status('records_pushed') - $pushed0, 100 - $dropped, 'dropped records are not
 $node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.log_spill_limit});
 $node->reload;
 
+# ---- the spill cannot be created: the WARNING's DETAIL carries the OS error
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+my $fwdir = $node->data_dir . '/pg_fw_tier';
+chmod(0500, $fwdir) or die "chmod: $!";
+($ret, $out, $err) = calls(40, 'eperm');
+chmod(0700, $fwdir) or die "chmod: $!";
+is($ret, 0, '40 calls with the spill directory read-only complete') or diag $err;
+like($err,
+	qr/WARNING:  fw_tier: call-log record dropped: the ring is full and the spill file could not be opened\nDETAIL:  Permission denied; call_id \d+, attempt \d+; counted/,
+	'the DETAIL names the OS error and the record');
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns') or diag $err;
+
 # ---- a damaged spill record: skipped, counted, the others land, no crash --
 $node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
 $node->safe_psql('postgres',
