@@ -272,7 +272,11 @@ FROM fw_tier_log_state();
 GRANT SELECT ON fw_tier.log_status TO PUBLIC;
 
 -- Rows fw_tier.calls refused (a constraint or trigger rejected them): the
--- record as jsonb, with the error.  Same audience as fw_tier.calls.
+-- record as jsonb, with the error.  Readable by the owner only (no grant:
+-- a record holds any role's prompts and answers, which fw_tier.calls shows
+-- each role only for its own calls).  One row per attempt: the flusher's
+-- insert does nothing for a row already there (a crash between COMMIT and
+-- the ring's tail moving on writes the batch again).
 CREATE TABLE fw_tier.calls_dead_letter (
 	id			bigserial PRIMARY KEY,
 	failed_at	timestamptz NOT NULL DEFAULT now(),
@@ -280,7 +284,8 @@ CREATE TABLE fw_tier.calls_dead_letter (
 	attempt		integer,
 	record		jsonb NOT NULL,
 	sqlstate	text,
-	error		text
+	error		text,
+	UNIQUE (call_id, attempt)
 );
 REVOKE ALL ON fw_tier.calls_dead_letter FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('fw_tier.calls_dead_letter', '');

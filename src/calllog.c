@@ -119,6 +119,15 @@ typedef struct FwRingRec
 static FwRingFile *fw_ring = NULL;
 static char *fw_ring_data = NULL;
 
+/*
+ * The data size, process-local: the length this process mapped
+ * (fw_tier.log_buffer, fixed at server start).  fw_ring->size in the file
+ * is checked against it once at startup (a mismatch resets the ring) and
+ * never used for addressing: a stray write to the file cannot make a
+ * writer or the flusher address past the mapping.
+ */
+static uint64 fw_ring_size = 0;
+
 Size
 fw_calllog_shmem_size(void)
 {
@@ -311,7 +320,7 @@ fw_rec_to_drained(const char *buf, FwDrainedRecord *out)
 static uint64
 fw_ring_avail(uint64 pos, uint64 head)
 {
-	uint64		size = fw_ring->size;
+	uint64		size = fw_ring_size;
 
 	return Min(size - pos % size, head - pos);
 }
@@ -336,13 +345,15 @@ fw_ring_resync(uint64 pos, uint64 head, bool stop_at_reserved)
 {
 	for (pos += 8; pos < head; pos += 8)
 	{
-		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring->size);
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring_size);
 		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state;
 
 		if (avail < sizeof(FwRingRec))
 			continue;
 		state = r->state;
+		/* the payload is read only after the state (as fw_calllog_read) */
+		pg_read_barrier();
 		if (state == FW_REC_READY && fw_rec_problem(r, avail, true) == NULL)
 			return pos;
 		if (stop_at_reserved && state == FW_REC_RESERVED &&
@@ -356,7 +367,7 @@ fw_ring_resync(uint64 pos, uint64 head, bool stop_at_reserved)
 static void
 fw_ring_skip_range(uint64 from, uint64 to)
 {
-	uint64		size = fw_ring->size;
+	uint64		size = fw_ring_size;
 
 	while (from < to)
 	{
@@ -380,7 +391,7 @@ fw_ring_skip_range(uint64 from, uint64 to)
 static void
 fw_ring_recover(bool legacy)
 {
-	uint64		size = fw_ring->size;
+	uint64		size = fw_ring_size;
 	uint64		pos = fw_ring->tail;
 	uint64		head = fw_ring->head;
 	int			ready = 0;
@@ -527,6 +538,7 @@ fw_ring_map(bool validate)
 
 	fw_ring = (FwRingFile *) p;
 	fw_ring_data = (char *) p + FW_RING_HDRSZ;
+	fw_ring_size = want - FW_RING_HDRSZ;
 
 	if (!validate)
 		return;
@@ -590,7 +602,16 @@ fw_calllog_startup(void)
 	{
 		/* crash-restart: the mapping survived in the postmaster */
 		if (!IsUnderPostmaster)
-			fw_ring_recover(false);
+		{
+			if (fw_ring->size != fw_ring_size)
+			{
+				fw_ring_reset("Its size field was damaged; records it held are discarded.");
+				if (fw_shared)
+					pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, 1);
+			}
+			else
+				fw_ring_recover(false);
+		}
 	}
 	else
 		fw_ring_map(!IsUnderPostmaster);
@@ -620,10 +641,12 @@ fw_calllog_draining(void)
  * Push one record.  The attempt it describes was paid for, so it is never
  * lost silently: while the ring is full the writer waits a bounded time
  * for space (fw_tier.flush_interval, at most FW_RING_WAIT_MAX_MS, and only
- * while the log drains), then the record goes to the spill.  A cancel,
- * statement_timeout or terminate ends that wait at once (it sets our
- * latch): the record is spilled, and the interrupt stays pending for the
- * caller's next CHECK_FOR_INTERRUPTS().
+ * while the log drains), then the record goes to the spill.  Interrupts
+ * are held for the whole wait: none is serviced before the record has a
+ * place.  A cancel, statement_timeout or terminate ends that wait at once
+ * (it sets our latch): the record is spilled, and the interrupt stays
+ * pending for the caller's next CHECK_FOR_INTERRUPTS(); any other
+ * interrupt waits at most the bounded wait.
  * Never raises once the record is reserved.  Only a full (or failing)
  * spill drops a record: counted, with a WARNING.
  */
@@ -651,7 +674,7 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("fw_tier call log is not initialized"),
 				 errhint("Add fw_tier to shared_preload_libraries in postgresql.conf and restart the server.")));
-	size = fw_ring->size;
+	size = fw_ring_size;
 
 	/* a record always fits in half the ring: clip the content to that */
 	content_max = ((int64) size / 2 - (int64) sizeof(FwRingRec) - 8) / 2;
@@ -720,8 +743,16 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		{
 			waited = true;
 			pg_atomic_fetch_add_u64(&fw_shared->ring_waits, 1);
-			/* a cancel must not abandon the record: see give_up */
-			HOLD_CANCEL_INTERRUPTS();
+
+			/*
+			 * No interrupt may be serviced before the record has a place:
+			 * an error re-raised from a parallel worker, a client-gone
+			 * FATAL or a terminate would lose it.  Cancel and terminate
+			 * are only looked at (give_up); the rest waits for the
+			 * caller's next CHECK_FOR_INTERRUPTS(), at most the bounded
+			 * wait later.
+			 */
+			HOLD_INTERRUPTS();
 			wait_until = GetCurrentTimestamp() +
 				(int64) Min(fw_flush_interval_ms, FW_RING_WAIT_MAX_MS) * 1000;
 		}
@@ -736,19 +767,18 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 
 		/*
 		 * Sleep on our latch, not in ConditionVariableSleep(): its
-		 * CHECK_FOR_INTERRUPTS() would process a terminate before we could
+		 * CHECK_FOR_INTERRUPTS() would process an interrupt before we could
 		 * save the record.  Joining the CV's wakeup list makes the
 		 * flusher's broadcast set the latch; so do cancel and terminate.
-		 * Other interrupts (barriers, memory-context dumps ...) are
-		 * serviced between slices, with cancel held off.
+		 * Nothing is serviced here (interrupts are held): other interrupts
+		 * (barriers, memory-context dumps ...) wait at most the bounded
+		 * wait.
 		 */
 		ConditionVariablePrepareToSleep(&fw_shared->ring_space_cv);
 		fw_wake_worker();
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 50, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
-		if (!QueryCancelPending && !ProcDiePending)
-			CHECK_FOR_INTERRUPTS();
 	}
 
 	if (to_spill)
@@ -763,13 +793,13 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		LWLockRelease(fw_shared->ring_lock);
 	}
 	if (waited)
-	{
 		ConditionVariableCancelSleep();
-		RESUME_CANCEL_INTERRUPTS();
-	}
 
 	if (to_spill)
 	{
+		/* the record is in the spill (or counted as dropped) */
+		if (waited)
+			RESUME_INTERRUPTS();
 		if (spilled)
 		{
 			pg_atomic_fetch_add_u64(&fw_shared->records_pushed, 1);
@@ -783,7 +813,10 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 					(errcode(save_errno != 0 ? ERRCODE_IO_ERROR : ERRCODE_DISK_FULL),
 					 errmsg("fw_tier: call-log record dropped: the ring is full and %s",
 							why),
-					 save_errno != 0 ? errdetail("%m") : 0,
+			/* one DETAIL: a second errdetail would replace the OS error */
+					 save_errno != 0 ?
+					 errdetail_internal("%m; call_id " INT64_FORMAT ", attempt %d; counted in fw_tier.log_status.records_dropped.",
+										rec->call_id, rec->attempt) :
 					 errdetail_internal("call_id " INT64_FORMAT ", attempt %d; counted in fw_tier.log_status.records_dropped.",
 										rec->call_id, rec->attempt),
 					 errhint("See fw_tier.log_status.drain_state for why the call log does not drain; raise fw_tier.log_spill_limit for more room.")));
@@ -803,6 +836,9 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	r->state = FW_REC_READY;
 
 	pg_atomic_fetch_add_u64(&fw_shared->records_pushed, 1);
+	/* published: a pending interrupt is the caller's to service */
+	if (waited)
+		RESUME_INTERRUPTS();
 
 	/* the worker sleeps while the ring is empty; flush early past half */
 	if (was_empty || used > size / 2)
@@ -821,10 +857,11 @@ fw_ring_header_ok_locked(void)
 	uint64		head = fw_ring->head;
 	uint64		tail = fw_ring->tail;
 
-	if (tail <= head && head - tail <= fw_ring->size &&
+	if (tail <= head && head - tail <= fw_ring_size &&
 		tail % 8 == 0 && head % 8 == 0)
 		return true;
-	fw_ring->head = fw_ring->tail = TYPEALIGN(8, Max(head, tail));
+	/* 0, not Max(head, tail): damaged positions may be near UINT64_MAX */
+	fw_ring->head = fw_ring->tail = 0;
 	return false;
 }
 
@@ -865,7 +902,7 @@ fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 
 	while (pos < head && n < max)
 	{
-		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring->size);
+		FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring_size);
 		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state = r->state;
 		const char *problem;
@@ -934,7 +971,7 @@ fw_calllog_sync(bool force)
 	if (!force && now - last < (int64) FW_RING_SYNC_MS * 1000)
 		return;
 	last = now;
-	if (msync((void *) fw_ring, FW_RING_HDRSZ + fw_ring->size, MS_SYNC) != 0)
+	if (msync((void *) fw_ring, FW_RING_HDRSZ + fw_ring_size, MS_SYNC) != 0)
 		ereport(WARNING,
 				(errcode_for_file_access(),
 				 errmsg("could not sync file \"%s\": %m", FW_RING_FILE)));
@@ -961,7 +998,7 @@ void
 fw_calllog_usage(uint64 *size, uint64 *used, uint64 *head, uint64 *tail)
 {
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
-	*size = fw_ring->size;
+	*size = fw_ring_size;
 	*head = fw_ring->head;
 	*tail = fw_ring->tail;
 	LWLockRelease(fw_shared->ring_lock);
@@ -1008,16 +1045,25 @@ fw_flush_wait(void)
 	ConditionVariablePrepareToSleep(&fw_shared->ring_flushed_cv);
 	for (;;)
 	{
+		uint64		head;
 		uint64		tail;
 		uint64		spill_read;
 		bool		spill_active;
 
 		LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+		head = fw_ring->head;
 		tail = fw_ring->tail;
 		spill_read = fw_shared->spill_read_pos;
 		spill_active = fw_shared->spill_active;
 		LWLockRelease(fw_shared->ring_lock);
-		if (tail >= target && (spill_read >= spill_target || !spill_active))
+
+		/*
+		 * head only grows, but a damaged header resets the ring to 0: what
+		 * was below target is then gone (counted in records_corrupt), and
+		 * nothing is left to wait for in the ring.
+		 */
+		if ((tail >= target || head < target) &&
+			(spill_read >= spill_target || !spill_active))
 			break;
 
 		pg_atomic_write_u32(&fw_shared->flush_requested, 1);

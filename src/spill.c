@@ -100,30 +100,34 @@ fw_spill_scan_segment(uint64 seg, uint64 start, uint64 *bytes, uint64 *records)
 	char	   *buf = palloc(hdr);
 	uint64		off = start;
 
+	uint64		fsize;
+
 	fw_spill_path(path, sizeof(path), seg);
-	fd = BasicOpenFile(path, O_RDONLY | PG_BINARY);
+	fd = OpenTransientFile(path, O_RDONLY | PG_BINARY);
 	if (fd < 0)
 	{
 		pfree(buf);
 		return;
 	}
-	if (fstat(fd, &st) == 0 && (uint64) st.st_size > start)
+	/* a segment never holds more: anything past is damage, not records */
+	fsize = (fstat(fd, &st) == 0) ? Min((uint64) st.st_size, FW_SPILL_SEGSIZE) : 0;
+	if (fsize > start)
 	{
-		*bytes += (uint64) st.st_size - start;
-		while (off + hdr <= (uint64) st.st_size)
+		*bytes += fsize - start;
+		while (off + hdr <= fsize)
 		{
 			uint32		len;
 
 			if (pread(fd, buf, hdr, (off_t) off) != (ssize_t) hdr)
 				break;
 			len = fw_rec_len(buf);
-			if (len < hdr || len % 8 != 0 || off + len > (uint64) st.st_size)
+			if (len < hdr || len % 8 != 0 || off + len > fsize)
 				break;
 			(*records)++;
 			off += len;
 		}
 	}
-	close(fd);
+	CloseTransientFile(fd);
 	pfree(buf);
 }
 
@@ -281,9 +285,12 @@ fw_spill_usage(uint64 *bytes, uint64 *records)
 static uint64
 fw_spill_resync(int fd, uint64 off, uint64 fsize)
 {
-	uint64		rest = fsize - off;
-	char	   *buf = palloc(rest);
+	uint64		rest = fsize - off;	/* fsize <= FW_SPILL_SEGSIZE */
+	char	   *buf;
 	uint64		p;
+
+	Assert(fsize <= FW_SPILL_SEGSIZE && off < fsize);
+	buf = palloc(rest);
 
 	if (pread(fd, buf, rest, (off_t) off) != (ssize_t) rest)
 	{
@@ -305,6 +312,9 @@ fw_spill_resync(int fd, uint64 off, uint64 fsize)
  * to the next good one, counted once (spill_corrupt_upto) even when the
  * batch is read again after a failed insert.
  */
+/* the flusher's open segment: a static, so PG_FINALLY can close it */
+static int	fw_spill_fd = -1;
+
 int
 fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
 {
@@ -315,11 +325,12 @@ fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
 	uint64		fsize = 0;
 	Size		hdr = fw_rec_header_size();
 	char	   *buf = palloc(fw_rec_max_size());
-	int			fd = -1;
 	int			n = 0;
 	int			corrupt = 0;
 	uint64		start;
 	uint64		skip;
+	uint64		seg_end = 0;
+	bool		oversize = false;
 
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
 	pos = fw_shared->spill_read_pos;
@@ -329,87 +340,140 @@ fw_spill_read(FwDrainedRecord *out, int max, uint64 *end_pos, uint64 *bytes)
 	start = pos;
 	*bytes = 0;
 
-	while (pos < write_pos && n < max)
+	/* the descriptor is closed on every path, an error's included */
+	PG_TRY();
 	{
-		uint64		seg = pos / FW_SPILL_SEGSIZE;
-		uint64		off = pos % FW_SPILL_SEGSIZE;
-		uint64		avail;
-		ssize_t		got;
-		const char *problem;
-
-		if (seg != cur_seg)
+		for (;;)
 		{
-			char		path[MAXPGPATH];
-			struct stat st;
+			uint64		seg;
+			uint64		off;
+			uint64		avail;
+			ssize_t		got;
+			const char *problem;
 
-			if (fd >= 0)
-				close(fd);
-			cur_seg = seg;
-			fw_spill_path(path, sizeof(path), seg);
-			fd = BasicOpenFile(path, O_RDONLY | PG_BINARY);
-			if (fd < 0 && errno != ENOENT)
+			/*
+			 * Reading has reached the end of a segment whose file is
+			 * larger than a segment: the excess is damage, reported and
+			 * counted once (a batch read again does not pass
+			 * spill_corrupt_upto).
+			 */
+			if (oversize && pos == (cur_seg + 1) * FW_SPILL_SEGSIZE)
 			{
-				ereport(WARNING,
-						(errcode_for_file_access(),
-						 errmsg("fw_tier flusher: could not open file \"%s\": %m", path)));
-				break;
+				oversize = false;
+				if (pos > counted_upto)
+				{
+					corrupt++;
+					ereport(WARNING,
+							(errcode(ERRCODE_DATA_CORRUPTED),
+							 errmsg("fw_tier flusher: call-log spill segment %016" INT64_MODIFIER "X is larger than " UINT64_FORMAT " bytes",
+									cur_seg, FW_SPILL_SEGSIZE),
+							 errdetail("The bytes past that size are damage and are skipped."),
+							 errhint("Counted in fw_tier.log_status.records_corrupt.")));
+				}
 			}
-			fsize = 0;
-			if (fd >= 0 && fstat(fd, &st) == 0)
-				fsize = (uint64) st.st_size;
-		}
-		if (off >= fsize)
-		{
-			/* this segment is done (or gone): the next one */
-			pos = (seg + 1) * FW_SPILL_SEGSIZE;
-			continue;
-		}
-		avail = Min(fsize - off, (uint64) fw_rec_max_size());
-		got = pread(fd, buf, (size_t) Min(avail, (uint64) hdr), (off_t) off);
-		if (got == (ssize_t) hdr && fw_rec_len(buf) >= hdr &&
-			fw_rec_len(buf) <= avail)
-		{
-			uint32		len = fw_rec_len(buf);
+			if (pos >= write_pos || n >= max)
+				break;
+			seg = pos / FW_SPILL_SEGSIZE;
+			off = pos % FW_SPILL_SEGSIZE;
 
-			got = pread(fd, buf + hdr, len - hdr, (off_t) (off + hdr));
-			if (got == (ssize_t) (len - hdr))
-				got = len;
-			else
-				got = hdr;
-		}
-		problem = (got < (ssize_t) hdr) ? "it is cut short" :
-			fw_rec_check(buf, (uint64) got);
-		if (problem == NULL)
-		{
-			uint32		len = fw_rec_len(buf);
+			if (seg != cur_seg)
+			{
+				char		path[MAXPGPATH];
+				struct stat st;
 
-			fw_rec_to_drained(buf, &out[n]);
-			n++;
-			pos += len;
-			*bytes += len;
-			continue;
-		}
+				if (fw_spill_fd >= 0)
+					CloseTransientFile(fw_spill_fd);
+				fw_spill_fd = -1;
+				cur_seg = seg;
 
-		/* damaged: go on at the next record of the segment that checks out */
-		skip = fw_spill_resync(fd, off, fsize);
-		if (pos >= counted_upto)
-		{
-			corrupt++;
-			ereport(WARNING,
-					(errcode(ERRCODE_DATA_CORRUPTED),
-					 errmsg("fw_tier flusher: damaged record in call-log spill segment %016" INT64_MODIFIER "X at offset " UINT64_FORMAT,
-							seg, off),
-					 errdetail("It was damaged because %s; " UINT64_FORMAT " bytes are skipped.",
-							   problem, skip),
-					 errhint("Counted in fw_tier.log_status.records_corrupt.")));
+				/*
+				 * Where reading this segment ends: its end, or in the segment
+				 * still being written the spill_write_pos taken above.  Bytes
+				 * past it are records appended since (or a failed append's
+				 * leftovers): never read, never skipped as damage.
+				 */
+				seg_end = Min((seg + 1) * FW_SPILL_SEGSIZE, write_pos);
+				fw_spill_path(path, sizeof(path), seg);
+				/* transient: released at abort, whatever raises below */
+				fw_spill_fd = OpenTransientFile(path, O_RDONLY | PG_BINARY);
+				if (fw_spill_fd < 0 && errno != ENOENT)
+					ereport(ERROR,
+							(errcode_for_file_access(),
+							 errmsg("fw_tier flusher: could not open file \"%s\": %m", path),
+							 errdetail("The call-log spill cannot be drained; its records are kept.")));
+				fsize = 0;
+				oversize = false;
+				if (fw_spill_fd >= 0 && fstat(fw_spill_fd, &st) == 0)
+				{
+					fsize = (uint64) st.st_size;
+					/* a segment is never larger: the excess is damage */
+					if (fsize > FW_SPILL_SEGSIZE)
+					{
+						oversize = true;
+						fsize = FW_SPILL_SEGSIZE;
+					}
+				}
+				fsize = Min(fsize, seg_end - seg * FW_SPILL_SEGSIZE);
+			}
+			if (off >= fsize)
+			{
+				/* this segment is done (or gone, or cut short): the next one */
+				pos = seg_end;
+				continue;
+			}
+			avail = Min(fsize - off, (uint64) fw_rec_max_size());
+			got = pread(fw_spill_fd, buf, (size_t) Min(avail, (uint64) hdr), (off_t) off);
+			if (got == (ssize_t) hdr && fw_rec_len(buf) >= hdr &&
+				fw_rec_len(buf) <= avail)
+			{
+				uint32		len = fw_rec_len(buf);
+
+				got = pread(fw_spill_fd, buf + hdr, len - hdr, (off_t) (off + hdr));
+				if (got == (ssize_t) (len - hdr))
+					got = len;
+				else
+					got = hdr;
+			}
+			problem = (got < (ssize_t) hdr) ? "it is cut short" :
+				fw_rec_check(buf, (uint64) got);
+			if (problem == NULL)
+			{
+				uint32		len = fw_rec_len(buf);
+
+				fw_rec_to_drained(buf, &out[n]);
+				n++;
+				pos += len;
+				*bytes += len;
+				continue;
+			}
+
+			/* damaged: go on at the next record of the segment that checks out */
+			skip = fw_spill_resync(fw_spill_fd, off, fsize);
+			if (pos >= counted_upto)
+			{
+				corrupt++;
+				ereport(WARNING,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("fw_tier flusher: damaged record in call-log spill segment %016" INT64_MODIFIER "X at offset " UINT64_FORMAT,
+								seg, off),
+						 errdetail("It was damaged because %s; " UINT64_FORMAT " bytes are skipped.",
+								   problem, skip),
+						 errhint("Counted in fw_tier.log_status.records_corrupt.")));
+			}
+			/* fsize <= seg_end - segment start: never past spill_write_pos */
+			*bytes += skip;
+			pos += skip;
+			if (off + skip >= fsize)
+				pos = seg_end;
 		}
-		*bytes += skip;
-		pos += skip;
-		if (off + skip >= fsize)
-			pos = (seg + 1) * FW_SPILL_SEGSIZE;
 	}
-	if (fd >= 0)
-		close(fd);
+	PG_FINALLY();
+	{
+		if (fw_spill_fd >= 0)
+			CloseTransientFile(fw_spill_fd);
+		fw_spill_fd = -1;
+	}
+	PG_END_TRY();
 	pfree(buf);
 
 	if (corrupt > 0)

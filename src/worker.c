@@ -115,6 +115,8 @@
 									 * library (said once, until it changes) */
 #define FW_WF_NOEXT			0x02	/* a flusher found no extension (and said
 									 * so) */
+/* either: the flusher cannot write there; the launcher backs off */
+#define FW_WF_EXTWAIT		(FW_WF_NOEXT | FW_WF_OLDEXT)
 
 /* what the launcher found of fw_tier.database */
 typedef enum FwDbState
@@ -495,8 +497,11 @@ fw_flusher_extension_ready(void)
 		snprintf(state, sizeof(state), "extension needs update: %s, library %s",
 				 version, FW_SQL_VERSION);
 		fw_set_drain_state(state);
-		/* the launcher backs off as for a missing extension */
-		pg_atomic_fetch_or_u32(&fw_shared->worker_flags, FW_WF_NOEXT);
+		/*
+		 * Only OLDEXT (the launcher backs off for either flag): a later
+		 * DROP EXTENSION must still get its own "not installed" WARNING.
+		 */
+		pg_atomic_fetch_and_u32(&fw_shared->worker_flags, ~FW_WF_NOEXT);
 		if ((pg_atomic_fetch_or_u32(&fw_shared->worker_flags, FW_WF_OLDEXT) &
 			 FW_WF_OLDEXT) == 0)
 			ereport(WARNING,
@@ -510,8 +515,8 @@ fw_flusher_extension_ready(void)
 		return false;
 	}
 	if ((pg_atomic_fetch_and_u32(&fw_shared->worker_flags,
-								 ~(FW_WF_NOEXT | FW_WF_OLDEXT)) &
-		 (FW_WF_NOEXT | FW_WF_OLDEXT)) != 0)
+								 ~FW_WF_EXTWAIT) &
+		 FW_WF_EXTWAIT) != 0)
 		ereport(LOG,
 				(errmsg("fw_tier flusher: extension \"fw_tier\" %s found in database \"%s\"",
 						FW_SQL_VERSION, fw_database)));
@@ -545,6 +550,30 @@ fw_text_datum(const char *s, int encoding, bool empty_is_null, bool *isnull)
 		if (IS_HIGHBIT_SET(*p))
 			*p = '?';
 	return CStringGetTextDatum(copy);
+}
+
+/*
+ * A name column (database, username) from the writer's bytes, cleaned as
+ * fw_text_datum cleans text: a name in another encoding (or damaged)
+ * must not become an invalid string in this database.
+ */
+static Datum
+fw_name_datum(const NameData *src, int encoding)
+{
+	NameData   *dst = palloc0(sizeof(NameData));
+	const char *s = NameStr(*src);
+	int			len = strnlen(s, NAMEDATALEN - 1);
+
+	memcpy(NameStr(*dst), s, len);
+	if (!(pg_is_ascii(NameStr(*dst)) ||
+		  (encoding == GetDatabaseEncoding() &&
+		   pg_verify_mbstr(encoding, NameStr(*dst), len, true))))
+	{
+		for (char *p = NameStr(*dst); *p; p++)
+			if (IS_HIGHBIT_SET(*p))
+				*p = '?';
+	}
+	return NameGetDatum(dst);
 }
 
 static Datum
@@ -600,8 +629,8 @@ fw_worker_fill_row(FwDrainedRecord *d, int row)
 	values[0] = Int64GetDatum(r->call_id);
 	values[1] = Int32GetDatum(r->attempt);
 	values[2] = TimestampTzGetDatum(r->started_at);
-	values[3] = NameGetDatum(&r->dbname);
-	values[4] = NameGetDatum(&r->username);
+	values[3] = fw_name_datum(&r->dbname, d->encoding);
+	values[4] = fw_name_datum(&r->username, d->encoding);
 	values[5] = fw_text_datum(r->workload, d->encoding, false, &isnull[5]);
 	values[6] = CStringGetTextDatum(fw_path_name(path));
 	values[7] = fw_text_datum(r->model, d->encoding, false, &isnull[7]);
@@ -776,7 +805,9 @@ fw_worker_dead_letter(FwDrainedRecord *d, ErrorData *edata)
 		args[4] = CStringGetTextDatum(edata->message ? edata->message : "");
 		ret = SPI_execute_with_args("INSERT INTO fw_tier.calls_dead_letter"
 									" (call_id, attempt, record, sqlstate, error)"
-									" VALUES ($1, $2, $3::pg_catalog.jsonb, $4, $5)",
+									" VALUES ($1, $2, $3::pg_catalog.jsonb, $4, $5)"
+		/* written again after a crash between COMMIT and the tail moving */
+									" ON CONFLICT (call_id, attempt) DO NOTHING",
 									5, types, args, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "fw_tier: dead-letter insert failed: %s",
@@ -1284,6 +1315,8 @@ fw_flusher_main(Datum main_arg)
 {
 	TimestampTz flush_deadline = 0;
 	TimestampTz retry_at = 0;
+	volatile TimestampTz sync_retry_at = 0;
+	volatile int sync_fail_count = 0;
 	TimestampTz idle_since;
 	volatile bool published = false;
 
@@ -1342,17 +1375,18 @@ fw_flusher_main(Datum main_arg)
 		}
 		now = GetCurrentTimestamp();
 
-		if (retry_at == 0 || now >= retry_at || ShutdownRequestPending)
+		/*
+		 * Escalation windows (fw_tier.escalations) and the call log
+		 * (fw_tier.calls) fail separately: a lock or a bad row on the
+		 * first backs off its sync only, and the log keeps draining (and
+		 * drain_state speaks of the log only).
+		 */
+		if (sync_retry_at == 0 || now >= sync_retry_at || ShutdownRequestPending)
 		{
 			PG_TRY();
 			{
 				bool		restored;
-				bool		flush_now;
 				int			nsynced;
-				uint64		size,
-							used,
-							head,
-							tail;
 
 				restored = (pg_atomic_read_u32(&fw_shared->worker_flags) &
 							FW_WF_RESTORED) != 0;
@@ -1369,6 +1403,42 @@ fw_flusher_main(Datum main_arg)
 				}
 				if (nsynced > 0)
 					did_work = true;
+				sync_fail_count = 0;
+				sync_retry_at = 0;
+			}
+			PG_CATCH();
+			{
+				ErrorData  *edata;
+
+				MemoryContextSwitchTo(fw_worker_cxt);
+				edata = CopyErrorData();
+				FlushErrorState();
+				AbortCurrentTransaction();
+				pgstat_report_activity(STATE_IDLE, NULL);
+				ereport(WARNING,
+						(errcode(edata->sqlerrcode),
+						 errmsg("fw_tier flusher: could not record escalation windows in fw_tier.escalations: %s",
+								edata->message ? edata->message : ""),
+						 errdetail("The call log is still written; the windows are recorded again after a back-off.")));
+				FreeErrorData(edata);
+				sync_fail_count++;
+				sync_retry_at = GetCurrentTimestamp() +
+					(int64) Min(fw_flush_interval_ms * (1 << Min(sync_fail_count, 10)),
+								FW_RETRY_MAX_MS) * 1000;
+			}
+			PG_END_TRY();
+		}
+
+		now = GetCurrentTimestamp();
+		if (retry_at == 0 || now >= retry_at || ShutdownRequestPending)
+		{
+			PG_TRY();
+			{
+				bool		flush_now;
+				uint64		size,
+							used,
+							head,
+							tail;
 
 				fw_calllog_usage(&size, &used, &head, &tail);
 				if (used == 0 && fw_spill_pending())
@@ -1429,7 +1499,7 @@ fw_flusher_main(Datum main_arg)
 
 		/* idle: nothing written, nothing waiting in the ring, no retry */
 		now = GetCurrentTimestamp();
-		if (did_work || retry_at != 0 || fw_log_pending())
+		if (did_work || retry_at != 0 || sync_retry_at != 0 || fw_log_pending())
 			idle_since = now;
 		else if (now - idle_since >= (int64) FW_FLUSHER_IDLE_MS * 1000)
 			break;
@@ -1444,6 +1514,8 @@ fw_flusher_main(Datum main_arg)
 			if (next_expiry != 0 && (deadline == 0 || next_expiry < deadline))
 				deadline = next_expiry;
 		}
+		if (sync_retry_at != 0 && (deadline == 0 || sync_retry_at < deadline))
+			deadline = sync_retry_at;
 		cap = idle_since + (int64) FW_FLUSHER_IDLE_MS * 1000;
 		if (cap <= now)
 			cap = now + (int64) FW_FLUSHER_IDLE_MS * 1000;
@@ -1536,9 +1608,9 @@ fw_launcher_main(Datum main_arg)
 			{
 				pfree(flusher);
 				flusher = NULL;
-				if (pg_atomic_read_u32(&fw_shared->worker_flags) & FW_WF_NOEXT)
+				if (pg_atomic_read_u32(&fw_shared->worker_flags) & FW_WF_EXTWAIT)
 				{
-					/* no extension there: look again later */
+					/* no extension there, or an old one: look again later */
 					next_try = GetCurrentTimestamp() + (int64) recheck_ms * 1000;
 					recheck_ms = Min(recheck_ms * 2, FW_RECHECK_MAX_MS);
 				}
@@ -1585,8 +1657,15 @@ fw_launcher_main(Datum main_arg)
 			{
 				TimestampTz not_before = next_try;
 
-				/* fw_flush() or a filling ring: once a second at most */
-				if (urgent && not_before > last_try + (int64) FW_RECHECK_MIN_MS * 1000)
+				/*
+				 * fw_flush() or a filling ring: once a second at most; not
+				 * while the extension is missing or old, where a new
+				 * flusher each second would only find that again: the
+				 * back-off stands.
+				 */
+				if (urgent &&
+					(pg_atomic_read_u32(&fw_shared->worker_flags) & FW_WF_EXTWAIT) == 0 &&
+					not_before > last_try + (int64) FW_RECHECK_MIN_MS * 1000)
 					not_before = last_try + (int64) FW_RECHECK_MIN_MS * 1000;
 
 				if (now >= not_before)

@@ -171,6 +171,18 @@ is( $tiny->safe_psql('postgres',
 		"SELECT records_pushed = records_flushed, bytes_used, writer_waits > 0"
 		  . " FROM fw_tier.log_status"),
 	"t|0|t", 'counters agree, ring empty, waits counted');
+
+# ---- a role name in another encoding: the name columns are cleaned too ----
+# (a LATIN1 database writes the role name as its byte 0xE9; in fw_tier.calls
+# that byte is not text of this database: it becomes '?', as in text columns)
+$tiny->safe_psql('postgres',
+	"CREATE DATABASE lat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+$tiny->safe_psql('lat1', "SET client_encoding = 'UTF8'; CREATE EXTENSION fw_tier; CREATE ROLE \"r\x{c3}\x{a9}\" SUPERUSER");
+$tiny->safe_psql('lat1', "SET client_encoding = 'UTF8'; SET ROLE \"r\x{c3}\x{a9}\"; SELECT fw_complete('latin1 role')");
+$tiny->safe_psql('postgres', "SET statement_timeout = '60s'; SELECT fw_flush()");
+is( $tiny->safe_psql('postgres',
+		"SELECT username::text, database::text FROM fw_tier.calls WHERE prompt = 'latin1 role'"),
+	'r?|lat1', 'the LATIN1 role name lands with its non-ASCII byte as ?');
 $tiny->stop;
 
 done_testing();

@@ -74,6 +74,27 @@ is( $node->safe_psql('fwdb',
 is(status('records_corrupt'), '3', 'two more counted');
 ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: skipped 2 damaged records/,
 		$ctx->{log_start}), 'the flusher warns once for both');
+
+# a live header with head near UINT64_MAX: reset to 0, not to Max(head, tail)
+# (which would wrap at the next push and lose every record after it)
+RingFuzz::close_fwdb($node);
+$ctx->{log_start} = -s $node->logfile;
+$node->safe_psql('postgres',
+	"SELECT count(fw_complete('wrap ' || g, 'fz')) FROM generate_series(1, 3) g");
+ring_poke($ctx->{ring}, 24, pack('Q<', ~7));    # head = 2^64 - 8
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+$node->safe_psql('postgres', "SET statement_timeout = '60s'; SELECT fw_flush()");
+ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: .*head and tail/, $ctx->{log_start}),
+	'the flusher reports the damaged head');
+$node->safe_psql('postgres',
+	"SELECT count(fw_complete('afterwrap ' || g, 'fz')) FROM generate_series(1, 5) g");
+$node->safe_psql('postgres', "SET statement_timeout = '60s'; SELECT fw_flush()");
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'afterwrap %'"),
+	'5', 'the 5 records pushed after the reset land');
+my $hdr = ring_read($ctx->{ring});
+cmp_ok($hdr->{head}, '<', 1 << 40, 'the ring restarted from 0, far from wrapping');
+is_deeply([ fuzz_check_server($ctx) ], [], 'no crash');
 $node->stop;
 
 # ---- the fuzzer: every kind of damage once, then a few seeds at random ----

@@ -150,6 +150,14 @@ is( $node->safe_psql('fwdb',
 		  . " FROM fw_tier.calls_dead_letter"),
 	'1|23514|poison|mix 6|t', 'the poison row is a dead letter, with its error');
 is(status('dead_letters, drain_state'), '1|ok', 'counted; the log drains');
+# a batch written again (a crash between COMMIT and the tail moving on)
+# does not dead-letter an attempt twice
+is( $node->safe_psql('fwdb', q{
+	INSERT INTO fw_tier.calls_dead_letter (call_id, attempt, record, sqlstate, error)
+	SELECT call_id, attempt, record, sqlstate, error FROM fw_tier.calls_dead_letter
+	ON CONFLICT (call_id, attempt) DO NOTHING;
+	SELECT count(*) FROM fw_tier.calls_dead_letter}),
+	'1', 'one dead letter per (call_id, attempt): the insert the flusher runs adds none');
 ok($node->wait_for_log(qr/1 of \d+ call-log records were refused by fw_tier.calls/),
 	'the flusher warns');
 
@@ -193,6 +201,35 @@ is( $node->safe_psql('fwdb',
 		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'locked %'"),
 	'40', 'the 40 rows land after the lock is released');
 is(status('drain_state'), 'ok', 'and the state is ok again');
+
+# ---- a lock on fw_tier.escalations stops the window sync, not the log ------
+$log_off = -s $node->logfile;
+($lh, $lout, $lerr) = bg_psql('fwdb',
+	'BEGIN; LOCK TABLE fw_tier.escalations IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60); COMMIT;');
+ok( $node->poll_query_until('fwdb',
+		"SELECT count(*) = 1 FROM pg_locks WHERE relation = 'fw_tier.escalations'::regclass AND mode = 'AccessExclusiveLock' AND granted"),
+	'a session holds ACCESS EXCLUSIVE on fw_tier.escalations');
+$node->safe_psql('postgres', "SELECT fw_escalate('wd', '10 minutes')");
+($ret, $out, $err) = calls(10, 'escsync');
+is($ret, 0, '10 calls with a window to record') or diag $err;
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns while fw_tier.escalations is locked') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'escsync %'"),
+	'10', 'the 10 rows land meanwhile');
+is($node->safe_psql('fwdb',
+		"SELECT count(*) FROM pg_locks WHERE relation = 'fw_tier.escalations'::regclass AND mode = 'AccessExclusiveLock' AND granted"),
+	'1', 'the lock was still held');
+is(status('drain_state'), 'ok', 'drain_state does not blame fw_tier.calls');
+ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: could not record escalation windows in fw_tier.escalations/, $log_off),
+	'the sync failure is logged');
+$node->safe_psql('fwdb',
+	"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'BEGIN; LOCK TABLE fw_tier.escalations%'");
+$lh->finish;
+ok( $node->poll_query_until('fwdb',
+		"SELECT count(*) > 0 FROM fw_tier.escalations WHERE workload = 'wd' AND ended IS NULL"),
+	'the window is recorded once the lock is gone');
+$node->safe_psql('postgres', "SELECT fw_deescalate('wd')");
 
 # ---- a cancel during a full-ring wait: ends the call, keeps the record ----
 $node->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.flush_interval = '10s'});
@@ -274,6 +311,37 @@ is( $node->safe_psql('fwdb',
 	$made, "the $made records, the terminated call's included, land");
 is(status('writer_waits > 0, records_dropped'), 't|0', 'the wait is counted, nothing dropped');
 
+# a client found gone during the wait (client_connection_check_interval):
+# no interrupt but cancel/terminate is serviced before the record has a
+# place, so the session ends only after it is spilled, and it lands
+$node->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.flush_interval = '3s'});
+$node->reload;
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
+	'the flusher has left again');
+my $sent0 = $sim->stats->{total};
+$waits0 = status('writer_waits');
+kill 'STOP', $launcher;
+($h, $hout, $herr) = bg_psql('postgres',
+	"SET client_connection_check_interval = '100ms'; SELECT count(fw_complete('gone ' || g, 'wd')) FROM generate_series(1, 100) g");
+ok($node->poll_query_until('postgres',
+		"SELECT writer_waits > $waits0 FROM fw_tier.log_status"),
+	'a call waits for ring space');
+$wpid = wait_pid_waiting('%fw_complete(_gone%');
+ok($wpid ne '', 'the waiting backend is found');
+$h->kill_kill;    # the client goes away mid-wait
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $wpid"),
+	'the backend of the vanished client ends');
+my $sent = $sim->stats->{total} - $sent0;
+kill 'CONT', $launcher;
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.flush_interval});
+$node->reload;
+($ret, $out, $err) = flush();
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'gone %'"),
+	$sent, "each of the $sent requests sent lands, the one waiting when the client went included");
+
 # ---- every row refused the same way: the environment, not dead letters ----
 ok( $node->poll_query_until('postgres',
 		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'fw_tier flusher'"),
@@ -341,6 +409,22 @@ is(status('records_pushed') - $pushed0, 100 - $dropped, 'dropped records are not
 $node->safe_psql('postgres', q{ALTER SYSTEM RESET fw_tier.log_spill_limit});
 $node->reload;
 
+# ---- the spill cannot be created: the WARNING's DETAIL carries the OS error
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+my $fwdir = $node->data_dir . '/pg_fw_tier';
+chmod(0500, $fwdir) or die "chmod: $!";
+($ret, $out, $err) = calls(40, 'eperm');
+chmod(0700, $fwdir) or die "chmod: $!";
+is($ret, 0, '40 calls with the spill directory read-only complete') or diag $err;
+like($err,
+	qr/WARNING:  fw_tier: call-log record dropped: the ring is full and the spill file could not be opened\nDETAIL:  Permission denied; call_id \d+, attempt \d+; counted/,
+	'the DETAIL names the OS error and the record');
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns') or diag $err;
+
 # ---- a damaged spill record: skipped, counted, the others land, no crash --
 $node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
 $node->safe_psql('postgres',
@@ -376,6 +460,57 @@ is(status('records_corrupt, spill_records, drain_state'), '1|0|ok',
 ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: damaged record in call-log spill segment/, $log_off),
 	'the flusher warns');
 unlike(substr(slurp_file($node->logfile), $log_off), qr/terminated by signal/, 'no crash');
+
+# ---- a spill segment larger than a segment: the excess is damage ----------
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+($ret, $out, $err) = calls(20, 'oversize');
+is($ret, 0, '20 calls spill') or diag $err;
+$node->stop('fast');
+@segs = glob($node->data_dir . '/pg_fw_tier/spill.0*');
+is(scalar(@segs), 1, 'one spill segment');
+truncate($segs[0], 16 * 1024 * 1024 + 65536) or die "truncate: $!";
+my $corrupt0;
+$log_off = -s $node->logfile;
+$node->start;
+$corrupt0 = status('records_corrupt');
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'oversize %'"),
+	20, 'the 20 records of the oversized segment land');
+ok($node->wait_for_log(qr/WARNING:  fw_tier flusher: call-log spill segment \S+ is larger than 16777216 bytes/, $log_off),
+	'the flusher warns that the segment is too large');
+is(status('records_corrupt - ' . $corrupt0 . ', spill_records, drain_state'), '2|0|ok',
+	'the zeros and the excess past 16 MB count once each; the spill is empty');
+ok(!glob($node->data_dir . '/pg_fw_tier/spill.0*'), 'the segment is gone');
+
+# ---- a spill segment that cannot be opened: an error, drain_state says so --
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS false');
+$node->safe_psql('postgres',
+	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'fwdb'");
+($ret, $out, $err) = calls(20, 'eacces');
+is($ret, 0, '20 calls spill') or diag $err;
+@segs = glob($node->data_dir . '/pg_fw_tier/spill.0*');
+is(scalar(@segs), 1, 'one spill segment');
+my $eacces_spilled = status('spill_records');
+cmp_ok($eacces_spilled, '>', 0, "$eacces_spilled of them in the spill");
+chmod(0000, $segs[0]) or die "chmod: $!";
+$node->safe_psql('postgres', 'ALTER DATABASE fwdb ALLOW_CONNECTIONS true');
+ok( $node->poll_query_until('postgres',
+		"SELECT drain_state LIKE '%could not open file%spill.%' FROM fw_tier.log_status"),
+	'drain_state names the segment that cannot be opened');
+is(status('spill_records'), $eacces_spilled, 'its records are kept');
+chmod(0600, $segs[0]) or die "chmod: $!";
+($ret, $out, $err) = flush();
+is($ret, 0, 'fw_flush() returns once it can be read') or diag $err;
+is( $node->safe_psql('fwdb',
+		"SELECT count(*) FROM fw_tier.calls WHERE prompt LIKE 'eacces %'"),
+	20, 'and the 20 records land');
+ok( $node->poll_query_until('postgres', "SELECT drain_state = 'ok' FROM fw_tier.log_status"),
+	'the state is ok again');
 
 # ---- a hot standby: calls do not hang, log_status says standby -------------
 $node->backup('b1');
