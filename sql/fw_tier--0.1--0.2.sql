@@ -348,3 +348,46 @@ GROUP BY e.id;
 -- it: EXECUTE is revoked).
 ALTER FUNCTION fw_tier.fixtures_import_row() SECURITY DEFINER;
 REVOKE EXECUTE ON FUNCTION fw_tier.fixtures_import_row() FROM PUBLIC;
+
+-- Keys stored by ALTER ROLE / ALTER DATABASE / ALTER FUNCTION ... SET
+-- fw_tier.api_key (what 0.1's README recommended) are readable by every
+-- role through pg_db_role_setting and pg_proc until they are reset: name
+-- each one (never its value) so the DBA can move it to fw_tier.api_key_dir.
+DO $fw_keys$
+DECLARE
+	r record;
+BEGIN
+	FOR r IN
+		SELECT COALESCE(ro.rolname::pg_catalog.text, '(every role)') AS who,
+			   COALESCE(d.datname::pg_catalog.text, '(every database)') AS db,
+			   ro.rolname IS NOT NULL AS has_role,
+			   d.datname IS NOT NULL AS has_db
+		  FROM pg_catalog.pg_db_role_setting s
+		  LEFT JOIN pg_catalog.pg_roles ro ON ro.oid OPERATOR(pg_catalog.=) s.setrole
+		  LEFT JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) s.setdatabase
+		 WHERE EXISTS (SELECT 1 FROM pg_catalog.unnest(s.setconfig) AS c(setting)
+						WHERE pg_catalog.starts_with(pg_catalog.lower(c.setting),
+													 'fw_tier.api_key='))
+	LOOP
+		RAISE WARNING 'fw_tier.api_key is stored for role % in database %', r.who, r.db
+			USING DETAIL = 'Every role can read it in pg_db_role_setting until it is reset.',
+				  HINT = pg_catalog.format('Give the role a key file in fw_tier.api_key_dir, then run ALTER %s RESET fw_tier.api_key.',
+						CASE WHEN r.has_role AND r.has_db
+							 THEN pg_catalog.format('ROLE %I IN DATABASE %I', r.who, r.db)
+							 WHEN r.has_role THEN pg_catalog.format('ROLE %I', r.who)
+							 WHEN r.has_db THEN pg_catalog.format('DATABASE %I', r.db)
+							 ELSE 'ROLE ALL' END);
+	END LOOP;
+	FOR r IN
+		SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text AS fn
+		  FROM pg_catalog.pg_proc p
+		 WHERE EXISTS (SELECT 1 FROM pg_catalog.unnest(p.proconfig) AS c(setting)
+						WHERE pg_catalog.starts_with(pg_catalog.lower(c.setting),
+													 'fw_tier.api_key='))
+	LOOP
+		RAISE WARNING 'fw_tier.api_key is stored in the settings of function %', r.fn
+			USING DETAIL = 'Every role can read it in pg_proc.proconfig until it is reset.',
+				  HINT = pg_catalog.format('Run ALTER FUNCTION %s RESET fw_tier.api_key.', r.fn);
+	END LOOP;
+END
+$fw_keys$;

@@ -5,8 +5,10 @@
  *
  * Fireworks enforces rate limits per account and model (Standard and
  * Priority share one; each Fast id has its own), so two backends running
- * batches against one model must pace themselves together.  Each model id
- * gets a slot here with:
+ * batches against one model must pace themselves together.  Each (model
+ * id, API key) pair gets a slot here (with fw_tier.api_key_dir two roles
+ * may bill two accounts; the key is kept only as a 64-bit fingerprint,
+ * never itself) with:
  *
  *	- paused_until: a 429's Retry-After, seen by every backend at once;
  *	- token buckets for prompt and generated tokens, filled at the
@@ -22,6 +24,7 @@
  */
 #include "postgres.h"
 
+#include "common/hashfn.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/timestamp.h"
@@ -35,6 +38,7 @@
 typedef struct FwBudgetSlot
 {
 	char		model[FW_MODELLEN];
+	uint64		key_fp;			/* fw_budget_key_fingerprint of the key */
 	TimestampTz paused_until;
 	TimestampTz refilled_at;
 	double		prompt_per_s;	/* <= 0: unknown */
@@ -72,12 +76,27 @@ fw_budget_shmem_init(void)
 	}
 }
 
+/*
+ * Which account a key bills, as far as pacing cares: a seeded 64-bit hash,
+ * so that shared memory never holds the key.  A collision only makes two
+ * accounts pace together.
+ */
+uint64
+fw_budget_key_fingerprint(const char *api_key)
+{
+	if (api_key == NULL)
+		return 0;
+	return hash_bytes_extended((const unsigned char *) api_key,
+							   (int) strlen(api_key), UINT64CONST(0x66775f74696572));
+}
+
 /* Caller holds the spinlock.  NULL when the table is full. */
 static FwBudgetSlot *
-fw_budget_slot(const char *model)
+fw_budget_slot(const char *model, uint64 key_fp)
 {
 	for (int i = 0; i < fw_budget->nslots; i++)
-		if (strcmp(fw_budget->slots[i].model, model) == 0)
+		if (fw_budget->slots[i].key_fp == key_fp &&
+			strcmp(fw_budget->slots[i].model, model) == 0)
 			return &fw_budget->slots[i];
 	if (fw_budget->nslots < FW_BUDGET_SLOTS && strlen(model) < FW_MODELLEN)
 	{
@@ -85,6 +104,7 @@ fw_budget_slot(const char *model)
 
 		memset(s, 0, sizeof(*s));
 		strcpy(s->model, model);
+		s->key_fp = key_fp;
 		return s;
 	}
 	return NULL;
@@ -113,7 +133,8 @@ fw_budget_refill(FwBudgetSlot *s, TimestampTz now)
  * and takes the tokens, or the number of milliseconds to wait.
  */
 int64
-fw_budget_acquire(const char *model, int est_prompt, TimestampTz now)
+fw_budget_acquire(const char *model, uint64 key_fp, int est_prompt,
+				  TimestampTz now)
 {
 	FwBudgetSlot *s;
 	int64		wait_ms = 0;
@@ -121,7 +142,7 @@ fw_budget_acquire(const char *model, int est_prompt, TimestampTz now)
 	if (fw_budget == NULL)
 		return 0;
 	SpinLockAcquire(&fw_budget->mutex);
-	s = fw_budget_slot(model);
+	s = fw_budget_slot(model, key_fp);
 	if (s)
 	{
 		fw_budget_refill(s, now);
@@ -144,16 +165,16 @@ fw_budget_acquire(const char *model, int est_prompt, TimestampTz now)
  * request really used (est_prompt was taken up front).
  */
 void
-fw_budget_settle(const char *model, int est_prompt, int prompt_tokens,
-				 int completion_tokens, int prompt_per_s, int generated_per_s,
-				 TimestampTz now)
+fw_budget_settle(const char *model, uint64 key_fp, int est_prompt,
+				 int prompt_tokens, int completion_tokens, int prompt_per_s,
+				 int generated_per_s, TimestampTz now)
 {
 	FwBudgetSlot *s;
 
 	if (fw_budget == NULL)
 		return;
 	SpinLockAcquire(&fw_budget->mutex);
-	s = fw_budget_slot(model);
+	s = fw_budget_slot(model, key_fp);
 	if (s)
 	{
 		fw_budget_refill(s, now);
@@ -175,14 +196,14 @@ fw_budget_settle(const char *model, int est_prompt, int prompt_tokens,
 
 /* A 429: nobody starts a request on this model before until. */
 void
-fw_budget_pause(const char *model, TimestampTz until)
+fw_budget_pause(const char *model, uint64 key_fp, TimestampTz until)
 {
 	FwBudgetSlot *s;
 
 	if (fw_budget == NULL)
 		return;
 	SpinLockAcquire(&fw_budget->mutex);
-	s = fw_budget_slot(model);
+	s = fw_budget_slot(model, key_fp);
 	if (s && s->paused_until < until)
 		s->paused_until = until;
 	SpinLockRelease(&fw_budget->mutex);

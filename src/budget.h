@@ -14,11 +14,14 @@
 /* budget.c */
 extern Size fw_budget_shmem_size(void);
 extern void fw_budget_shmem_init(void);
-extern int64 fw_budget_acquire(const char *model, int est_prompt, TimestampTz now);
-extern void fw_budget_settle(const char *model, int est_prompt, int prompt_tokens,
-							 int completion_tokens, int prompt_per_s,
-							 int generated_per_s, TimestampTz now);
-extern void fw_budget_pause(const char *model, TimestampTz until);
+extern uint64 fw_budget_key_fingerprint(const char *api_key);
+extern int64 fw_budget_acquire(const char *model, uint64 key_fp, int est_prompt,
+							   TimestampTz now);
+extern void fw_budget_settle(const char *model, uint64 key_fp, int est_prompt,
+							 int prompt_tokens, int completion_tokens,
+							 int prompt_per_s, int generated_per_s,
+							 TimestampTz now);
+extern void fw_budget_pause(const char *model, uint64 key_fp, TimestampTz until);
 
 /* progress.c */
 extern Size fw_progress_shmem_size(void);

@@ -204,7 +204,19 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.attempt = call->attempt;
 	rec.started_at = call->attempt_start;
 	namestrcpy(&rec.dbname, fw_dbname);
-	namestrcpy(&rec.username, GetUserNameFromId(GetUserId(), false));
+	{
+		/* never raise here: this runs in cleanup paths (a dropped role) */
+		Oid			uid = GetUserId();
+		char	   *uname = GetUserNameFromId(uid, true);
+		char		oidbuf[16];
+
+		if (uname == NULL)
+		{
+			snprintf(oidbuf, sizeof(oidbuf), "%u", uid);
+			uname = oidbuf;
+		}
+		namestrcpy(&rec.username, uname);
+	}
 	fw_clip_copy(rec.workload, call->wl.name, sizeof(rec.workload));
 	fw_clip_copy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
 				 sizeof(rec.model));
@@ -239,7 +251,7 @@ fw_prepare_attempt(FwCall *call)
 	FwPath		path = call->configured;
 
 	if (path == FW_PATH_STANDARD && !call->forced)
-		path = fw_route(call->wl.slot, FW_PATH_STANDARD, now);
+		path = fw_route(&call->wl.slot, FW_PATH_STANDARD, now);
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
 	call->path_sent = path;
 	call->attempt++;
@@ -301,7 +313,7 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	else
 		call->detail = fw_error_excerpt(r->body, r->body_len);
 
-	fw_count_attempt(call->wl.slot, call->path_sent, outcome);
+	fw_count_attempt(&call->wl.slot, call->path_sent, outcome);
 	fw_log_attempt(call, r, outcome, parsed);
 
 	switch (outcome)
@@ -330,14 +342,14 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 
 				shared_ms = Min(shared_ms, fw_shared_pause_cap_ms);
 				if (shared_ms > 0)
-					fw_budget_pause(call->budget_model, now + shared_ms * 1000);
+					fw_budget_pause(call->budget_model, call->budget_key, now + shared_ms * 1000);
 			}
 			break;
 
 		case FW_OVERLOADED:
 			/* a forced Standard call never escalates: it backs off instead */
 			if (call->configured == FW_PATH_STANDARD && !call->forced &&
-				fw_on_overloaded(call->wl.slot, call->path_sent,
+				fw_on_overloaded(&call->wl.slot, call->path_sent,
 								 call->wl.on_overload,
 								 call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
 								 now))
@@ -392,7 +404,7 @@ fw_budget_allows(FwCall *c, TimestampTz now, TimestampTz *wake)
 
 	if (fw_mode == FW_MODE_REPLAY)
 		return true;
-	wait_ms = fw_budget_acquire(c->budget_model, c->est_prompt, now);
+	wait_ms = fw_budget_acquire(c->budget_model, c->budget_key, c->est_prompt, now);
 	if (wait_ms <= 0)
 		return true;
 	c->not_before = now + wait_ms * 1000;
@@ -425,25 +437,31 @@ fw_launch(FwCall *c, const char *url, const char *key, TimestampTz deadline,
 	return false;
 }
 
-/* Log the attempts a cancel interrupts, then give every handle back. */
+/*
+ * Log the attempts a cancel interrupts, after giving every handle back:
+ * logging may raise (the ring, the catalog), and a handle left attached
+ * would point into this run's memory for the next run's poll to return.
+ */
 static void
 fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 {
 	FwParsed	none;
 
+	/* No allocation before this: nothing may stop the release. */
+	fw_http_abort_all();
+
 	memset(&none, 0, sizeof(none));
 	none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
 	for (int i = 0; i < ncalls; i++)
 	{
+		/* xfer is only a marker now: its handle is back in the pool */
 		if (calls[i].xfer == NULL)
 			continue;
-		calls[i].detail = pstrdup(why);
-		fw_http_release(calls[i].xfer);
 		calls[i].xfer = NULL;
-		fw_count_attempt(calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
+		calls[i].detail = pstrdup(why);
+		fw_count_attempt(&calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
 		fw_log_attempt(&calls[i], NULL, FW_CANCELLED, &none);
 	}
-	fw_http_abort_all();
 }
 
 /*
@@ -458,6 +476,40 @@ fw_cancel_pending(void)
 	return QueryCancelPending || ProcDiePending;
 }
 
+/*
+ * The run is ending (a cancel, or stop_on_error): the transfers that have
+ * already finished were answered, and paid for, so each is classified and
+ * logged with its real outcome (and recorded in record mode) before the
+ * rest are cancelled.  No retry starts: the loop is over.
+ */
+static void
+fw_collect_finished(int *in_flight)
+{
+	FwHttpXfer *x;
+
+	while ((x = fw_http_next_done()) != NULL)
+	{
+		FwCall	   *c = (FwCall *) fw_http_owner(x);
+		const FwHttpResult *r = fw_http_result(x);
+		FwParsed	parsed;
+		FwOutcome	o = fw_classify(r, c, &parsed);
+
+		/* stopped by the cancel itself: fw_cancel_in_flight logs it */
+		if (o == FW_CANCELLED)
+			continue;
+		if (fw_mode == FW_MODE_RECORD)
+			fw_fixture_record(c, r);
+		c->xfer = NULL;
+		(*in_flight)--;
+		fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt,
+						 parsed.prompt_tokens, parsed.completion_tokens,
+						 r->rl_prompt_per_s, r->rl_generated_per_s,
+						 GetCurrentTimestamp());
+		(void) fw_after_attempt(c, r, o, &parsed, DT_NOEND);
+		fw_http_release(x);
+	}
+}
+
 /* Refuse values that would become protocol bytes unsafely. */
 static void
 fw_check_transport_settings(const char *key)
@@ -467,7 +519,7 @@ fw_check_transport_settings(const char *key)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("the fw_tier API key contains control characters"),
 				 errdetail("The key is sent in the Authorization header; it is not shown here."),
-				 errhint("Check fw_tier.api_key, fw_tier.api_key_file or FIREWORKS_API_KEY.")));
+				 errhint("Check the role's file in fw_tier.api_key_dir, fw_tier.api_key, fw_tier.api_key_file or FIREWORKS_API_KEY.")));
 	if (!fw_http_header_safe(fw_base_url))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -490,6 +542,17 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 	if (fw_mode != FW_MODE_REPLAY)
 		fw_check_transport_settings(key);
+
+	/*
+	 * The account's budget is the key's, not only the model's: roles with
+	 * their own key files may bill different accounts.
+	 */
+	{
+		uint64		key_fp = fw_budget_key_fingerprint(key);
+
+		for (int i = 0; i < ncalls; i++)
+			calls[i].budget_key = key_fp;
+	}
 
 	for (int i = 0; i < ncalls; i++)
 		if (calls[i].wl.name[0])
@@ -559,6 +622,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 		if (fw_cancel_pending())
 		{
+			fw_collect_finished(&in_flight);
 			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 			CHECK_FOR_INTERRUPTS();
 			/* Cancel held off (e.g. inside a commit): report it ourselves. */
@@ -580,9 +644,10 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 				fw_fixture_record(c, r);
 			c->xfer = NULL;
 			in_flight--;
-			fw_budget_settle(c->budget_model, c->est_prompt, parsed.prompt_tokens,
-							 parsed.completion_tokens, r->rl_prompt_per_s,
-							 r->rl_generated_per_s, GetCurrentTimestamp());
+			fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt,
+							 parsed.prompt_tokens, parsed.completion_tokens,
+							 r->rl_prompt_per_s, r->rl_generated_per_s,
+							 GetCurrentTimestamp());
 			if (fw_after_attempt(c, r, o, &parsed, deadline))
 			{
 				remaining--;
@@ -607,6 +672,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (stop_on_error && c->finished && !c->ok)
 			{
 				/* The statement will fail: stop paying for the rest. */
+				fw_collect_finished(&in_flight);
 				fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 				remaining = 0;
 				break;
@@ -653,9 +719,27 @@ fw_engine_exit(int code, Datum arg)
 {
 	FwRunCleanup *c = fw_running;
 
-	fw_running = NULL;
+	/* handles first: nothing below may leave one attached */
+	fw_http_abort_all();
 	if (c)
 		fw_engine_cleanup(c);
+	fw_running = NULL;
+}
+
+/*
+ * Backstop: whatever path an error took, no transfer survives its
+ * transaction (a handle's owner points into per-call memory).  Only the
+ * top-level abort: record mode's fixture writes use subtransactions while
+ * transfers are legitimately in flight.
+ */
+static void
+fw_engine_xact_cb(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+	{
+		fw_http_abort_all();
+		fw_running = NULL;
+	}
 }
 
 /*
@@ -677,6 +761,7 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	if (!exit_hook)
 	{
 		before_shmem_exit(fw_engine_exit, (Datum) 0);
+		RegisterXactCallback(fw_engine_xact_cb, NULL);
 		exit_hook = true;
 	}
 
@@ -690,8 +775,16 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	}
 	PG_CATCH();
 	{
-		fw_running = prev;
-		fw_engine_cleanup(&cleanup);
+		/* the exit hook must not see this frame once it is gone */
+		PG_TRY();
+		{
+			fw_engine_cleanup(&cleanup);
+		}
+		PG_FINALLY();
+		{
+			fw_running = prev;
+		}
+		PG_END_TRY();
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
@@ -714,7 +807,7 @@ fw_call_raise(FwCall *c)
 			{
 				case 401:
 					code = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
-					hint = "Set fw_tier.api_key, fw_tier.api_key_file or the server's FIREWORKS_API_KEY.";
+					hint = "Give the role a key file in fw_tier.api_key_dir, or set fw_tier.api_key, fw_tier.api_key_file or the server's FIREWORKS_API_KEY.";
 					break;
 				case 403:
 					code = ERRCODE_INSUFFICIENT_PRIVILEGE;

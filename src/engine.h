@@ -49,6 +49,7 @@ typedef struct FwCall
 	struct FwHttpXfer *xfer;	/* in flight, or NULL */
 	char	   *fingerprint;	/* record/replay key, computed on demand */
 	const char *budget_model;	/* the model id the rate budget is kept for */
+	uint64		budget_key;		/* fingerprint of the API key it bills */
 	int			est_prompt;		/* prompt tokens taken from the budget */
 } FwCall;
 

@@ -76,21 +76,28 @@ fw_check_shared(void)
  * Backends keep slot handles (index + generation) across calls.  Each
  * reassignment bumps the slot's generation, so a handle of the previous
  * owner no longer matches: it is resolved again by name (below), never
- * applied to the new owner.
+ * applied to the new owner.  A handle is 64 bits and carries the whole
+ * 32-bit generation: a shorter one would match again after its wrap (a
+ * few ten thousand reuses of a busy slot).
  */
 #define FW_SLOT_INDEX_BITS	16
 #define FW_SLOT_INDEX_MASK	((1 << FW_SLOT_INDEX_BITS) - 1)
-#define FW_SLOT_GEN_MASK	0x7FFF
 #define FW_SLOT_REUSE_IDLE_US	(2 * USECS_PER_SEC)
 /* last_used is written at most this often by one backend */
 #define FW_SLOT_TOUCH_US	(100 * 1000)
 
 StaticAssertDecl(10000 <= FW_SLOT_INDEX_MASK, "slot index must fit in a handle");
 
-static inline int
+static inline int64
 fw_slot_handle(int index, uint32 gen)
 {
-	return (int) (((gen & FW_SLOT_GEN_MASK) << FW_SLOT_INDEX_BITS) | (uint32) index);
+	return (int64) (((uint64) gen << FW_SLOT_INDEX_BITS) | (uint32) index);
+}
+
+static inline int
+fw_slot_index(int64 handle)
+{
+	return (int) (handle & FW_SLOT_INDEX_MASK);
 }
 
 /*
@@ -99,14 +106,14 @@ fw_slot_handle(int index, uint32 gen)
  */
 typedef struct FwHandleName
 {
-	int			handle;			/* hash key */
+	int64		handle;			/* hash key */
 	char		name[FW_NAMELEN];
 } FwHandleName;
 
 static HTAB *fw_handle_names = NULL;
 
 static void
-fw_remember_handle(int handle, const char *name)
+fw_remember_handle(int64 handle, const char *name)
 {
 	FwHandleName *e;
 	bool		found;
@@ -115,7 +122,7 @@ fw_remember_handle(int handle, const char *name)
 	{
 		HASHCTL		ctl;
 
-		ctl.keysize = sizeof(int);
+		ctl.keysize = sizeof(int64);
 		ctl.entrysize = sizeof(FwHandleName);
 		fw_handle_names = hash_create("fw_tier slot handles", 16, &ctl,
 									  HASH_ELEM | HASH_BLOBS);
@@ -125,7 +132,7 @@ fw_remember_handle(int handle, const char *name)
 }
 
 /* caller holds wl_lock (any mode) */
-static int
+static int64
 fw_find_slot_locked(Oid dboid, const char *name)
 {
 	for (int i = 0; i < fw_shared->num_workloads; i++)
@@ -181,10 +188,10 @@ fw_free_slot_locked(TimestampTz now)
  * there is room.  Returns a handle, or -1 when not found (or no slot is
  * free: *full).  Never raises.
  */
-static int
+static int64
 fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
 {
-	int			handle;
+	int64		handle;
 	int			i;
 	TimestampTz now;
 
@@ -202,7 +209,7 @@ fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
 	if (handle < 0 && (i = fw_free_slot_locked(now)) >= 0)
 	{
 		FwWorkload *w = &fw_shared->workloads[i];
-		uint32		gen = (pg_atomic_read_u32(&w->generation) + 1) & FW_SLOT_GEN_MASK;
+		uint32		gen = pg_atomic_read_u32(&w->generation) + 1;
 
 		/* the new generation first: old handles stop matching at once */
 		pg_atomic_write_u32(&w->generation, gen);
@@ -242,7 +249,7 @@ fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
  * but for out of memory: the hot path calls it.
  */
 static FwWorkload *
-fw_resolve(int *handle, TimestampTz now)
+fw_resolve(int64 *handle, TimestampTz now)
 {
 	int			index;
 	FwWorkload *w;
@@ -251,7 +258,7 @@ fw_resolve(int *handle, TimestampTz now)
 
 	if (fw_shared == NULL || *handle < 0)
 		return NULL;
-	index = *handle & FW_SLOT_INDEX_MASK;
+	index = fw_slot_index(*handle);
 	if (index >= fw_max_workloads)
 		return NULL;
 	w = &fw_shared->workloads[index];
@@ -273,7 +280,7 @@ fw_resolve(int *handle, TimestampTz now)
 	if (*handle < 0)
 		return NULL;
 	fw_remember_handle(*handle, e->name);
-	return &fw_shared->workloads[*handle & FW_SLOT_INDEX_MASK];
+	return &fw_shared->workloads[fw_slot_index(*handle)];
 }
 
 /*
@@ -281,10 +288,10 @@ fw_resolve(int *handle, TimestampTz now)
  * caller has found the workload's row.  Backends cache the handle (see
  * fw_workload_slot_valid).
  */
-int
+int64
 fw_workload_slot(const char *name)
 {
-	int			slot;
+	int64		slot;
 	bool		full;
 
 	fw_check_shared();
@@ -315,7 +322,7 @@ fw_workload_slot(const char *name)
  * Is a cached handle still its workload's?  Marks the slot used.
  */
 bool
-fw_workload_slot_valid(int slot)
+fw_workload_slot_valid(int64 slot)
 {
 	FwWorkload *w;
 	int			index;
@@ -323,7 +330,7 @@ fw_workload_slot_valid(int slot)
 
 	if (fw_shared == NULL || slot < 0)
 		return false;
-	index = slot & FW_SLOT_INDEX_MASK;
+	index = fw_slot_index(slot);
 	if (index >= fw_max_workloads)
 		return false;
 	w = &fw_shared->workloads[index];
@@ -382,7 +389,7 @@ fw_set_until_locked(FwWorkload *w, TimestampTz until, int64 window_us)
  * The path a new attempt takes.  HOT PATH: no lock, two atomic reads.
  */
 FwPath
-fw_route(int slot, FwPath configured, TimestampTz now)
+fw_route(int64 *slot, FwPath configured, TimestampTz now)
 {
 	FwWorkload *w;
 	uint64		until;
@@ -390,7 +397,7 @@ fw_route(int slot, FwPath configured, TimestampTz now)
 
 	if (configured != FW_PATH_STANDARD)
 		return configured;
-	w = fw_resolve(&slot, now);
+	w = fw_resolve(slot, now);
 	if (w == NULL)
 		return configured;
 
@@ -404,7 +411,7 @@ fw_route(int slot, FwPath configured, TimestampTz now)
 	if (fw_jitter == NULL)
 		fw_jitter = MemoryContextAllocZero(TopMemoryContext,
 										   sizeof(FwJitter) * fw_max_workloads);
-	j = &fw_jitter[slot & FW_SLOT_INDEX_MASK];
+	j = &fw_jitter[fw_slot_index(*slot)];
 	if (j->until != until)
 	{
 		uint64		window_us;
@@ -427,7 +434,7 @@ fw_route(int slot, FwPath configured, TimestampTz now)
  * engine should retry at once (the next fw_route() gives Priority).
  */
 bool
-fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
+fw_on_overloaded(int64 *slot, FwPath path_used, FwOnOverload policy,
 				 int window_s, TimestampTz now)
 {
 	FwWorkload *w;
@@ -435,12 +442,20 @@ fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
 	bool		retry = false;
 	bool		wake = false;
 
-	w = fw_resolve(&slot, now);
+	w = fw_resolve(slot, now);
 	if (w == NULL)
 		return false;
 	window_us = (int64) (window_s > 0 ? window_s : fw_priority_window_s) * USECS_PER_SEC;
 
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
+	/* as fw_escalate_now: the slot cannot be reused while we hold the lock */
+	if (fw_slot_handle(fw_slot_index(*slot),
+					   pg_atomic_read_u32(&w->generation)) != *slot)
+	{
+		/* reused in between: no window for another workload; back off */
+		LWLockRelease(fw_shared->wl_lock);
+		return false;
+	}
 	w->last_overloaded = now;
 	if (policy == FW_ONOVERLOAD_PRIORITY && path_used == FW_PATH_STANDARD)
 	{
@@ -475,14 +490,14 @@ fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
 
 /* HOT PATH: one atomic increment, no lock. */
 void
-fw_count_attempt(int slot, FwPath path, FwOutcome outcome)
+fw_count_attempt(int64 *slot, FwPath path, FwOutcome outcome)
 {
 	FwWorkload *w;
 
 	if (path < 0 || path >= FW_NUM_PATHS ||
 		outcome < 0 || outcome >= FW_NUM_OUTCOMES)
 		return;
-	w = fw_resolve(&slot, 0);
+	w = fw_resolve(slot, 0);
 	if (w != NULL)
 		pg_atomic_fetch_add_u64(&w->attempts[path][outcome], 1);
 }
@@ -496,7 +511,7 @@ fw_count_attempt(int slot, FwPath path, FwOutcome outcome)
 TimestampTz
 fw_escalate_now(const char *workload, int64 window_ms)
 {
-	int			slot;
+	int64		slot;
 	FwWorkload *w;
 	TimestampTz now = GetCurrentTimestamp();
 	int64		window_us = window_ms * 1000;
@@ -510,8 +525,8 @@ fw_escalate_now(const char *workload, int64 window_ms)
 	slot = fw_workload_slot(workload);
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
 	/* the slot cannot be reused while we hold the lock */
-	w = &fw_shared->workloads[slot & FW_SLOT_INDEX_MASK];
-	if (fw_slot_handle(slot & FW_SLOT_INDEX_MASK,
+	w = &fw_shared->workloads[fw_slot_index(slot)];
+	if (fw_slot_handle(fw_slot_index(slot),
 					   pg_atomic_read_u32(&w->generation)) != slot)
 	{
 		LWLockRelease(fw_shared->wl_lock);
@@ -546,12 +561,12 @@ fw_deescalate_now(const char *workload)
 	/* no slot is assigned: a workload without one has no window */
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
 	{
-		int			slot = fw_find_slot_locked(MyDatabaseId, workload);
+		int64		slot = fw_find_slot_locked(MyDatabaseId, workload);
 		FwWorkload *w;
 
 		if (slot >= 0)
 		{
-			w = &fw_shared->workloads[slot & FW_SLOT_INDEX_MASK];
+			w = &fw_shared->workloads[fw_slot_index(slot)];
 			if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
 			{
 				fw_set_until_locked(w, now, 0);
@@ -614,7 +629,7 @@ void
 fw_restore_window(Oid dboid, const char *workload, TimestampTz started,
 				  TimestampTz until, int32 windows_in_row, bool manual)
 {
-	int			slot;
+	int64		slot;
 	bool		full;
 	FwWorkload *w;
 
@@ -633,10 +648,10 @@ fw_restore_window(Oid dboid, const char *workload, TimestampTz started,
 				 errhint("Raise fw_tier.max_workloads and restart the server.")));
 		return;
 	}
-	w = &fw_shared->workloads[slot & FW_SLOT_INDEX_MASK];
+	w = &fw_shared->workloads[fw_slot_index(slot)];
 
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
-	if (fw_slot_handle(slot & FW_SLOT_INDEX_MASK,
+	if (fw_slot_handle(fw_slot_index(slot),
 					   pg_atomic_read_u32(&w->generation)) == slot &&
 		(TimestampTz) pg_atomic_read_u64(&w->priority_until) < until)
 	{
@@ -710,7 +725,7 @@ fw_windows_to_sync(FwWindowSync *out, TimestampTz now, TimestampTz *next_expiry)
 void
 fw_windows_synced(const FwWindowSync *ws)
 {
-	int			index = ws->slot & FW_SLOT_INDEX_MASK;
+	int			index = fw_slot_index(ws->slot);
 	FwWorkload *w = &fw_shared->workloads[index];
 
 	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);

@@ -123,9 +123,13 @@ fw_fixture_replay(FwCall *call)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_with_args("SELECT http_status, response, retry_after"
 								" FROM fw_tier.fixtures"
-								" WHERE fingerprint = $1 AND path IN ($2, 'any')"
-								" AND attempt IN ($3, 0)"
-								" ORDER BY attempt = 0, path = 'any' LIMIT 1",
+								" WHERE fingerprint OPERATOR(pg_catalog.=) $1"
+								" AND (path OPERATOR(pg_catalog.=) $2"
+								" OR path OPERATOR(pg_catalog.=) 'any')"
+								" AND (attempt OPERATOR(pg_catalog.=) $3"
+								" OR attempt OPERATOR(pg_catalog.=) 0)"
+								" ORDER BY attempt OPERATOR(pg_catalog.=) 0,"
+								" path OPERATOR(pg_catalog.=) 'any' LIMIT 1",
 								3, types, values, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read fw_tier.fixtures: %s", SPI_result_code_string(ret));
@@ -213,7 +217,7 @@ fw_fixture_write(FwPendingFixture *f)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_with_args("INSERT INTO fw_tier.fixtures"
 								" (fingerprint, path, attempt, request, http_status, response, retry_after)"
-								" VALUES ($1, $2, $8, jsonb_build_object('model', $7, 'messages', $3), $4, $5, $6)"
+								" VALUES ($1, $2, $8, pg_catalog.jsonb_build_object('model', $7, 'messages', $3), $4, $5, $6)"
 								" ON CONFLICT (fingerprint, path, attempt) DO UPDATE"
 								" SET request = EXCLUDED.request, http_status = EXCLUDED.http_status,"
 								" response = EXCLUDED.response, retry_after = EXCLUDED.retry_after,"
@@ -431,6 +435,24 @@ fw_fixture_record(FwCall *call, const FwHttpResult *r)
 		return;
 	fw_fixture_key(call);
 	fw_fixture_flush_pending();
+
+	/*
+	 * The body goes into a text column: bytes that are not valid text in
+	 * the database encoding (or hold a NUL) would be stored invalid and
+	 * break every reader and pg_restore.  Such a body is no fixture.
+	 */
+	if (r->body != NULL &&
+		(strlen(r->body) != r->body_len ||
+		 !pg_verify_mbstr(GetDatabaseEncoding(), r->body, (int) r->body_len, true)))
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+				 errmsg("could not record fw_tier fixture for request %s", call->fingerprint),
+				 errdetail("The response body is not valid %s text.",
+						   GetDatabaseEncodingName()),
+				 errhint("The call itself is unaffected and logged.")));
+		return;
+	}
 
 	if (!fw_callbacks_registered)
 	{

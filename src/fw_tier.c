@@ -378,6 +378,37 @@ fw_read_key_file(const char *path, const char *what)
 }
 
 /*
+ * The first line of an open key file, like fw_read_key_file.  On error the
+ * descriptor is closed by the transaction's abort (a transient file).
+ */
+static char *
+fw_read_key_fd(int fd, const char *path)
+{
+	char		buf[1024];
+	ssize_t		n;
+	size_t		len;
+	char	   *nl;
+	char	   *key;
+
+	n = read(fd, buf, sizeof(buf) - 1);
+	if (n < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not read fw_tier key file \"%s\": %m", path)));
+	buf[n] = '\0';
+	nl = strchr(buf, '\n');
+	if (nl)
+		*nl = '\0';
+	len = strlen(buf);
+	while (len > 0 && (buf[len - 1] == '\r' ||
+					   buf[len - 1] == ' ' || buf[len - 1] == '\t'))
+		buf[--len] = '\0';
+	key = MemoryContextStrdup(TopMemoryContext, buf);
+	explicit_bzero(buf, sizeof(buf));
+	return key;
+}
+
+/*
  * The calling role's own key: the file named after current_user in
  * fw_tier.api_key_dir, or NULL when there is none (no directory set, no
  * file, or a role name that is not a plain file name).  Read by the
@@ -403,6 +434,7 @@ fw_role_api_key(void)
 	char	   *name;
 	char	   *path;
 	struct stat st;
+	int			fd;
 
 	if (fw_api_key_dir == NULL || fw_api_key_dir[0] == '\0')
 		return NULL;
@@ -417,7 +449,13 @@ fw_role_api_key(void)
 		return NULL;
 	path = psprintf("%s/%s", fw_api_key_dir, name);
 
-	if (stat(path, &st) != 0)
+	/*
+	 * Open first, then check what was opened: no symbolic link (it could
+	 * point at any file the server can read), and the descriptor's own
+	 * stat, so nothing can be swapped in between the check and the read.
+	 */
+	fd = OpenTransientFile(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
 	{
 		if (errno == ENOENT)
 		{
@@ -427,20 +465,49 @@ fw_role_api_key(void)
 			checked_found = false;
 			return NULL;
 		}
+		if (errno == ELOOP)
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("fw_tier key file \"%s\" is a symbolic link", path),
+					 errhint("Put the key itself in the directory, owned by the database server's user, mode 0600.")));
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open fw_tier key file \"%s\": %m", path)));
+	}
+	if (fstat(fd, &st) != 0)
+	{
+		int			save_errno = errno;
+
+		CloseTransientFile(fd);
+		errno = save_errno;
 		ereport(ERROR,
 				(errcode_for_file_access(),
 				 errmsg("could not stat fw_tier key file \"%s\": %m", path)));
 	}
 	if (!S_ISREG(st.st_mode))
+	{
+		CloseTransientFile(fd);
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIG_FILE_ERROR),
 				 errmsg("fw_tier key file \"%s\" is not a regular file", path)));
+	}
 	if (st.st_mode & (S_IRWXG | S_IRWXO))
+	{
+		CloseTransientFile(fd);
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIG_FILE_ERROR),
 				 errmsg("fw_tier key file \"%s\" has group or world access", path),
 				 errdetail("Permissions should be u=rw (0600) or less."),
 				 errhint("chmod 0600 the file; it must be readable by the database server's user only.")));
+	}
+	if (st.st_uid != geteuid())
+	{
+		CloseTransientFile(fd);
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("fw_tier key file \"%s\" is not owned by the database server's user", path),
+				 errhint("chown the file to the operating-system user the server runs as.")));
+	}
 
 	if (cached_key == NULL || cached_role != role ||
 		strcmp(cached_path, path) != 0 ||
@@ -448,7 +515,7 @@ fw_role_api_key(void)
 		st.st_size != cached_st.st_size ||
 		st.st_mtime != cached_st.st_mtime || st.st_ctime != cached_st.st_ctime)
 	{
-		char	   *key = fw_read_key_file(path, "fw_tier key file");
+		char	   *key = fw_read_key_fd(fd, path);
 
 		if (cached_key)
 		{
@@ -462,6 +529,7 @@ fw_role_api_key(void)
 		cached_role = role;
 		cached_st = st;
 	}
+	CloseTransientFile(fd);
 	pfree(path);
 	checked_stmt = stmt;
 	checked_role = role;

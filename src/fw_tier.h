@@ -215,12 +215,13 @@ typedef struct FwWorkloadSnapshot
  * generation): a slot reused for another workload invalidates old handles.
  * -1 = none.
  */
-extern int	fw_workload_slot(const char *name);
-extern bool fw_workload_slot_valid(int slot);
-extern FwPath fw_route(int slot, FwPath configured, TimestampTz now);
-extern bool fw_on_overloaded(int slot, FwPath path_used, FwOnOverload policy,
+extern int64 fw_workload_slot(const char *name);
+extern bool fw_workload_slot_valid(int64 slot);
+/* these update *slot when its slot was reused and resolved again */
+extern FwPath fw_route(int64 *slot, FwPath configured, TimestampTz now);
+extern bool fw_on_overloaded(int64 *slot, FwPath path_used, FwOnOverload policy,
 							 int window_s, TimestampTz now);
-extern void fw_count_attempt(int slot, FwPath path, FwOutcome outcome);
+extern void fw_count_attempt(int64 *slot, FwPath path, FwOutcome outcome);
 extern TimestampTz fw_escalate_now(const char *workload, int64 window_ms);
 extern void fw_deescalate_now(const char *workload);
 extern int	fw_workload_snapshots(FwWorkloadSnapshot **out);
@@ -233,7 +234,7 @@ extern void fw_restore_window(Oid dboid, const char *workload,
 /* worker side: windows whose state differs from fw_tier.escalations */
 typedef struct FwWindowSync
 {
-	int			slot;			/* handle */
+	int64		slot;			/* handle */
 	Oid			dboid;			/* the workload's database */
 	char		name[FW_NAMELEN];
 	TimestampTz started;

@@ -204,7 +204,7 @@ fw_status_workload_window(const char *workload, Interval *window)
 
 	SPI_connect();
 	ret = SPI_execute_with_args("SELECT priority_window FROM fw_tier.workloads"
-								" WHERE workload = $1",
+								" WHERE workload OPERATOR(pg_catalog.=) $1",
 								1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "SPI_execute_with_args failed: %s",

@@ -36,7 +36,7 @@ static bool fw_wl_callback_registered = false;
 typedef struct FwSlotEntry
 {
 	char		name[FW_NAMELEN];
-	int			slot;
+	int64		slot;
 } FwSlotEntry;
 
 static HTAB *fw_slot_cache = NULL;
@@ -104,7 +104,7 @@ fw_wl_load(void)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute("SELECT workload, path, model, fast_model, on_overload,"
-					  " extract(epoch FROM priority_window)::int8"
+					  " extract(epoch FROM priority_window)::pg_catalog.int8"
 					  " FROM fw_tier.workloads", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read fw_tier.workloads: %s", SPI_result_code_string(ret));
@@ -181,7 +181,7 @@ fw_workload_get(const char *name, FwWorkloadConf *out)
 	/* a slot left idle may have been given to another workload since */
 	if (se == NULL || !fw_workload_slot_valid(se->slot))
 	{
-		int			slot = fw_workload_slot(out->name);
+		int64		slot = fw_workload_slot(out->name);
 
 		se = hash_search(fw_slot_cache, out->name, HASH_ENTER, &found);
 		se->slot = slot;

@@ -18,7 +18,7 @@ typedef struct FwWorkloadConf
 	char	   *fast_model;		/* model id on the Fast path */
 	FwOnOverload on_overload;
 	int			window_s;		/* 0: fw_tier.priority_window */
-	int			slot;			/* shared-memory slot (fw_workload_slot) */
+	int64		slot;			/* shared-memory slot (fw_workload_slot) */
 } FwWorkloadConf;
 
 extern void fw_workload_get(const char *name, FwWorkloadConf *out);

@@ -409,6 +409,62 @@ CREATE DATABASE lat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE temp
 		'classes in the log: bad_response, ok (tokens unknown), bad_response');
 }
 
+# ===== record mode: a body that is not valid text is no fixture ============
+if (section('classify'))
+{
+	my $c0 = calls_count();
+	my $f0 = $node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.fixtures');
+	my $bad = qq({"error":{"message":"bad \xff\xfe bytes"}});
+	my ($ret, $out, $err) = run_sql('postgres',
+		"SET fw_tier.mode = 'record'; SET fw_tier.on_error = 'null'; SELECT fw_complete('"
+		  . raw_prompt(400, $bad) . "') IS NULL");
+	is($out, 't', 'record mode, a non-UTF-8 body: the call itself goes on') or diag($err);
+	like($err, qr/WARNING:  .*could not record fw_tier fixture.*\n.*DETAIL:  The response body is not valid UTF8 text/,
+		'record mode, a non-UTF-8 body: WARNING, not recorded');
+	is($node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.fixtures'), $f0,
+		'no invalid text stored in fw_tier.fixtures');
+	ok(wait_for('its log row', sub { calls_count() >= $c0 + 1 }), 'and the attempt is logged');
+}
+
+# ===== a cleanup that cannot log normally still releases every handle ======
+# The session's role was dropped (its calls still run: EXECUTE is granted
+# to PUBLIC for this); a cancel's log row cannot name it
+# (GetUserNameFromId): it is logged under the role's oid, and the cancel is
+# reported as such.  Before, the cleanup raised "invalid role OID" before
+# it released the handles.
+if (section('interrupts'))
+{
+	$node->safe_psql('postgres', "ALTER SYSTEM SET fw_tier.base_url = '@{[$sim->url]}/inference/v1'; SELECT pg_reload_conf()");
+	wait_for('the sim base_url', sub {
+		$node->safe_psql('postgres', 'SHOW fw_tier.base_url') eq $sim->url . '/inference/v1' });
+	$node->safe_psql('postgres', 'CREATE ROLE gone LOGIN; GRANT EXECUTE ON FUNCTION fw_complete(text, text) TO PUBLIC');
+	my $oid = $node->safe_psql('postgres', "SELECT 'gone'::regrole::oid");
+	$sim->reset;
+	my $bg = $node->background_psql('postgres', on_error_stop => 0,
+		extra_params => [ '-U', 'gone' ]);
+	my $pid = $bg->query_safe('SELECT pg_backend_pid()');
+	$node->safe_psql('postgres', 'DROP ROLE gone');
+	$bg->{stderr} = '';
+	$bg->query_until(qr/started/, "\\echo started\nSELECT fw_complete('[fwsim:slow=5000] doomed');\n");
+	ok(wait_for('a request in flight', sub { $sim->stats->{in_flight} >= 1 }, 20),
+		'the dropped role\'s call is in flight');
+	$node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)");
+	like($bg->query('SELECT 1'), qr/1/, 'the session goes on after the cancel');
+	like($bg->{stderr}, qr/canceling statement due to user request/, 'the cancel is reported as such');
+	unlike($bg->{stderr}, qr/invalid role|cache lookup/, 'not as a failed role lookup');
+	ok(wait_for('the cancelled attempt logged', sub {
+		$node->safe_psql('postgres', qq{SELECT count(*) FROM fw_tier.calls
+		  WHERE username = '$oid' AND outcome = 'cancelled'}) == 1 }),
+		'the cancelled attempt is logged under the dropped role\'s oid');
+	is($node->safe_psql('postgres', q{SELECT fw_complete('another session')}),
+		'Echo: another session', 'the server is up and calls work');
+	$node->safe_psql('postgres', 'REVOKE EXECUTE ON FUNCTION fw_complete(text, text) FROM PUBLIC');
+	eval { $bg->quit };
+	$node->safe_psql('postgres', "ALTER SYSTEM SET fw_tier.base_url = '@{[$fz->url]}/inference/v1'; SELECT pg_reload_conf()");
+	wait_for('the fuzz base_url', sub {
+		$node->safe_psql('postgres', 'SHOW fw_tier.base_url') eq $fz->url . '/inference/v1' });
+}
+
 # The fuzzer: FUZZ_SEED / FUZZ_CASES override (test/respfuzz/run.sh).
 if (section('fuzz'))
 {

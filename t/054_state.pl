@@ -297,6 +297,39 @@ like($e, qr/fw_tier key file ".*alice" has group or world access/,
 no_secret($e, 'the permission error');
 chmod 0600, "$keydir/alice";
 
+# a symbolic link in the key directory is refused, even to a good key file
+symlink("$keydir/alice", "$keydir/carol") or die "symlink: $!";
+($o, $e) = as_role('carol', "SELECT fw_complete('through a link')");
+like($e, qr/fw_tier key file ".*carol" is a symbolic link/,
+	'a symlinked key file is refused');
+unlike($o // '', qr/Echo/, 'and no call is made with the linked key');
+no_secret($e, 'the symlink error');
+unlink("$keydir/carol");
+
+# the shared 429 pause is the account's: bob's key bills another account,
+# so alice's Retry-After does not hold his calls (the pause is capped at 6 s
+# for alice's sessions, so that the rest of this test is not held)
+$node->safe_psql('postgres', q{
+GRANT EXECUTE ON FUNCTION fw_complete(text, text) TO eve;
+ALTER ROLE alice SET fw_tier.shared_pause_cap = '6s';
+});
+write_key('eve', $KA);
+my $t429 = time;
+($o, $e) = as_role('alice', "SET fw_tier.on_error = 'null'; SELECT fw_complete('[fwsim:ratelimit=600] alice is limited') IS NULL");
+is($o, 't', 'alice: a 429 with Retry-After 600');
+($o, $e) = as_role('bob', "SET statement_timeout = '2s'; SELECT fw_complete('bob is not paused')");
+like($e, qr/HTTP 401/, 'bob (another key): his call goes out at once, no pause') or diag($e);
+($o, $e) = as_role('eve', "SET statement_timeout = '1s'; SELECT fw_complete('eve shares alice''s key')");
+like($e, qr/canceling statement due to statement timeout/,
+	'eve (alice\'s key, same account): paused by alice\'s 429');
+$node->safe_psql('postgres', q{
+REVOKE EXECUTE ON FUNCTION fw_complete(text, text) FROM eve;
+ALTER ROLE alice RESET fw_tier.shared_pause_cap;
+});
+my $left = 6.5 - (time - $t429);
+usleep(int($left * 1e6)) if $left > 0;		# the pause is over
+unlink("$keydir/eve");
+
 # the settings every role can read refuse the key
 foreach my $stmt (
 	"ALTER ROLE bob SET fw_tier.api_key = '$DECOY'",
@@ -328,6 +361,24 @@ like($e, qr/WARNING:  fw_tier.api_key set with ALTER ROLE or ALTER DATABASE is i
 	'a stored role setting: WARNING at session start');
 like($e, qr/HTTP 401/, 'and the stored key is not used');
 no_secret($e, 'the WARNING');
+# installing (or updating to) 0.2 names each stored key, never its value
+$node->safe_psql('postgres', 'CREATE DATABASE keycheck');
+$node->safe_psql('keycheck', qq{
+CREATE FUNCTION keyed_before() RETURNS int LANGUAGE sql AS 'SELECT 1';
+SET allow_system_table_mods = on;
+UPDATE pg_proc SET proconfig = ARRAY['fw_tier.api_key=$KB'] WHERE proname = 'keyed_before';
+});
+{
+	my ($r, $so, $se) = $node->psql('keycheck', 'CREATE EXTENSION fw_tier', on_error_stop => 0);
+	is($r, 0, 'CREATE EXTENSION with stored keys still works');
+	like($se, qr/WARNING:  fw_tier.api_key is stored for role carol in database \(every database\)/,
+		'the update warns about the role setting');
+	like($se, qr/ALTER ROLE carol RESET fw_tier.api_key/, 'and says how to reset it');
+	like($se, qr/WARNING:  fw_tier.api_key is stored in the settings of function keyed_before\(\)/,
+		'and about the function setting');
+	no_secret($se, 'the update WARNINGs');
+}
+$node->safe_psql('postgres', 'DROP DATABASE keycheck');
 $node->safe_psql('postgres', 'ALTER ROLE carol RESET fw_tier.api_key');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_db_role_setting'), '0',
 	'ALTER ROLE ... RESET removes it');
