@@ -15,8 +15,9 @@
  *
  * fw_enrich runs one engine run per chunk inside a single CALL: it sets
  * the job's figures with fw_tier.progress_job(), and while a job is set
- * total / done / failed describe the current chunk only, job_total /
- * job_done the whole job (job_done = rows of earlier chunks + done).
+ * total / done / failed describe the current (or last) chunk only,
+ * job_total / job_done the whole job (job_done = rows of earlier chunks
+ * + done).
  *
  *-------------------------------------------------------------------------
  */
@@ -125,7 +126,10 @@ fw_progress_begin(const char *workload, int ncalls)
 	fw_progress_write_begin(s);
 	/* inside a job each engine run is a chunk: counted on its own */
 	if (s->job)
+	{
+		s->job_base += s->done;
 		s->total = s->done = s->failed = 0;
+	}
 	strlcpy(s->workload, workload, sizeof(s->workload));
 	s->total += ncalls;
 	s->base_done = s->done;
@@ -189,7 +193,8 @@ fw_tier_progress_job(PG_FUNCTION_ARGS)
 	}
 	s->job = true;
 	s->job_total = PG_GETARG_INT64(0);
-	s->job_base = PG_GETARG_INT64(1);
+	/* done counts the finished chunk, still shown until the next begins */
+	s->job_base = PG_GETARG_INT64(1) - s->done;
 	fw_progress_write_end(s);
 	PG_RETURN_VOID();
 }
