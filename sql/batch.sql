@@ -116,8 +116,9 @@ CALL fw_enrich('articles', 'id', 'body', 'summary', 'batch', 4);
 SELECT count(*) AS requests FROM sim.log;
 SELECT count(*) FILTER (WHERE summary = 'Echo: art ' || id) AS answered, count(*) AS total FROM articles;
 
--- on_error 'raise': the third chunk fails, the first two chunks stay
--- committed; a rerun continues where it stopped
+-- on_error 'raise': a row of the third chunk fails; the first two chunks
+-- and the third chunk's other answers stay committed, then the error is
+-- raised; a rerun continues where it stopped
 UPDATE articles SET summary = NULL;
 UPDATE articles SET body = '[fwsim:status=400] art 10' WHERE id = 10;
 SELECT sim.reset();

@@ -177,6 +177,37 @@ SET ROLE fw_log_reader;
 SELECT fw_tier.purge_calls('30 days');
 RESET ROLE;
 
+-- costs: full precision in fw_tier.calls, 6 decimals in the views; one
+-- unpriced attempt makes its group's cost unknown (NULL), priced_cost_usd
+-- sums the attempts that have a price
+SELECT sum(cost_usd) AS table_cost_usd FROM fw_tier.calls
+ WHERE workload = 'log_a' AND path = 'priority';
+UPDATE fw_tier.calls SET cost_usd = NULL
+ WHERE (call_id, attempt) = (SELECT call_id, attempt FROM fw_tier.calls
+                              WHERE workload = 'log_a' AND path = 'standard'
+                              ORDER BY call_id, attempt LIMIT 1);
+SELECT workload, path, sum(attempts) AS attempts,
+       bool_or(cost_usd IS NULL) AS cost_unknown, sum(cost_usd) AS cost_usd,
+       sum(priced_cost_usd) AS priced_cost_usd, sum(unpriced_attempts) AS unpriced_attempts
+  FROM fw_tier.spend_daily WHERE workload = 'log_a' GROUP BY 1, 2 ORDER BY 1, 2;
+
+-- a price row that can never match warns (and is kept: pg_restore must
+-- not fail): Fast calls are priced under the Fast model id
+INSERT INTO fw_tier.prices VALUES
+	('accounts/fireworks/models/kimi-k2p6', 'fast', 2.00, 1.00, 8.00);
+INSERT INTO fw_tier.prices VALUES
+	('accounts/fireworks/models/no-such-base', 'fast', 2.00, 1.00, 8.00);
+INSERT INTO fw_tier.prices VALUES
+	('accounts/fireworks/routers/kimi-k2p6-turbo', 'standard', 2.00, 1.00, 8.00);
+-- these match: no warning
+INSERT INTO fw_tier.prices VALUES
+	('accounts/fireworks/routers/kimi-k2p6-turbo', 'fast', 2.00, 1.00, 8.00),
+	('accounts/fireworks/routers/glm-5p1-fast', 'fast', 2.00, 1.00, 8.00);
+-- an UPDATE is checked too
+UPDATE fw_tier.prices SET model = 'accounts/fireworks/models/other-base'
+ WHERE model = 'accounts/fireworks/models/no-such-base';
+SELECT model, path FROM fw_tier.prices ORDER BY 1, 2;
+
 -- clean up
 DROP ROLE fw_log_reader;
 DELETE FROM fw_tier.prices;

@@ -391,3 +391,258 @@ BEGIN
 	END LOOP;
 END
 $fw_keys$;
+
+-- ---------------------------------------------------------------------
+-- Issue 17: progress and costs
+-- ---------------------------------------------------------------------
+
+-- fw_tier.progress: a job's figures next to its current chunk's.
+CREATE FUNCTION fw_tier.progress_job(total bigint, done bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'fw_tier_progress_job'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION fw_tier.progress_job(bigint, bigint) IS
+	'fw_tier: set the calling backend''s job figures in fw_tier.progress (its own slot only)';
+
+CREATE FUNCTION fw_tier.require_no_transaction_block(what text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'fw_tier_require_no_xact_block'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+DROP VIEW fw_tier.progress;
+DROP FUNCTION fw_tier_progress();
+CREATE FUNCTION fw_tier_progress(
+	OUT pid integer, OUT workload text, OUT statement_start timestamptz,
+	OUT total bigint, OUT done bigint, OUT in_flight integer, OUT failed bigint,
+	OUT concurrency_limit integer, OUT job_total bigint, OUT job_done bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'fw_tier_progress'
+LANGUAGE C VOLATILE;
+
+-- Per backend: the calls of its current (or last) statement that used
+-- fw_tier.  Inside fw_enrich, total / done / failed are the current
+-- chunk's and job_total / job_done the whole run's (NULL otherwise).
+CREATE VIEW fw_tier.progress AS
+	SELECT pid, workload, statement_start, total, done, in_flight, failed,
+		   concurrency_limit, job_total, job_done
+	  FROM fw_tier_progress();
+GRANT SELECT ON fw_tier.progress TO PUBLIC;
+
+/*
+ * fw_enrich, again (see section A for why every name is qualified): the
+ * extension's own functions through @extschema@, refused inside a
+ * transaction block before any paid call, the whole run's figures in
+ * fw_tier.progress, and a chunk's answers kept when one of its rows fails
+ * under on_error 'raise': the chunk runs to its end with on_error 'null',
+ * its answers are committed, then the error is raised.
+ */
+CREATE OR REPLACE PROCEDURE fw_enrich(tbl regclass, id_column name, prompt_column name,
+						   answer_column name, workload text DEFAULT 'batch',
+						   chunk_size integer DEFAULT 500,
+						   options jsonb DEFAULT '{"on_error": "null"}')
+LANGUAGE plpgsql AS $$
+DECLARE
+	id_type pg_catalog.text;
+	last_id pg_catalog.text;
+	ids pg_catalog.text[];
+	prompts pg_catalog.text[];
+	answers pg_catalog.text[];
+	chunk pg_catalog.int4 := 0;
+	answered pg_catalog.int8 := 0;
+	attempted pg_catalog.int8 := 0;
+	todo pg_catalog.int8;
+	failed pg_catalog.int4;
+	n pg_catalog.int8;
+	raise_errors pg_catalog.bool;
+	chunk_options pg_catalog.jsonb := options;
+BEGIN
+	-- it commits per chunk: refuse now, not at the first COMMIT after a
+	-- paid chunk (the COMMIT catches an atomic CALL from a function or DO)
+	PERFORM fw_tier.require_no_transaction_block('fw_enrich');
+	COMMIT;
+	IF chunk_size OPERATOR(pg_catalog.<) 1 THEN
+		RAISE EXCEPTION 'chunk_size must be positive' USING ERRCODE = '22023';
+	END IF;
+	SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO id_type
+	  FROM pg_catalog.pg_attribute a
+	 WHERE a.attrelid OPERATOR(pg_catalog.=) tbl::pg_catalog.oid AND a.attname OPERATOR(pg_catalog.=) id_column AND NOT a.attisdropped;
+	IF id_type IS NULL THEN
+		RAISE EXCEPTION 'column "%" does not exist in %', id_column, tbl USING ERRCODE = '42703';
+	END IF;
+
+	-- on_error 'raise' (the option, else fw_tier.on_error): run each chunk
+	-- with 'null', keep what it answered, raise after the COMMIT
+	raise_errors := pg_catalog.jsonb_typeof(options) OPERATOR(pg_catalog.=) 'object'
+		AND coalesce(options OPERATOR(pg_catalog.->>) 'on_error',
+					 pg_catalog.current_setting('fw_tier.on_error', true))
+			OPERATOR(pg_catalog.=) 'raise';
+	IF options IS NULL THEN
+		raise_errors := pg_catalog.current_setting('fw_tier.on_error', true) OPERATOR(pg_catalog.=) 'raise';
+		chunk_options := '{}';
+	END IF;
+	IF raise_errors THEN
+		chunk_options := pg_catalog.jsonb_set(chunk_options, '{on_error}', '"null"');
+	END IF;
+
+	EXECUTE pg_catalog.format(
+		'SELECT pg_catalog.count(*) FROM %1$s WHERE %2$I IS NULL AND %3$I IS NOT NULL',
+		tbl, answer_column, prompt_column)
+	INTO todo;
+	PERFORM fw_tier.progress_job(todo, 0);
+
+	LOOP
+		EXECUTE pg_catalog.format(
+			'SELECT pg_catalog.array_agg(%1$I::pg_catalog.text ORDER BY %1$I), pg_catalog.array_agg(%2$I ORDER BY %1$I)'
+			' FROM (SELECT %1$I, %2$I FROM %3$s'
+			'  WHERE %4$I IS NULL AND %2$I IS NOT NULL AND ($1 IS NULL OR %1$I > $1::%5$s)'
+			'  ORDER BY %1$I LIMIT %6$s) chunk',
+			id_column, prompt_column, tbl, answer_column, id_type, chunk_size)
+		INTO ids, prompts USING last_id;
+		EXIT WHEN ids IS NULL;
+
+		answers := @extschema@.fw_complete_batch(prompts, workload, chunk_options);
+		EXECUTE pg_catalog.format(
+			'UPDATE %1$s t SET %2$I = a.answer'
+			' FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS a(id, answer)'
+			' WHERE t.%3$I = a.id::%4$s AND a.answer IS NOT NULL',
+			tbl, answer_column, id_column, id_type)
+		USING ids, answers;
+		GET DIAGNOSTICS n = ROW_COUNT;
+		chunk := chunk OPERATOR(pg_catalog.+) 1;
+		answered := answered OPERATOR(pg_catalog.+) n;
+		attempted := attempted OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
+		last_id := ids[pg_catalog.cardinality(ids)];
+		failed := pg_catalog.cardinality(pg_catalog.array_positions(answers, NULL::pg_catalog.text));
+		COMMIT;
+		-- rows added meanwhile can make the run longer than counted
+		IF attempted OPERATOR(pg_catalog.>) todo THEN
+			todo := attempted;
+		END IF;
+		PERFORM fw_tier.progress_job(todo, attempted);
+		RAISE NOTICE 'fw_enrich: chunk %: % of % rows answered so far', chunk, answered, attempted;
+		IF raise_errors AND failed OPERATOR(pg_catalog.>) 0 THEN
+			RAISE EXCEPTION 'fw_enrich: % of % rows of chunk % failed', failed, pg_catalog.cardinality(ids), chunk
+				USING DETAIL = pg_catalog.format('The chunk''s other answers are committed; the first failed row is %s = %s, and each failed attempt is in fw_tier.calls.',
+												 pg_catalog.quote_ident(id_column),
+												 ids[pg_catalog.array_position(answers, NULL::pg_catalog.text)]),
+					  HINT = 'Fix the failing rows and CALL fw_enrich again: it sends only the rows still missing an answer.';
+		END IF;
+	END LOOP;
+END $$;
+
+/*
+ * Costs.  Full precision stays in fw_tier.calls.cost_usd; the views show
+ * USD rounded to 6 decimals.  spend_daily's cost_usd is NULL (unknown)
+ * when any attempt of the group is unpriced; priced_cost_usd sums what is
+ * known.
+ */
+CREATE OR REPLACE VIEW fw_tier.spend_daily WITH (security_invoker = true) AS
+SELECT date_trunc('day', c.started_at) AS day,
+	   c.workload, c.path, c.model,
+	   count(DISTINCT c.call_id) AS calls,
+	   count(*) AS attempts,
+	   sum(c.prompt_tokens) AS prompt_tokens,
+	   sum(c.cached_prompt_tokens) AS cached_prompt_tokens,
+	   sum(c.completion_tokens) AS completion_tokens,
+	   CASE WHEN pg_catalog.bool_and(c.cost_usd IS NOT NULL)
+			THEN pg_catalog.round(sum(c.cost_usd), 6) END AS cost_usd,
+	   count(*) FILTER (WHERE c.cost_usd IS NULL) AS unpriced_attempts,
+	   pg_catalog.round(sum(c.cost_usd), 6) AS priced_cost_usd
+FROM fw_tier.calls c
+GROUP BY 1, 2, 3, 4;
+
+CREATE OR REPLACE VIEW fw_tier.priority_premium WITH (security_invoker = true) AS
+SELECT date_trunc('day', c.started_at) AS day,
+	   c.workload,
+	   c.escalated,
+	   count(*) AS attempts,
+	   pg_catalog.round(sum(c.cost_usd), 6) AS priority_cost_usd,
+	   pg_catalog.round(sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric)), 6) AS standard_cost_usd,
+	   pg_catalog.round(sum(c.cost_usd)
+	   OPERATOR(pg_catalog.-)
+	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric)), 6) AS premium_usd
+FROM fw_tier.calls c
+	 JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
+WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL
+GROUP BY 1, 2, 3;
+
+CREATE OR REPLACE VIEW fw_tier.escalation_timeline WITH (security_invoker = true) AS
+SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
+	   e.windows_in_row,
+	   coalesce(e.ended, greatest(e.priority_until, now())) - e.started AS duration,
+	   count(c.call_id) AS attempts,
+	   count(c.call_id) FILTER (WHERE c.path = 'priority') AS priority_attempts,
+	   count(c.call_id) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
+	   pg_catalog.round(sum(c.cost_usd), 6) AS cost_usd,
+	   pg_catalog.round(sum(c.cost_usd) FILTER (WHERE c.path = 'priority')
+	   OPERATOR(pg_catalog.-)
+	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
+			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
+			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
+			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
+			OPERATOR(pg_catalog./) 1000000::numeric))
+		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL), 6) AS premium_usd,
+	   e.database
+FROM fw_tier.escalations e
+	 LEFT JOIN fw_tier.calls c
+	 ON c.database = e.database
+		AND c.workload = e.workload
+		AND c.started_at >= e.started
+		AND c.started_at < coalesce(e.ended, greatest(e.priority_until, now()))
+	 LEFT JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
+GROUP BY e.id;
+
+/*
+ * A price row is looked up by the model id the call log records: on the
+ * Fast path that is the workload's fast_model (a ".../routers/..." id),
+ * on Standard and Priority the base model.  A row that can never match
+ * is accepted (pg_restore must not fail on it) with a WARNING.
+ */
+CREATE FUNCTION fw_tier.prices_check_model() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	fast pg_catalog.text;
+BEGIN
+	IF NEW.path OPERATOR(pg_catalog.=) 'fast' THEN
+		IF NOT EXISTS (SELECT FROM fw_tier.workloads w
+						WHERE w.fast_model OPERATOR(pg_catalog.=) NEW.model)
+		   AND pg_catalog.strpos(NEW.model, '/routers/') OPERATOR(pg_catalog.=) 0 THEN
+			SELECT pg_catalog.string_agg(DISTINCT w.fast_model, ', ') INTO fast
+			  FROM fw_tier.workloads w
+			 WHERE w.model OPERATOR(pg_catalog.=) NEW.model AND w.fast_model IS NOT NULL;
+			RAISE WARNING 'fw_tier price for model "%" on path fast will never be used', NEW.model
+				USING DETAIL = 'Fast calls are logged and priced under the Fast model id (a workload''s fast_model), not the base model.',
+					  HINT = CASE WHEN fast IS NOT NULL
+							 THEN pg_catalog.format('Price the Fast model id instead: %s.', fast)
+							 ELSE 'Price the Fast model id (e.g. accounts/fireworks/routers/...) the workload''s fast_model names.' END;
+		END IF;
+	ELSIF EXISTS (SELECT FROM fw_tier.workloads w
+				   WHERE w.fast_model OPERATOR(pg_catalog.=) NEW.model)
+		  AND NOT EXISTS (SELECT FROM fw_tier.workloads w
+						   WHERE w.model OPERATOR(pg_catalog.=) NEW.model) THEN
+		RAISE WARNING 'fw_tier price for Fast model "%" on path % will never be used', NEW.model, NEW.path
+			USING DETAIL = 'A Fast model id is only sent on the Fast path.',
+				  HINT = 'Use path ''fast'' for this model, or the base model id for standard and priority.';
+	END IF;
+	RETURN NEW;
+END
+$$;
+CREATE TRIGGER prices_check_model
+	BEFORE INSERT OR UPDATE ON fw_tier.prices
+	FOR EACH ROW EXECUTE FUNCTION fw_tier.prices_check_model();

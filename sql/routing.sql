@@ -9,6 +9,14 @@ SELECT fw_chat('[{"role": "user", "content": "forced fast"}]', 'fast', '{"path":
        ->'choices'->0->'message'->>'content';
 -- a Standard workload forced onto Fast needs a fast_model
 SELECT fw_chat('[{"role": "user", "content": "no fast model"}]', 'batch', '{"path": "fast"}');
+-- options.fast_model supplies it per call (1 to 159 bytes)
+SELECT fw_chat('[{"role": "user", "content": "own fast model"}]', 'batch',
+               '{"path": "fast", "fast_model": "accounts/fireworks/routers/glm-5p1-fast"}')
+       ->'choices'->0->'message'->>'content';
+SELECT fw_chat('[{"role": "user", "content": "bad fast model"}]', 'batch',
+               jsonb_build_object('path', 'fast', 'fast_model', repeat('x', 160)));
+SELECT fw_chat('[{"role": "user", "content": "empty fast model"}]', 'batch',
+               '{"path": "fast", "fast_model": ""}');
 SELECT model, path, service_tier FROM sim.log ORDER BY seq;
 
 -- edits to fw_tier.workloads apply at once, no reconnect

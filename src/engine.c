@@ -116,12 +116,23 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				 errmsg("no model for workload \"%s\"", call->wl.name),
 				 errhint("Set fw_tier.default_model or the workload's model.")));
 
+	/* options.fast_model: the Fast model id for this call (README "path") */
+	model = fw_option_text(options, "fast_model");
+	if (model)
+	{
+		if (model[0] == '\0' || strlen(model) >= FW_MODELLEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("fast_model option must be 1 to %d bytes long", FW_MODELLEN - 1)));
+		call->wl.fast_model = model;
+	}
+
 	if (call->configured == FW_PATH_FAST &&
 		(call->wl.fast_model == NULL || call->wl.fast_model[0] == '\0'))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("workload \"%s\" has no fast_model", call->wl.name),
-				 errhint("Set fast_model in fw_tier.workloads to the Fast model id.")));
+				 errhint("Set fast_model in fw_tier.workloads, or pass options.fast_model, to the Fast model id.")));
 
 	call->affinity = fw_option_text(options, "session_affinity");
 	if (call->affinity && !fw_http_header_safe(call->affinity))

@@ -28,7 +28,7 @@
  * passed through to the provider.
  */
 static const char *const fw_own_keys[] = {
-	"path", "on_error", "model", "session_affinity", NULL
+	"path", "on_error", "model", "fast_model", "session_affinity", NULL
 };
 
 /* Keys that do not change the answer: left out of fixture fingerprints. */

@@ -13,6 +13,12 @@
  * A statement that calls fw_complete row by row shows up as one growing
  * run: counters restart when the statement start time changes.
  *
+ * fw_enrich runs one engine run per chunk inside a single CALL: it sets
+ * the job's figures with fw_tier.progress_job(), and while a job is set
+ * total / done / failed describe the current (or last) chunk only,
+ * job_total / job_done the whole job (job_done = rows of earlier chunks
+ * + done).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -43,12 +49,17 @@ typedef struct FwProgressSlot
 	int32		limit;			/* current concurrency limit (429 pacing) */
 	int64		base_done;		/* done before the current engine run */
 	int64		base_failed;
+	bool		job;			/* fw_tier.progress_job() called this statement */
+	int64		job_total;		/* rows the job has to do */
+	int64		job_base;		/* rows finished before the current chunk */
 } FwProgressSlot;
 
 static FwProgressSlot *fw_progress = NULL;
 static FwProgressSlot *fw_my_progress = NULL;
 
 PG_FUNCTION_INFO_V1(fw_tier_progress);
+PG_FUNCTION_INFO_V1(fw_tier_progress_job);
+PG_FUNCTION_INFO_V1(fw_tier_require_no_xact_block);
 
 Size
 fw_progress_shmem_size(void)
@@ -80,22 +91,43 @@ fw_progress_write_end(FwProgressSlot *s)
 	s->changecount++;
 }
 
-void
-fw_progress_begin(const char *workload, int ncalls)
+/* This backend's slot, its counters restarted for a new statement. */
+static FwProgressSlot *
+fw_progress_claim(void)
 {
 	FwProgressSlot *s;
 	TimestampTz stmt = GetCurrentStatementStartTimestamp();
 
 	if (fw_progress == NULL || MyBackendId == InvalidBackendId ||
 		MyBackendId > MaxBackends)
-		return;
+		return NULL;
 	s = fw_my_progress = &fw_progress[MyBackendId - 1];
-
-	fw_progress_write_begin(s);
 	if (s->pid != MyProcPid || s->statement_start != stmt)
 	{
+		fw_progress_write_begin(s);
 		s->pid = MyProcPid;
 		s->statement_start = stmt;
+		s->total = s->done = s->failed = 0;
+		s->in_flight = 0;
+		s->job = false;
+		s->job_total = s->job_base = 0;
+		fw_progress_write_end(s);
+	}
+	return s;
+}
+
+void
+fw_progress_begin(const char *workload, int ncalls)
+{
+	FwProgressSlot *s = fw_progress_claim();
+
+	if (s == NULL)
+		return;
+	fw_progress_write_begin(s);
+	/* inside a job each engine run is a chunk: counted on its own */
+	if (s->job)
+	{
+		s->job_base += s->done;
 		s->total = s->done = s->failed = 0;
 	}
 	strlcpy(s->workload, workload, sizeof(s->workload));
@@ -134,8 +166,62 @@ fw_progress_end(void)
 }
 
 /*
+ * fw_tier.progress_job(total bigint, done bigint): the whole job's rows to
+ * do and rows finished so far, for the calling backend's own slot only
+ * (callable by anyone: it can only change what the caller's backend shows).
+ */
+Datum
+fw_tier_progress_job(PG_FUNCTION_ARGS)
+{
+	FwProgressSlot *s;
+
+	fw_require_preload();
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) ||
+		PG_GETARG_INT64(0) < 0 || PG_GETARG_INT64(1) < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("job total and done must be non-negative")));
+	s = fw_progress_claim();
+	if (s == NULL)
+		PG_RETURN_VOID();
+	fw_progress_write_begin(s);
+	if (!s->job)
+	{
+		/* the job starts: nothing of it is running yet */
+		s->total = s->done = s->failed = 0;
+		s->in_flight = 0;
+	}
+	s->job = true;
+	s->job_total = PG_GETARG_INT64(0);
+	/* done counts the finished chunk, still shown until the next begins */
+	s->job_base = PG_GETARG_INT64(1) - s->done;
+	fw_progress_write_end(s);
+	PG_RETURN_VOID();
+}
+
+/*
+ * fw_tier.require_no_transaction_block(what text): refuse to go on inside a
+ * transaction block (explicit, implicit or a savepoint).  A procedure that
+ * COMMITs per chunk checks this before its first paid call: PostgreSQL
+ * would only refuse at the first COMMIT, after the chunk was paid for.
+ */
+Datum
+fw_tier_require_no_xact_block(PG_FUNCTION_ARGS)
+{
+	const char *what = PG_ARGISNULL(0) ? "this procedure" : text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	if (IsTransactionBlock() || IsSubTransaction())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("%s cannot run inside a transaction block", what),
+				 errdetail("It commits after each chunk."),
+				 errhint("CALL it on its own, outside BEGIN ... COMMIT, a savepoint or a multi-statement query string.")));
+	PG_RETURN_VOID();
+}
+
+/*
  * fw_tier_progress() RETURNS TABLE (pid, workload, statement_start, total,
- * done, in_flight, failed, concurrency_limit): backends whose current
+ * done, in_flight, failed, concurrency_limit, job_total, job_done): backends whose current
  * statement called fw_tier.
  */
 Datum
@@ -149,8 +235,8 @@ fw_tier_progress(PG_FUNCTION_ARGS)
 	for (int i = 0; i < MaxBackends; i++)
 	{
 		FwProgressSlot copy;
-		Datum		values[8];
-		bool		nulls[8] = {0};
+		Datum		values[10];
+		bool		nulls[10] = {0};
 
 		for (;;)
 		{
@@ -177,6 +263,13 @@ fw_tier_progress(PG_FUNCTION_ARGS)
 		values[5] = Int32GetDatum(copy.in_flight);
 		values[6] = Int64GetDatum(copy.failed);
 		values[7] = Int32GetDatum(copy.limit);
+		if (copy.job)
+		{
+			values[8] = Int64GetDatum(copy.job_total);
+			values[9] = Int64GetDatum(copy.job_base + copy.done);
+		}
+		else
+			nulls[8] = nulls[9] = true;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;
