@@ -391,3 +391,12 @@ BEGIN
 	END LOOP;
 END
 $fw_keys$;
+
+-- Issue 17: replay, settings, errors
+
+-- Attempts answered from a fixture (fw_tier.mode = 'replay') are no spend
+-- and no production event: the flusher writes them with replayed = true and
+-- cost_usd = 0, so every cost view counts them as 0.
+ALTER TABLE fw_tier.calls ADD COLUMN replayed boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN fw_tier.calls.replayed IS
+	'Answered from a fixture in replay mode: cost 0, no shared window or counter.';

@@ -224,6 +224,7 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.outcome = (int8) outcome;
 	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
 	rec.escalated = call->escalated;
+	rec.replayed = (fw_mode == FW_MODE_REPLAY);
 	rec.http_status = r ? (int32) r->status : 0;
 	rec.prompt_tokens = parsed->prompt_tokens >= 0 ? parsed->prompt_tokens :
 		(r ? r->hdr_prompt_tokens : -1);
@@ -251,7 +252,11 @@ fw_prepare_attempt(FwCall *call)
 	FwPath		path = call->configured;
 
 	if (path == FW_PATH_STANDARD && !call->forced)
+	{
 		path = fw_route(&call->wl.slot, FW_PATH_STANDARD, now);
+		if (fw_mode == FW_MODE_REPLAY)
+			path = fw_replay_route(call->wl.name, path, now);
+	}
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
 	call->path_sent = path;
 	call->attempt++;
@@ -313,7 +318,9 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	else
 		call->detail = fw_error_excerpt(r->body, r->body_len);
 
-	fw_count_attempt(&call->wl.slot, call->path_sent, outcome);
+	/* a replayed attempt is no production event: the log marks it */
+	if (fw_mode != FW_MODE_REPLAY)
+		fw_count_attempt(&call->wl.slot, call->path_sent, outcome);
 	fw_log_attempt(call, r, outcome, parsed);
 
 	switch (outcome)
@@ -349,10 +356,15 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		case FW_OVERLOADED:
 			/* a forced Standard call never escalates: it backs off instead */
 			if (call->configured == FW_PATH_STANDARD && !call->forced &&
-				fw_on_overloaded(&call->wl.slot, call->path_sent,
-								 call->wl.on_overload,
-								 call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
-								 now))
+				(fw_mode == FW_MODE_REPLAY ?
+				 fw_replay_overloaded(call->wl.name, call->path_sent,
+									  call->wl.on_overload,
+									  call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
+									  now) :
+				 fw_on_overloaded(&call->wl.slot, call->path_sent,
+								  call->wl.on_overload,
+								  call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
+								  now)))
 				wait_ms = 0;	/* shed before generation: retry at once on Priority */
 			else if (call->wl.on_overload == FW_ONOVERLOAD_FAIL)
 				limit = 0;

@@ -66,6 +66,19 @@ fw_tier_workload_state(PG_FUNCTION_ARGS)
 				total += s->attempts[p][o];
 			}
 
+		/*
+		 * A replaying session sees its own replay window (escalation.c,
+		 * "Replay"): it tests its overload handling with this view.  The
+		 * escalations count and counters stay the shared ones.
+		 */
+		if (fw_mode == FW_MODE_REPLAY)
+		{
+			TimestampTz local = fw_replay_window_until(s->name);
+
+			if (local > s->priority_until)
+				s->priority_until = local;
+		}
+
 		values[c++] = CStringGetTextDatum(s->name);
 		values[c] = TimestampTzGetDatum(s->priority_until);
 		nulls[c++] = (s->priority_until == 0);
@@ -286,6 +299,7 @@ fw_deescalate(PG_FUNCTION_ARGS)
 
 	(void) fw_status_workload_window(workload, &window);
 	fw_deescalate_now(workload);
+	fw_replay_forget(workload);
 	PG_RETURN_VOID();
 }
 
