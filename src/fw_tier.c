@@ -131,6 +131,28 @@ fw_api_key_check(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/*
+ * SET fw_tier.max_concurrency above fw_tier.max_concurrency_cap stores the
+ * cap, with a NOTICE, so SHOW tells the value used.  Values from the
+ * configuration file are kept as written (the cap may be read after them),
+ * and the cap applies at use (sqlfuncs.c): a cap lowered later wins there.
+ */
+static bool
+fw_check_max_concurrency(int *newval, void **extra, GucSource source)
+{
+	if (source > PGC_S_ARGV && *newval > fw_max_concurrency_cap)
+	{
+		/* said where a user typed it, not at every connection */
+		ereport(source >= PGC_S_INTERACTIVE ? NOTICE : DEBUG1,
+				(errmsg("fw_tier.max_concurrency is capped at %d",
+						fw_max_concurrency_cap),
+				 errdetail("fw_tier.max_concurrency_cap is %d; %d requests are used instead of %d.",
+						   fw_max_concurrency_cap, fw_max_concurrency_cap, *newval)));
+		*newval = fw_max_concurrency_cap;
+	}
+	return true;
+}
+
 void
 _PG_init(void)
 {
@@ -279,7 +301,7 @@ _PG_init(void)
 							"Requests one statement may have in flight at once (batch calls).",
 							"Capped by fw_tier.max_concurrency_cap.",
 							&fw_max_concurrency, 16, 1, 1024,
-							PGC_USERSET, 0, NULL, NULL, NULL);
+							PGC_USERSET, 0, fw_check_max_concurrency, NULL, NULL);
 
 	DefineCustomIntVariable("fw_tier.max_concurrency_cap",
 							"Upper bound a superuser puts on fw_tier.max_concurrency.",
