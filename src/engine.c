@@ -803,6 +803,27 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	fw_running = prev;
 }
 
+/*
+ * "connection refused", a DNS failure ...: name the setting and the host it
+ * points at (only the host and port: a URL may carry user:password@).
+ */
+static const char *
+fw_base_url_hint(void)
+{
+	const char *u = fw_base_url ? fw_base_url : "";
+	const char *p = strstr(u, "://");
+	const char *end;
+	const char *at;
+
+	p = p ? p + 3 : u;
+	end = p + strcspn(p, "/?#");
+	at = memchr(p, '@', end - p);
+	if (at)
+		p = at + 1;
+	return psprintf("Check that fw_tier.base_url points at a reachable server: its host is \"%.*s\".",
+					(int) (end - p), p);
+}
+
 /* Raise the error a failed call stands for (README "Failure classes"). */
 void
 fw_call_raise(FwCall *c)
@@ -849,6 +870,24 @@ fw_call_raise(FwCall *c)
 		case FW_OVERLOADED:
 			code = ERRCODE_INSUFFICIENT_RESOURCES;
 			what = "fireworks is overloaded";
+
+			/*
+			 * The provider's body advises "use service_tier priority",
+			 * which fw_tier only sends through a workload's escalation:
+			 * the DETAIL says what happened, the HINT what to change.
+			 */
+			c->detail = pstrdup("503 Overloaded");
+			if (c->path_sent == FW_PATH_FAST)
+				hint = "The Fast path never escalates: retry later, or raise fw_tier.max_attempts.";
+			else if (c->forced || c->configured != FW_PATH_STANDARD)
+				hint = psprintf("The call's path is %s, which never escalates: let workload \"%s\" route it (path standard, on_overload = 'priority').",
+								fw_path_name(c->path_sent), c->wl.name);
+			else if (c->wl.on_overload == FW_ONOVERLOAD_PRIORITY)
+				hint = "Priority was overloaded too: retry later, or raise fw_tier.max_attempts.";
+			else
+				hint = psprintf("Workload \"%s\" has on_overload = '%s': set it to 'priority' in fw_tier.workloads to escalate.",
+								c->wl.name,
+								c->wl.on_overload == FW_ONOVERLOAD_RETRY ? "retry" : "fail");
 			break;
 		case FW_UNAVAILABLE:
 			code = ERRCODE_CONNECTION_FAILURE;
@@ -862,6 +901,7 @@ fw_call_raise(FwCall *c)
 		case FW_TRANSPORT:
 			code = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
 			what = "could not complete the request to fireworks";
+			hint = fw_base_url_hint();
 			break;
 		case FW_CANCELLED:
 			code = ERRCODE_QUERY_CANCELED;
