@@ -55,7 +55,9 @@ SELECT cardinality(fw_complete_batch(array_agg('[fwsim:slow=30] q' || i))) AS an
 SELECT (sim.http('GET', '/control/stats')->>'peak_in_flight')::int BETWEEN 1 AND 3 AS peak_within_limit;
 -- the superuser's cap bounds it too
 SET fw_tier.max_concurrency_cap = 2;
+-- a value above the cap is stored as the cap, with a NOTICE: SHOW tells the truth
 SET fw_tier.max_concurrency = 100;
+SHOW fw_tier.max_concurrency;
 SELECT sim.reset();
 SELECT cardinality(fw_complete_batch(array_agg('[fwsim:slow=30] q' || i))) AS answers
   FROM generate_series(1, 8) i;

@@ -95,7 +95,8 @@ SELECT sim.reset();
 SELECT sim.try($$SELECT fw_complete('[fwsim:overload-all] quick', 'esc_fast')$$, true);
 SELECT fw_complete('quick', 'esc_fast');
 SELECT seq, model, path, service_tier, status FROM sim.log ORDER BY seq;
--- a manual window does not touch a Fast workload's requests either
+-- a manual window cannot be opened on a Fast workload (Fast never
+-- escalates): refused, no escalation counted, its requests stay on Fast
 SELECT fw_escalate('esc_fast', '1 minute') > clock_timestamp() AS escalated;
 SELECT workload, path, configured_path FROM fw_tier.status WHERE workload = 'esc_fast';
 SELECT sim.reset();
@@ -175,4 +176,10 @@ SELECT workload, path FROM fw_tier.status WHERE workload LIKE 'esc%' ORDER BY wo
 SELECT sim.wait_until($$SELECT bool_and(ended IS NOT NULL) FROM fw_tier.escalations$$);
 SELECT workload, trigger, count(*) AS windows
   FROM fw_tier.escalations WHERE workload LIKE 'esc%' GROUP BY 1, 2 ORDER BY 1, 2;
+-- only Standard escalates: fw_escalate refuses a workload on another path
+-- with SQLSTATE 55000
+\set VERBOSITY sqlstate
+SELECT fw_escalate('fast');
+\set VERBOSITY default
+SELECT workload, escalations FROM fw_tier.status WHERE workload = 'fast';
 RESET fw_tier.max_attempts;

@@ -87,3 +87,25 @@ SELECT sim.reset();
 SELECT fw_complete('[fwsim:ratelimit] once', 'batch');
 SELECT count(*) AS attempts FROM sim.log;
 RESET fw_tier.max_attempts;
+
+-- a batch 503 Overloaded: the DETAIL never repeats the provider's "use
+-- service_tier priority", the HINT points at the workload's on_overload
+SELECT fw_complete_batch(ARRAY['[fwsim:overload] batch shed'], 'batch');
+
+-- connection refused: the HINT names fw_tier.base_url and its host, never
+-- the user:password a URL may carry
+SET fw_tier.base_url = 'http://someone:s3cret@127.0.0.1:1/inference/v1';
+SET fw_tier.max_attempts = 1;
+DO $$
+DECLARE
+	h text;
+	d text;
+BEGIN
+	PERFORM fw_complete('nobody listens', 'batch');
+EXCEPTION WHEN OTHERS THEN
+	GET STACKED DIAGNOSTICS h = PG_EXCEPTION_HINT, d = PG_EXCEPTION_DETAIL;
+	RAISE NOTICE '% %, key in the text: %', SQLSTATE, h, d LIKE '%s3cret%' OR h LIKE '%s3cret%';
+END
+$$;
+RESET fw_tier.max_attempts;
+RESET fw_tier.base_url;

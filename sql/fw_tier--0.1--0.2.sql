@@ -393,6 +393,17 @@ END
 $fw_keys$;
 
 -- ---------------------------------------------------------------------
+-- Issue 17: replay, settings, errors
+-- ---------------------------------------------------------------------
+
+-- Attempts answered from a fixture (fw_tier.mode = 'replay') are no spend
+-- and no production event: the flusher writes them with replayed = true and
+-- cost_usd = 0, so every cost view counts them as 0.
+ALTER TABLE fw_tier.calls ADD COLUMN replayed boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN fw_tier.calls.replayed IS
+	'Answered from a fixture in replay mode: cost 0, no shared window or counter.';
+
+-- ---------------------------------------------------------------------
 -- Issue 17: progress and costs
 -- ---------------------------------------------------------------------
 
@@ -575,7 +586,7 @@ SELECT date_trunc('day', c.started_at) AS day,
 			OPERATOR(pg_catalog./) 1000000::numeric)), 6) AS premium_usd
 FROM fw_tier.calls c
 	 JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
-WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL
+WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL AND NOT c.replayed
 GROUP BY 1, 2, 3;
 
 CREATE OR REPLACE VIEW fw_tier.escalation_timeline WITH (security_invoker = true) AS
@@ -586,7 +597,7 @@ SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
 	   count(c.call_id) FILTER (WHERE c.path = 'priority') AS priority_attempts,
 	   count(c.call_id) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
 	   pg_catalog.round(sum(c.cost_usd), 6) AS cost_usd,
-	   pg_catalog.round(sum(c.cost_usd) FILTER (WHERE c.path = 'priority')
+	   pg_catalog.round(sum(c.cost_usd) FILTER (WHERE c.path = 'priority' AND NOT c.replayed)
 	   OPERATOR(pg_catalog.-)
 	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
 			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
@@ -595,7 +606,7 @@ SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
 			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
 			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
 			OPERATOR(pg_catalog./) 1000000::numeric))
-		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL), 6) AS premium_usd,
+		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL AND NOT c.replayed), 6) AS premium_usd,
 	   e.database
 FROM fw_tier.escalations e
 	 LEFT JOIN fw_tier.calls c

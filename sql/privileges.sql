@@ -14,3 +14,14 @@ SELECT fw_chat('[{"role": "user", "content": "still not"}]');
 RESET ROLE;
 REVOKE EXECUTE ON FUNCTION fw_complete(text, text) FROM fw_app;
 DROP ROLE fw_app;
+
+-- without EXECUTE, PostgreSQL's 42501 carries a HINT naming the GRANT
+CREATE ROLE fw_norights;
+SET ROLE fw_norights;
+SELECT fw_complete_batch(ARRAY['x']);
+SELECT fw_escalate('batch');
+CALL fw_enrich('pg_class', 'oid', 'relname', 'relname');
+-- other functions' errors are left as they are
+SELECT pg_catalog.pg_read_file('x');
+RESET ROLE;
+DROP ROLE fw_norights;

@@ -57,7 +57,8 @@ SELECT request->'messages'->-1->>'content' AS prompt, path, attempt, http_status
 SELECT sim.reset();
 SET fw_tier.mode = 'replay';
 SELECT fw_complete('hi', 'rp_hand');
--- 503 Overloaded on Standard escalates; the retry on Priority gets 'any'
+-- 503 Overloaded on Standard escalates; the retry on Priority gets 'any'.
+-- The window is this session's only: no shared escalation is counted.
 SELECT fw_complete('shed', 'rp_hand');
 SELECT path, escalations FROM fw_tier.status WHERE workload = 'rp_hand';
 SELECT fw_deescalate('rp_hand');

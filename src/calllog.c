@@ -193,7 +193,8 @@ fw_rec_problem(const FwRingRec *r, uint64 avail, bool check_crc)
 	const FwCallRecord *c = &r->rec;
 	uint32		len;
 	uint8		b1,
-				b2;
+				b2,
+				b3;
 
 	if (avail < sizeof(FwRingRec))
 		return "it is cut short";
@@ -216,7 +217,8 @@ fw_rec_problem(const FwRingRec *r, uint64 avail, bool check_crc)
 		return "its outcome is out of range";
 	memcpy(&b1, &c->priority_sent, 1);
 	memcpy(&b2, &c->escalated, 1);
-	if (b1 > 1 || b2 > 1)
+	memcpy(&b3, &c->replayed, 1);
+	if (b1 > 1 || b2 > 1 || b3 > 1)
 		return "a flag is not a boolean";
 	if (c->attempt < 1 || !IS_VALID_TIMESTAMP(c->started_at))
 		return "its attempt or start time is out of range";

@@ -235,6 +235,7 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.outcome = (int8) outcome;
 	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
 	rec.escalated = call->escalated;
+	rec.replayed = (fw_mode == FW_MODE_REPLAY);
 	rec.http_status = r ? (int32) r->status : 0;
 	rec.prompt_tokens = parsed->prompt_tokens >= 0 ? parsed->prompt_tokens :
 		(r ? r->hdr_prompt_tokens : -1);
@@ -262,7 +263,11 @@ fw_prepare_attempt(FwCall *call)
 	FwPath		path = call->configured;
 
 	if (path == FW_PATH_STANDARD && !call->forced)
+	{
 		path = fw_route(&call->wl.slot, FW_PATH_STANDARD, now);
+		if (fw_mode == FW_MODE_REPLAY)
+			path = fw_replay_route(call->wl.name, path, now);
+	}
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
 	call->path_sent = path;
 	call->attempt++;
@@ -324,7 +329,9 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	else
 		call->detail = fw_error_excerpt(r->body, r->body_len);
 
-	fw_count_attempt(&call->wl.slot, call->path_sent, outcome);
+	/* a replayed attempt is no production event: the log marks it */
+	if (fw_mode != FW_MODE_REPLAY)
+		fw_count_attempt(&call->wl.slot, call->path_sent, outcome);
 	fw_log_attempt(call, r, outcome, parsed);
 
 	switch (outcome)
@@ -360,10 +367,15 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		case FW_OVERLOADED:
 			/* a forced Standard call never escalates: it backs off instead */
 			if (call->configured == FW_PATH_STANDARD && !call->forced &&
-				fw_on_overloaded(&call->wl.slot, call->path_sent,
-								 call->wl.on_overload,
-								 call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
-								 now))
+				(fw_mode == FW_MODE_REPLAY ?
+				 fw_replay_overloaded(call->wl.name, call->path_sent,
+									  call->wl.on_overload,
+									  call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
+									  now) :
+				 fw_on_overloaded(&call->wl.slot, call->path_sent,
+								  call->wl.on_overload,
+								  call->wl.window_s > 0 ? call->wl.window_s : fw_priority_window_s,
+								  now)))
 				wait_ms = 0;	/* shed before generation: retry at once on Priority */
 			else if (call->wl.on_overload == FW_ONOVERLOAD_FAIL)
 				limit = 0;
@@ -802,6 +814,27 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	fw_running = prev;
 }
 
+/*
+ * "connection refused", a DNS failure ...: name the setting and the host it
+ * points at (only the host and port: a URL may carry user:password@).
+ */
+static const char *
+fw_base_url_hint(void)
+{
+	const char *u = fw_base_url ? fw_base_url : "";
+	const char *p = strstr(u, "://");
+	const char *end;
+	const char *at;
+
+	p = p ? p + 3 : u;
+	end = p + strcspn(p, "/?#");
+	at = memchr(p, '@', end - p);
+	if (at)
+		p = at + 1;
+	return psprintf("Check that fw_tier.base_url points at a reachable server: its host is \"%.*s\".",
+					(int) (end - p), p);
+}
+
 /* Raise the error a failed call stands for (README "Failure classes"). */
 void
 fw_call_raise(FwCall *c)
@@ -848,6 +881,24 @@ fw_call_raise(FwCall *c)
 		case FW_OVERLOADED:
 			code = ERRCODE_INSUFFICIENT_RESOURCES;
 			what = "fireworks is overloaded";
+
+			/*
+			 * The provider's body advises "use service_tier priority",
+			 * which fw_tier only sends through a workload's escalation:
+			 * the DETAIL says what happened, the HINT what to change.
+			 */
+			c->detail = pstrdup("503 Overloaded");
+			if (c->path_sent == FW_PATH_FAST)
+				hint = "The Fast path never escalates: retry later, or raise fw_tier.max_attempts.";
+			else if (c->forced || c->configured != FW_PATH_STANDARD)
+				hint = psprintf("The call's path is %s, which never escalates: let workload \"%s\" route it (path standard, on_overload = 'priority').",
+								fw_path_name(c->path_sent), c->wl.name);
+			else if (c->wl.on_overload == FW_ONOVERLOAD_PRIORITY)
+				hint = "Priority was overloaded too: retry later, or raise fw_tier.max_attempts.";
+			else
+				hint = psprintf("Workload \"%s\" has on_overload = '%s': set it to 'priority' in fw_tier.workloads to escalate.",
+								c->wl.name,
+								c->wl.on_overload == FW_ONOVERLOAD_RETRY ? "retry" : "fail");
 			break;
 		case FW_UNAVAILABLE:
 			code = ERRCODE_CONNECTION_FAILURE;
@@ -861,6 +912,7 @@ fw_call_raise(FwCall *c)
 		case FW_TRANSPORT:
 			code = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
 			what = "could not complete the request to fireworks";
+			hint = fw_base_url_hint();
 			break;
 		case FW_CANCELLED:
 			code = ERRCODE_QUERY_CANCELED;

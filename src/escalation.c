@@ -227,6 +227,7 @@ fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
 		w->escalations = 0;
 		w->priority_overloaded = 0;
 		w->windows_in_row = 0;
+		w->run_window_us = 0;
 		w->manual = false;
 		w->alerted = false;
 		w->alert_notified = false;
@@ -372,6 +373,7 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 	w->window_started = now;
 	w->manual = manual;
 
+	w->run_window_us = window_us;
 	pg_atomic_write_u64(&w->window_us, (uint64) window_us);
 	/* exchange: full barrier, window_us is visible before the new end */
 	pg_atomic_exchange_u64(&w->priority_until, (uint64) (now + window_us));
@@ -381,8 +383,25 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 static void
 fw_set_until_locked(FwWorkload *w, TimestampTz until, int64 window_us)
 {
+	if (window_us > 0)
+		w->run_window_us = window_us;
 	pg_atomic_write_u64(&w->window_us, (uint64) window_us);
 	pg_atomic_exchange_u64(&w->priority_until, (uint64) until);
+}
+
+/*
+ * Is w's alerted run over?  A window opened less than one window length
+ * after the previous one ended continues the run (fw_open_window_locked),
+ * so the run, and its alert, is over once the workload has been back on
+ * its own path for one full window length.  Caller holds wl_lock.
+ */
+static bool
+fw_alert_over(const FwWorkload *w, TimestampTz until, TimestampTz now)
+{
+	int64		len = w->run_window_us > 0 ? w->run_window_us :
+		(int64) fw_priority_window_s * USECS_PER_SEC;
+
+	return until != 0 && until <= now && now - until >= len;
 }
 
 /*
@@ -589,6 +608,7 @@ fw_workload_snapshots(FwWorkloadSnapshot **out)
 {
 	FwWorkloadSnapshot *snaps;
 	int			n = 0;
+	TimestampTz now = GetCurrentTimestamp();
 
 	fw_check_shared();
 	snaps = palloc0(sizeof(FwWorkloadSnapshot) * fw_max_workloads);
@@ -609,7 +629,7 @@ fw_workload_snapshots(FwWorkloadSnapshot **out)
 		s->last_overloaded = w->last_overloaded;
 		s->escalations = w->escalations;
 		s->windows_in_row = w->windows_in_row;
-		s->alerted = w->alerted;
+		s->alerted = w->alerted && !fw_alert_over(w, s->priority_until, now);
 		for (int p = 0; p < FW_NUM_PATHS; p++)
 			for (int o = 0; o < FW_NUM_OUTCOMES; o++)
 				s->attempts[p][o] = (int64) pg_atomic_read_u64(&w->attempts[p][o]);
@@ -741,4 +761,105 @@ fw_windows_synced(const FwWindowSync *ws)
 	if (ws->alert && w->window_started == ws->started)
 		w->alert_notified = true;
 	LWLockRelease(fw_shared->wl_lock);
+}
+
+/*
+ * Replay
+ *
+ * A replayed 503 is a test's story, not the fleet's: in replay mode the
+ * window it opens lives in this backend only (per workload of this
+ * backend's database), so a CI suite replaying on a shared cluster never
+ * escalates production, writes no fw_tier.escalations row and moves no
+ * shared counter.  fw_route's shared window still applies on top.
+ */
+typedef struct FwReplayWindow
+{
+	char		name[FW_NAMELEN];
+	TimestampTz until;
+} FwReplayWindow;
+
+static FwReplayWindow *fw_replay_windows = NULL;
+static int	fw_replay_nwindows = 0;
+static int	fw_replay_cap = 0;
+
+static FwReplayWindow *
+fw_replay_find(const char *workload, bool create)
+{
+	for (int i = 0; i < fw_replay_nwindows; i++)
+		if (strcmp(fw_replay_windows[i].name, workload) == 0)
+			return &fw_replay_windows[i];
+	if (!create || strlen(workload) >= FW_NAMELEN)
+		return NULL;
+	if (fw_replay_nwindows == fw_replay_cap)
+	{
+		int			cap = fw_replay_cap > 0 ? fw_replay_cap * 2 : 8;
+
+		fw_replay_windows = fw_replay_windows ?
+			repalloc(fw_replay_windows, sizeof(FwReplayWindow) * cap) :
+			MemoryContextAlloc(TopMemoryContext, sizeof(FwReplayWindow) * cap);
+		fw_replay_cap = cap;
+	}
+	strlcpy(fw_replay_windows[fw_replay_nwindows].name, workload, FW_NAMELEN);
+	fw_replay_windows[fw_replay_nwindows].until = 0;
+	return &fw_replay_windows[fw_replay_nwindows++];
+}
+
+/* path (what fw_route chose) moved to Priority by this backend's window */
+FwPath
+fw_replay_route(const char *workload, FwPath path, TimestampTz now)
+{
+	FwReplayWindow *r;
+
+	if (path != FW_PATH_STANDARD)
+		return path;
+	r = fw_replay_find(workload, false);
+	if (r != NULL && r->until > now)
+		return FW_PATH_PRIORITY;
+	return path;
+}
+
+/* fw_on_overloaded's rules, for this backend's window only */
+bool
+fw_replay_overloaded(const char *workload, FwPath path_used,
+					 FwOnOverload policy, int window_s, TimestampTz now)
+{
+	int64		window_us = (int64) (window_s > 0 ? window_s : fw_priority_window_s) * USECS_PER_SEC;
+	FwReplayWindow *r;
+
+	if (policy != FW_ONOVERLOAD_PRIORITY)
+		return false;
+	if (path_used == FW_PATH_STANDARD)
+	{
+		r = fw_replay_find(workload, true);
+		if (r == NULL)
+			return false;
+		if (r->until <= now)
+			r->until = now + window_us;
+		return true;
+	}
+	r = fw_replay_find(workload, false);
+	if (path_used == FW_PATH_PRIORITY && r != NULL && r->until > now &&
+		now + window_us > r->until)
+		r->until = now + window_us;
+	return false;
+}
+
+/* end of this backend's replay window of workload, 0 = none */
+TimestampTz
+fw_replay_window_until(const char *workload)
+{
+	FwReplayWindow *r = fw_replay_find(workload, false);
+
+	return r ? r->until : 0;
+}
+
+/* fw_deescalate(): this backend's replay window ends too */
+void
+fw_replay_forget(const char *workload)
+{
+	FwReplayWindow *r = fw_replay_find(workload, false);
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (r != NULL && r->until > now)
+		r->until = now;
 }

@@ -20,10 +20,12 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 
 #include "fw_tier.h"
+#include "utils/elog.h"
 
 PG_MODULE_MAGIC;
 
@@ -129,6 +131,94 @@ fw_api_key_check(char **newval, void **extra, GucSource source)
 		return false;
 	}
 	return true;
+}
+
+/*
+ * SET fw_tier.max_concurrency above fw_tier.max_concurrency_cap stores the
+ * cap, with a NOTICE, so SHOW tells the value used.  Values from the
+ * configuration file are kept as written (the cap may be read after them),
+ * and the cap applies at use (sqlfuncs.c): a cap lowered later wins there.
+ */
+static bool
+fw_check_max_concurrency(int *newval, void **extra, GucSource source)
+{
+	if (source > PGC_S_ARGV && *newval > fw_max_concurrency_cap)
+	{
+		/* said where a user typed it, not at every connection */
+		ereport(source >= PGC_S_INTERACTIVE ? NOTICE : DEBUG1,
+				(errmsg("fw_tier.max_concurrency is capped at %d",
+						fw_max_concurrency_cap),
+				 errdetail("fw_tier.max_concurrency_cap is %d; %d requests are used instead of %d.",
+						   fw_max_concurrency_cap, fw_max_concurrency_cap, *newval)));
+		*newval = fw_max_concurrency_cap;
+	}
+	return true;
+}
+
+/*
+ * A role without EXECUTE on an entry point gets PostgreSQL's 42501 before
+ * any of our code runs: this hook adds a HINT naming the GRANT.  It runs
+ * inside EmitErrorReport, in the error's own context (edata->assoc_context,
+ * ErrorContext), so a psprintf there is freed with the error.  No catalog
+ * access: the transaction is failing, so the signatures are listed here
+ * and the role is named only when it is the session's login role.
+ */
+static emit_log_hook_type fw_prev_emit_log_hook = NULL;
+
+static const struct
+{
+	const char *name;
+	const char *grant;			/* "FUNCTION f(args)" */
+}			fw_entry_points[] =
+{
+	{"fw_complete", "FUNCTION fw_complete(text, text)"},
+	{"fw_chat", "FUNCTION fw_chat(jsonb, text, jsonb)"},
+	{"fw_complete_batch", "FUNCTION fw_complete_batch(text[], text, jsonb)"},
+	{"fw_enrich", "PROCEDURE fw_enrich(regclass, name, name, name, text, integer, jsonb)"},
+	{"fw_escalate", "FUNCTION fw_escalate(text, interval)"},
+	{"fw_deescalate", "FUNCTION fw_deescalate(text)"},
+	{"purge_calls", "FUNCTION fw_tier.purge_calls(interval, integer)"},
+};
+
+static void
+fw_emit_log_hook(ErrorData *edata)
+{
+	if (edata->elevel == ERROR &&
+		edata->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE &&
+		edata->hint == NULL && edata->message_id != NULL &&
+		edata->message != NULL &&
+		(strcmp(edata->message_id, "permission denied for function %s") == 0 ||
+		 strcmp(edata->message_id, "permission denied for procedure %s") == 0))
+	{
+		/* the name ends the message, whatever the language */
+		const char *name = strrchr(edata->message, ' ');
+		const char *role = NULL;
+
+		name = name ? name + 1 : edata->message;
+		for (int i = 0; i < lengthof(fw_entry_points); i++)
+		{
+			if (strcmp(name, fw_entry_points[i].name) != 0)
+				continue;
+
+			/*
+			 * The role as SET ROLE / SET SESSION AUTHORIZATION named it
+			 * (GUC strings, no lookup); inside a SECURITY DEFINER function
+			 * the current user is another one: leave the name out.
+			 */
+			if (GetUserId() == GetOuterUserId())
+			{
+				role = GetConfigOption("role", true, false);
+				if (role == NULL || strcmp(role, "none") == 0)
+					role = GetConfigOption("session_authorization", true, false);
+			}
+			edata->hint = psprintf("A superuser or the extension's owner can run GRANT EXECUTE ON %s TO %s.",
+								   fw_entry_points[i].grant,
+								   (role && role[0]) ? quote_identifier(role) : "<role>");
+			break;
+		}
+	}
+	if (fw_prev_emit_log_hook)
+		fw_prev_emit_log_hook(edata);
 }
 
 void
@@ -279,7 +369,7 @@ _PG_init(void)
 							"Requests one statement may have in flight at once (batch calls).",
 							"Capped by fw_tier.max_concurrency_cap.",
 							&fw_max_concurrency, 16, 1, 1024,
-							PGC_USERSET, 0, NULL, NULL, NULL);
+							PGC_USERSET, 0, fw_check_max_concurrency, NULL, NULL);
 
 	DefineCustomIntVariable("fw_tier.max_concurrency_cap",
 							"Upper bound a superuser puts on fw_tier.max_concurrency.",
@@ -291,6 +381,9 @@ _PG_init(void)
 
 	fw_shmem_install_hooks();
 	fw_register_worker();
+
+	fw_prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = fw_emit_log_hook;
 
 	fw_preloaded = true;
 }

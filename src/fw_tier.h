@@ -144,6 +144,10 @@ typedef struct FwWorkload
 	Oid			dboid;			/* database of the workload */
 	pg_atomic_uint32 generation;	/* bumped each time the slot is assigned */
 	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup or route */
+	int64		run_window_us;	/* length of the last window opened or
+								 * moved (kept after a de-escalation): the
+								 * alert clears one such length after the
+								 * run's last window ended; wl_lock */
 } FwWorkload;
 
 typedef struct FwSharedState
@@ -226,6 +230,17 @@ extern TimestampTz fw_escalate_now(const char *workload, int64 window_ms);
 extern void fw_deescalate_now(const char *workload);
 extern int	fw_workload_snapshots(FwWorkloadSnapshot **out);
 
+/*
+ * Replay mode (fw_tier.mode = 'replay'): a replayed 503 opens a window in
+ * this backend only, never in shared memory (escalation.c, "Replay").
+ */
+extern FwPath fw_replay_route(const char *workload, FwPath path, TimestampTz now);
+extern bool fw_replay_overloaded(const char *workload, FwPath path_used,
+								 FwOnOverload policy, int window_s,
+								 TimestampTz now);
+extern TimestampTz fw_replay_window_until(const char *workload);
+extern void fw_replay_forget(const char *workload);
+
 /* worker side: restore an open window read back from fw_tier.escalations */
 extern void fw_restore_window(Oid dboid, const char *workload,
 							  TimestampTz started, TimestampTz until,
@@ -276,6 +291,10 @@ typedef struct FwCallRecord
 	int32		ttfb_us;
 	char		request_id[FW_REQIDLEN];
 	char		error[FW_ERRLEN];
+	bool		replayed;		/* answered from a fixture (fw_tier.mode =
+								 * 'replay'); in the struct's tail padding,
+								 * so the ring layout is unchanged and older
+								 * records (zeroed) read as false */
 } FwCallRecord;
 
 extern int64 fw_next_call_id(void);

@@ -66,6 +66,19 @@ fw_tier_workload_state(PG_FUNCTION_ARGS)
 				total += s->attempts[p][o];
 			}
 
+		/*
+		 * A replaying session sees its own replay window (escalation.c,
+		 * "Replay"): it tests its overload handling with this view.  The
+		 * escalations count and counters stay the shared ones.
+		 */
+		if (fw_mode == FW_MODE_REPLAY)
+		{
+			TimestampTz local = fw_replay_window_until(s->name);
+
+			if (local > s->priority_until)
+				s->priority_until = local;
+		}
+
 		values[c++] = CStringGetTextDatum(s->name);
 		values[c] = TimestampTzGetDatum(s->priority_until);
 		nulls[c++] = (s->priority_until == 0);
@@ -192,7 +205,8 @@ fw_escalate_duration_us(const Interval *iv, const char *what)
  * false when it is NULL.  Raises 22023 when the workload does not exist.
  */
 static bool
-fw_status_workload_window(const char *workload, Interval *window)
+fw_status_workload_window(const char *workload, Interval *window,
+						  FwPath *path)
 {
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
@@ -203,7 +217,7 @@ fw_status_workload_window(const char *workload, Interval *window)
 	args[0] = CStringGetTextDatum(workload);
 
 	SPI_connect();
-	ret = SPI_execute_with_args("SELECT priority_window FROM fw_tier.workloads"
+	ret = SPI_execute_with_args("SELECT priority_window, path FROM fw_tier.workloads"
 								" WHERE workload OPERATOR(pg_catalog.=) $1",
 								1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -222,6 +236,10 @@ fw_status_workload_window(const char *workload, Interval *window)
 			*window = *DatumGetIntervalP(d);
 			has_window = true;
 		}
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2,
+						  &isnull);
+		if (isnull || !fw_parse_path(TextDatumGetCString(d), path))
+			*path = FW_PATH_STANDARD;
 	}
 	SPI_finish();
 
@@ -245,6 +263,7 @@ fw_escalate(PG_FUNCTION_ARGS)
 	int64		window_us;
 	Interval	window;
 	bool		has_window;
+	FwPath		path;
 
 	fw_require_preload();
 	if (PG_ARGISNULL(0))
@@ -254,7 +273,15 @@ fw_escalate(PG_FUNCTION_ARGS)
 	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
 	/* checks that the workload exists, whatever the duration */
-	has_window = fw_status_workload_window(workload, &window);
+	has_window = fw_status_workload_window(workload, &window, &path);
+	/* only Standard escalates: a window on another path would count, not route */
+	if (path != FW_PATH_STANDARD)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("workload \"%s\" cannot be escalated", workload),
+				 errdetail("Its path is %s; only workloads on the standard path escalate to priority.",
+						   fw_path_name(path)),
+				 errhint("Escalate a workload whose path is standard, or set this workload's path in fw_tier.workloads.")));
 	if (!PG_ARGISNULL(1))
 		window_us = fw_escalate_duration_us(PG_GETARG_INTERVAL_P(1),
 											"escalation duration");
@@ -276,6 +303,7 @@ fw_deescalate(PG_FUNCTION_ARGS)
 {
 	char	   *workload;
 	Interval	window;
+	FwPath		path;
 
 	fw_require_preload();
 	if (PG_ARGISNULL(0))
@@ -284,8 +312,9 @@ fw_deescalate(PG_FUNCTION_ARGS)
 				 errmsg("workload must not be null")));
 	workload = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
-	(void) fw_status_workload_window(workload, &window);
+	(void) fw_status_workload_window(workload, &window, &path);
 	fw_deescalate_now(workload);
+	fw_replay_forget(workload);
 	PG_RETURN_VOID();
 }
 

@@ -140,13 +140,13 @@ static int	fw_fail_count = 0;
  * executor start-up, the prices lookup plan and the ON CONFLICT machinery
  * are paid once per batch instead of once per record.
  */
-#define FW_INSERT_NARGS 21
+#define FW_INSERT_NARGS 22
 
 static const Oid fw_insert_elemtypes[FW_INSERT_NARGS] = {
 	INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
 	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
 	INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
-	TEXTOID, TEXTOID, TEXTOID, TEXTOID
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID
 };
 
 /*
@@ -161,12 +161,13 @@ static const char *fw_insert_sql =
 "INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
 "  workload, path, model, service_tier, escalated, http_status, outcome,"
 "  prompt_tokens, cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"  cost_usd, request_id, error, prompt, answer)"
+"  cost_usd, request_id, error, prompt, answer, replayed)"
 " SELECT u.call_id, u.attempt, u.started_at, u.database, u.username,"
 "  u.workload, u.path, u.model, u.service_tier, u.escalated, u.http_status,"
 "  u.outcome, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,"
 "  u.latency_ms, u.ttfb_ms,"
-"  CASE WHEN u.prompt_tokens IS NULL AND u.completion_tokens IS NULL"
+"  CASE WHEN u.replayed THEN 0::pg_catalog.numeric"
+"       WHEN u.prompt_tokens IS NULL AND u.completion_tokens IS NULL"
 "            AND u.outcome OPERATOR(pg_catalog.<>) 'ok'::pg_catalog.text"
 "         THEN 0::pg_catalog.numeric"
 "       WHEN p.model IS NULL THEN NULL::pg_catalog.numeric"
@@ -180,18 +181,19 @@ static const char *fw_insert_sql =
 "              (coalesce(u.completion_tokens, 0)::pg_catalog.numeric"
 "               OPERATOR(pg_catalog.*) p.output_usd_per_mtok))"
 "            OPERATOR(pg_catalog./) 1000000::pg_catalog.numeric) END,"
-"  u.request_id, u.error, u.prompt, u.answer"
+"  u.request_id, u.error, u.prompt, u.answer, u.replayed"
 " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
 "   pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
 "   pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
 "   pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),"
 "   pg_catalog.unnest($13), pg_catalog.unnest($14), pg_catalog.unnest($15),"
 "   pg_catalog.unnest($16), pg_catalog.unnest($17), pg_catalog.unnest($18),"
-"   pg_catalog.unnest($19), pg_catalog.unnest($20), pg_catalog.unnest($21))"
+"   pg_catalog.unnest($19), pg_catalog.unnest($20), pg_catalog.unnest($21),"
+"   pg_catalog.unnest($22))"
 "   AS u(call_id, attempt, started_at, database, username, workload, path,"
 "        model, service_tier, escalated, http_status, outcome, prompt_tokens,"
 "        cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"        request_id, error, prompt, answer)"
+"        request_id, error, prompt, answer, replayed)"
 " LEFT JOIN fw_tier.prices p ON p.model OPERATOR(pg_catalog.=) u.model"
 "   AND p.path OPERATOR(pg_catalog.=) u.path"
 " ON CONFLICT (call_id, attempt) DO NOTHING";
@@ -656,6 +658,7 @@ fw_worker_fill_row(FwDrainedRecord *d, int row)
 	values[18] = fw_text_datum(r->error, d->encoding, true, &isnull[18]);
 	values[19] = fw_text_datum(d->prompt, d->encoding, false, &isnull[19]);
 	values[20] = fw_text_datum(d->answer, d->encoding, false, &isnull[20]);
+	values[21] = BoolGetDatum(r->replayed);
 	/* NOT NULL columns: never leave them empty-handed */
 	if (isnull[5])
 	{

@@ -207,5 +207,19 @@ ok( $node->wait_for_log(
 		qr/WARNING:  fw_tier: workload "walert" has been escalated to priority for 2 windows in a row/),
 	'WARNING in the server log');
 
+# ... and clears once the workload has been back on Standard for one full
+# window length (2 s here): a window opened later starts a new run
+ok( $node->poll_query_until('postgres',
+		"SELECT path = 'standard' FROM fw_tier.status WHERE workload = 'walert'"),
+	'second window over');
+is($node->safe_psql('postgres', "SELECT alert FROM fw_tier.status WHERE workload = 'walert'"),
+	't', 'alert still raised right after the run');
+ok( $node->poll_query_until('postgres',
+		"SELECT NOT alert FROM fw_tier.status WHERE workload = 'walert'"),
+	'alert clears one window length after the run');
+is($node->safe_psql('postgres',
+		"SELECT priority_until < now() - interval '2 seconds' FROM fw_tier.status WHERE workload = 'walert'"),
+	't', 'not before that window length');
+
 $node->stop;
 done_testing();

@@ -117,6 +117,45 @@ like($out, qr/Echo: tap one/, 'a hit still answers') or diag($err);
 is($sim2->stats->{total}, 0, 'replay sent nothing');
 is($node->safe_psql('postgres', q{SELECT fw_complete('tap live', 'tap_rr')}),
 	'Echo: tap live', 'live mode reaches it (the check above can fail)');
+
+# Replays are no production event: a replayed 503 escalates the replaying
+# session only, writes no fw_tier.escalations row, costs 0 (a price row
+# exists) and is marked replayed; a live call next to it is not.
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.prices
+SELECT DISTINCT model, path, 1, 1, 1 FROM fw_tier.calls WHERE workload = 'tap_rr'
+ON CONFLICT DO NOTHING;
+});
+my $esc_before = $node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.escalations');
+my $last = $node->safe_psql('postgres', 'SELECT coalesce(max(call_id), 0) FROM fw_tier.calls');
+my $sent2 = $sim2->stats->{total};
+my $bg = $node->background_psql('postgres');
+$bg->query_safe("SET fw_tier.mode = 'replay'");
+is($bg->query_safe(q{SELECT fw_complete('[fwsim:overload] tap shed', 'tap_rr')}),
+	'Echo: tap shed', 'replayed 503: the session retried on Priority');
+is($bg->query_safe(q{SELECT fw_complete('tap one', 'tap_rr')}), 'Echo: tap one',
+	'the next replayed call answers');
+is($bg->query_safe(q{SELECT path FROM fw_tier.status WHERE workload = 'tap_rr'}),
+	'priority', 'the replaying session sees its own window in fw_tier.status');
+# another session, live: the shared window is not open
+is($node->safe_psql('postgres', q{SELECT path FROM fw_tier.status WHERE workload = 'tap_rr'}),
+	'standard', 'another session: fw_tier.status says standard');
+is($node->safe_psql('postgres', q{SELECT fw_complete('tap live two', 'tap_rr')}),
+	'Echo: tap live two', 'another session calls live');
+is($sim2->stats->{total}, $sent2 + 1, 'the live call reached the simulator, the replays did not');
+$node->safe_psql('postgres', 'SELECT fw_flush()');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM fw_tier.escalations}),
+	$esc_before, 'no fw_tier.escalations row for the replayed 503');
+is($node->safe_psql('postgres', qq{
+SELECT string_agg(concat_ws(' ', attempt, path, outcome, escalated, replayed,
+                            cost_usd = 0), E'\n' ORDER BY call_id, attempt)
+  FROM fw_tier.calls WHERE workload = 'tap_rr' AND call_id > $last}),
+	"1 standard overloaded f t t\n2 priority ok t t t\n1 priority ok t t t\n1 standard ok f f f",
+	'replayed rows: replayed, cost 0, the next one on Priority; the live one: standard, priced');
+$bg->query_safe(q{SELECT fw_deescalate('tap_rr')});
+is($bg->query_safe(q{SELECT path FROM fw_tier.status WHERE workload = 'tap_rr'}),
+	'standard', 'fw_deescalate ends the session window too');
+$bg->quit;
 $sim2->stop;
 
 # export, truncate, import, export: the same bytes
