@@ -7,6 +7,7 @@
 # hits both alike.  Prints both rates, the plain libcurl loop, and
 # NEW/OLD.  NEW_REV defaults to the working tree.  Run as root from the
 # repository root.  Target of the hardening release: NEW/OLD >= 0.97.
+# The order within a round alternates as well.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLD_REV=${1:?usage: compare.sh OLD_REV [NEW_REV]}
@@ -73,8 +74,14 @@ cluster new "$new_bin" $((PGPORT_BENCH + 3))
 best_old=0; best_new=0; best_ref=0; ratios=""
 for r in $(seq 1 "$ROUNDS"); do
 	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
-	o=$(rate $((PGPORT_BENCH + 2)) "$old_bin")
-	n=$(rate $((PGPORT_BENCH + 3)) "$new_bin")
+	# who goes first alternates too
+	if [ $((r % 2)) -eq 1 ]; then
+		o=$(rate $((PGPORT_BENCH + 2)) "$old_bin")
+		n=$(rate $((PGPORT_BENCH + 3)) "$new_bin")
+	else
+		n=$(rate $((PGPORT_BENCH + 3)) "$new_bin")
+		o=$(rate $((PGPORT_BENCH + 2)) "$old_bin")
+	fi
 	echo "round $r: libcurl loop $ref, old ($OLD_REV) $o, new (${NEW_REV:-working tree}) $n calls/s"
 	best_ref=$(best "$ref" "$best_ref"); best_old=$(best "$o" "$best_old"); best_new=$(best "$n" "$best_new")
 	ratios="$ratios $(echo "$n $o" | awk '{printf "%.4f", $1 / $2}')"
