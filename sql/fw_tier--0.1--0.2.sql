@@ -62,57 +62,7 @@ REVOKE EXECUTE ON FUNCTION fw_tier.purge_calls(interval, integer) FROM PUBLIC;
  * than pg_catalog.cardinality(anyarray) for whoever runs it).  The caller's
  * own table, column type and its operators are the caller's.
  */
-CREATE OR REPLACE PROCEDURE fw_enrich(tbl regclass, id_column name, prompt_column name,
-						   answer_column name, workload text DEFAULT 'batch',
-						   chunk_size integer DEFAULT 500,
-						   options jsonb DEFAULT '{"on_error": "null"}')
-LANGUAGE plpgsql AS $$
-DECLARE
-	id_type pg_catalog.text;
-	last_id pg_catalog.text;
-	ids pg_catalog.text[];
-	prompts pg_catalog.text[];
-	answers pg_catalog.text[];
-	chunk pg_catalog.int4 := 0;
-	answered pg_catalog.int8 := 0;
-	attempted pg_catalog.int8 := 0;
-	n pg_catalog.int8;
-BEGIN
-	IF chunk_size OPERATOR(pg_catalog.<) 1 THEN
-		RAISE EXCEPTION 'chunk_size must be positive' USING ERRCODE = '22023';
-	END IF;
-	SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO id_type
-	  FROM pg_catalog.pg_attribute a
-	 WHERE a.attrelid OPERATOR(pg_catalog.=) tbl::pg_catalog.oid AND a.attname OPERATOR(pg_catalog.=) id_column AND NOT a.attisdropped;
-	IF id_type IS NULL THEN
-		RAISE EXCEPTION 'column "%" does not exist in %', id_column, tbl USING ERRCODE = '42703';
-	END IF;
-	LOOP
-		EXECUTE pg_catalog.format(
-			'SELECT pg_catalog.array_agg(%1$I::pg_catalog.text ORDER BY %1$I), pg_catalog.array_agg(%2$I ORDER BY %1$I)'
-			' FROM (SELECT %1$I, %2$I FROM %3$s'
-			'  WHERE %4$I IS NULL AND %2$I IS NOT NULL AND ($1 IS NULL OR %1$I > $1::%5$s)'
-			'  ORDER BY %1$I LIMIT %6$s) chunk',
-			id_column, prompt_column, tbl, answer_column, id_type, chunk_size)
-		INTO ids, prompts USING last_id;
-		EXIT WHEN ids IS NULL;
-
-		answers := @extschema@.fw_complete_batch(prompts, workload, options);
-		EXECUTE pg_catalog.format(
-			'UPDATE %1$s t SET %2$I = a.answer'
-			' FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS a(id, answer)'
-			' WHERE t.%3$I = a.id::%4$s AND a.answer IS NOT NULL',
-			tbl, answer_column, id_column, id_type)
-		USING ids, answers;
-		GET DIAGNOSTICS n = ROW_COUNT;
-		chunk := chunk OPERATOR(pg_catalog.+) 1;
-		answered := answered OPERATOR(pg_catalog.+) n;
-		attempted := attempted OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
-		last_id := ids[pg_catalog.cardinality(ids)];
-		COMMIT;
-		RAISE NOTICE 'fw_enrich: chunk %: % of % rows answered so far', chunk, answered, attempted;
-	END LOOP;
-END $$;
+-- (defined once, in "Issue 17: progress and costs" below)
 
 -- Views whose arithmetic needs an implicit cast (int4 * numeric, numeric
 -- / int4, numeric / int8), bound to pg_catalog's operators.
@@ -132,34 +82,9 @@ SELECT date_trunc('hour', c.started_at) AS hour,
 FROM fw_tier.calls c
 GROUP BY 1, 2;
 
-CREATE OR REPLACE VIEW fw_tier.priority_premium WITH (security_invoker = true) AS
-SELECT date_trunc('day', c.started_at) AS day,
-	   c.workload,
-	   c.escalated,
-	   count(*) AS attempts,
-	   sum(c.cost_usd) AS priority_cost_usd,
-	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
-			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
-			OPERATOR(pg_catalog./) 1000000::numeric)) AS standard_cost_usd,
-	   sum(c.cost_usd)
-	   OPERATOR(pg_catalog.-)
-	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
-			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
-			OPERATOR(pg_catalog./) 1000000::numeric)) AS premium_usd
-FROM fw_tier.calls c
-	 JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
-WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL
-GROUP BY 1, 2, 3;
+-- fw_tier.priority_premium: in "Issue 17: progress and costs", which rounds it.
 
--- fw_tier.escalation_timeline: in section D, which adds its database.
+-- fw_tier.escalation_timeline: in "Issue 17: progress and costs".
 
 -- The prices CHECKs compare numeric with an int4 literal: same class.
 ALTER TABLE fw_tier.prices
@@ -312,34 +237,8 @@ DROP INDEX fw_tier.escalations_open_idx;
 CREATE UNIQUE INDEX escalations_open_idx ON fw_tier.escalations (database, workload)
 	WHERE ended IS NULL;
 
--- A window's calls are those of its own database.
-CREATE OR REPLACE VIEW fw_tier.escalation_timeline WITH (security_invoker = true) AS
-SELECT e.id, e.workload, e.trigger, e.started, e.priority_until, e.ended,
-	   e.windows_in_row,
-	   coalesce(e.ended, greatest(e.priority_until, now())) - e.started AS duration,
-	   count(c.call_id) AS attempts,
-	   count(c.call_id) FILTER (WHERE c.path = 'priority') AS priority_attempts,
-	   count(c.call_id) FILTER (WHERE c.outcome = 'overloaded') AS overloaded_503,
-	   sum(c.cost_usd) AS cost_usd,
-	   sum(c.cost_usd) FILTER (WHERE c.path = 'priority')
-	   OPERATOR(pg_catalog.-)
-	   sum(((((coalesce(c.prompt_tokens, 0) - coalesce(c.cached_prompt_tokens, 0))::numeric
-			  OPERATOR(pg_catalog.*) ps.input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.cached_prompt_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.cached_input_usd_per_mtok)
-			 OPERATOR(pg_catalog.+) (coalesce(c.completion_tokens, 0)::numeric
-			  OPERATOR(pg_catalog.*) ps.output_usd_per_mtok))
-			OPERATOR(pg_catalog./) 1000000::numeric))
-		 FILTER (WHERE c.path = 'priority' AND c.cost_usd IS NOT NULL) AS premium_usd,
-	   e.database
-FROM fw_tier.escalations e
-	 LEFT JOIN fw_tier.calls c
-	 ON c.database = e.database
-		AND c.workload = e.workload
-		AND c.started_at >= e.started
-		AND c.started_at < coalesce(e.ended, greatest(e.priority_until, now()))
-	 LEFT JOIN fw_tier.prices ps ON ps.model = c.model AND ps.path = 'standard'
-GROUP BY e.id;
+-- fw_tier.escalation_timeline joins calls on their database: defined in
+-- "Issue 17: progress and costs".
 
 -- \copy fw_tier.fixtures_import FROM ...: the documented grant (INSERT on
 -- the view) is all an importer needs.  The trigger writes the table as its
