@@ -383,6 +383,33 @@ fw_ring_skip_range(uint64 from, uint64 to)
 	}
 }
 
+/* Damage found by one pass over the ring: how much, and the first of it. */
+typedef struct FwRingDamage
+{
+	int			count;
+	uint64		first_pos;
+	const char *first_problem;
+} FwRingDamage;
+
+/*
+ * The record at pos is damaged (why: problem): note it, cover it with SKIP
+ * up to the next record that checks out, and return where that is.
+ */
+static uint64
+fw_ring_skip_damage(uint64 pos, uint64 head, bool stop_at_reserved,
+					const char *problem, FwRingDamage *damage)
+{
+	uint64		next = fw_ring_resync(pos, head, stop_at_reserved);
+
+	if (damage->count++ == 0)
+	{
+		damage->first_pos = pos;
+		damage->first_problem = problem;
+	}
+	fw_ring_skip_range(pos, next);
+	return next;
+}
+
 /*
  * Postmaster only, with no other process alive (first start or
  * crash-restart): check [tail, head) record by record.  Records whose
@@ -398,9 +425,7 @@ fw_ring_recover(bool legacy)
 	uint64		head = fw_ring->head;
 	int			ready = 0;
 	int			skipped = 0;
-	int			corrupt = 0;
-	uint64		first_pos = 0;
-	const char *first_problem = NULL;
+	FwRingDamage damage = {0, 0, NULL};
 
 	if (pos > head || head - pos > size || pos % 8 != 0 || head % 8 != 0)
 	{
@@ -416,7 +441,6 @@ fw_ring_recover(bool legacy)
 		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state = r->state;
 		const char *problem;
-		uint64		next;
 
 		if (state == FW_REC_SKIP && fw_ring_frame_ok(r, avail, FW_REC_MINLEN))
 		{
@@ -447,23 +471,15 @@ fw_ring_recover(bool legacy)
 		else
 			problem = "its state is not valid";
 
-		next = fw_ring_resync(pos, head, false);
-		if (corrupt == 0)
-		{
-			first_pos = pos;
-			first_problem = problem;
-		}
-		corrupt++;
-		fw_ring_skip_range(pos, next);
-		pos = next;
+		pos = fw_ring_skip_damage(pos, head, false, problem, &damage);
 	}
 
-	if (corrupt > 0)
+	if (damage.count > 0)
 		ereport(LOG,
 				(errmsg("fw_tier: skipped %d damaged records in call-log ring file \"%s\"",
-						corrupt, FW_RING_FILE),
+						damage.count, FW_RING_FILE),
 				 errdetail("The first, at position " UINT64_FORMAT ", was damaged because %s; %d good records are kept.  A damaged stretch whose records cannot be told apart counts once.",
-						   first_pos, first_problem, ready)));
+						   damage.first_pos, damage.first_problem, ready)));
 	if (ready > 0 || skipped > 0)
 		ereport(LOG,
 				(errmsg("fw_tier: call-log ring holds %d records not yet written to fw_tier.calls",
@@ -473,8 +489,8 @@ fw_ring_recover(bool legacy)
 						   skipped) : 0));
 	if (fw_shared && skipped > 0)
 		pg_atomic_fetch_add_u64(&fw_shared->records_skipped, skipped);
-	if (fw_shared && corrupt > 0)
-		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, corrupt);
+	if (fw_shared && damage.count > 0)
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, damage.count);
 }
 
 static void
@@ -882,9 +898,7 @@ fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 	uint64		head;
 	uint64		pos;
 	int			n = 0;
-	int			corrupt = 0;
-	uint64		first_pos = 0;
-	const char *first_problem = NULL;
+	FwRingDamage damage = {0, 0, NULL};
 	bool		header_ok;
 
 	LWLockAcquire(fw_shared->ring_lock, LW_EXCLUSIVE);
@@ -908,7 +922,6 @@ fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 		uint64		avail = fw_ring_avail(pos, head);
 		uint32		state = r->state;
 		const char *problem;
-		uint64		next;
 
 		if (state == FW_REC_SKIP && fw_ring_frame_ok(r, avail, FW_REC_MINLEN))
 		{
@@ -932,25 +945,17 @@ fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 		else
 			problem = "its state or length is not valid";
 
-		next = fw_ring_resync(pos, head, true);
-		if (corrupt == 0)
-		{
-			first_pos = pos;
-			first_problem = problem;
-		}
-		corrupt++;
-		fw_ring_skip_range(pos, next);
-		pos = next;
+		pos = fw_ring_skip_damage(pos, head, true, problem, &damage);
 	}
-	if (corrupt > 0)
+	if (damage.count > 0)
 	{
-		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, corrupt);
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, damage.count);
 		ereport(WARNING,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("fw_tier flusher: skipped %d damaged records in call-log ring file \"%s\"",
-						corrupt, FW_RING_FILE),
+						damage.count, FW_RING_FILE),
 				 errdetail("The first, at position " UINT64_FORMAT ", was damaged because %s.",
-						   first_pos, first_problem),
+						   damage.first_pos, damage.first_problem),
 				 errhint("Counted in fw_tier.log_status.records_corrupt.  Something other than fw_tier wrote to the file: check the storage of the data directory.")));
 	}
 	*end_pos = pos;
