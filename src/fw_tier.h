@@ -22,7 +22,7 @@
 #include "utils/jsonb.h"
 
 /* The extension SQL version this library writes for (fw_tier.control). */
-#define FW_SQL_VERSION	"0.2"
+#define FW_SQL_VERSION	"0.3"
 
 #define FW_NAMELEN		64		/* workload name, incl. terminator */
 #define FW_MODELLEN		160		/* model id, incl. terminator */

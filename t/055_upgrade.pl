@@ -108,32 +108,35 @@ SELECT line FROM (
 ORDER BY line;
 };
 
-$node->safe_psql('postgres', q{
-CREATE DATABASE upgraded;
-CREATE DATABASE fresh;
-});
-$node->safe_psql('upgraded', "CREATE EXTENSION fw_tier VERSION '0.1'");
-is($node->safe_psql('upgraded', "SELECT extversion FROM pg_extension WHERE extname = 'fw_tier'"),
-	'0.1', 'version 0.1 installs explicitly');
-$node->safe_psql('upgraded', 'ALTER EXTENSION fw_tier UPDATE');
+$node->safe_psql('postgres', 'CREATE DATABASE fresh');
 $node->safe_psql('fresh', 'CREATE EXTENSION fw_tier');
-is($node->safe_psql('upgraded', "SELECT extversion FROM pg_extension WHERE extname = 'fw_tier'"),
-	$node->safe_psql('fresh', "SELECT extversion FROM pg_extension WHERE extname = 'fw_tier'"),
-	'ALTER EXTENSION UPDATE reaches the default version');
-
-my $up = $node->safe_psql('upgraded', $describe);
 my $fr = $node->safe_psql('fresh', $describe);
+my $default_version = $node->safe_psql('fresh', "SELECT extversion FROM pg_extension WHERE extname = 'fw_tier'");
 my @members = ($fr =~ /^member /mg);
 cmp_ok(scalar @members, '>=', 30, 'the description lists the members (' . scalar(@members) . ')');
 like($fr, qr/^function fw_tier\.purge_calls.*SECURITY DEFINER/ms,
 	'the description carries function definitions');
-is($up, $fr, 'an upgraded 0.1 has the objects of a fresh install, definitions, ACLs and rows included');
-if ($up ne $fr)
+
+# Every released version, updated, gives the objects of a fresh install.
+foreach my $from ('0.1', '0.2')
 {
-	my %f = map { $_ => 1 } split /\n/, $fr;
-	my %u = map { $_ => 1 } split /\n/, $up;
-	diag("only after the upgrade: $_") for grep { !$f{$_} } split /\n/, $up;
-	diag("only in the fresh install: $_") for grep { !$u{$_} } split /\n/, $fr;
+	(my $db = "upgraded_$from") =~ s/\./_/g;
+	$node->safe_psql('postgres', "CREATE DATABASE $db");
+	$node->safe_psql($db, "CREATE EXTENSION fw_tier VERSION '$from'");
+	is($node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'fw_tier'"),
+		$from, "version $from installs explicitly");
+	$node->safe_psql($db, 'ALTER EXTENSION fw_tier UPDATE');
+	is($node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'fw_tier'"),
+		$default_version, "ALTER EXTENSION UPDATE from $from reaches the default version");
+	my $up = $node->safe_psql($db, $describe);
+	is($up, $fr, "an upgraded $from has the objects of a fresh install, definitions, ACLs and rows included");
+	if ($up ne $fr)
+	{
+		my %f = map { $_ => 1 } split /\n/, $fr;
+		my %u = map { $_ => 1 } split /\n/, $up;
+		diag("only after the upgrade from $from: $_") for grep { !$f{$_} } split /\n/, $up;
+		diag("only in the fresh install: $_") for grep { !$u{$_} } split /\n/, $fr;
+	}
 }
 
 # pg_dump's view of the two: same schema
@@ -147,7 +150,7 @@ my $dump_s = sub {
 	$out =~ s/^\\(un)?restrict .*\n//mg;
 	return $out;
 };
-is($dump_s->('upgraded'), $dump_s->('fresh'), 'pg_dump --schema-only is the same for both');
+is($dump_s->($_), $dump_s->('fresh'), "pg_dump --schema-only of $_ is that of a fresh install") for ('upgraded_0_1', 'upgraded_0_2');
 
 # The restore's COPY of an edited shipped workload replaces the shipped
 # row; INSERT keeps its meaning.
@@ -303,7 +306,7 @@ is( $node2->safe_psql('src',
 unlike(slurp_file($node2->logfile), qr/ERROR:/, 'no error in the restored cluster\'s log');
 
 # ---- (c) a new library over the 0.1 SQL: records wait, nothing fails ------
-# The server runs the 0.2 library while fw_tier.database still has the 0.1
+# The server runs the current library while fw_tier.database still has the 0.1
 # objects (ALTER EXTENSION UPDATE not yet run): the flusher says once what
 # to run, the records wait, and they all land after the update.
 my $node3 = new_node('oldsql', 'postgres');
@@ -314,7 +317,7 @@ SELECT count(fw_complete('on the old SQL ' || g)) FROM generate_series(1, 5) g;
 my $waited = 0;
 for (1 .. 300)
 {
-	if (slurp_file($node3->logfile) =~ /is at version 0\.1, the library at 0\.2/)
+	if (slurp_file($node3->logfile) =~ /is at version 0\.1, the library at 0\.3/)
 	{
 		$waited = 1;
 		last;
@@ -361,7 +364,7 @@ is($node3->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls'), '5',
 is($node3->safe_psql('postgres', 'SELECT drain_state FROM fw_tier.log_status'), 'ok',
 	'and the log drains again');
 my $log3 = slurp_file($node3->logfile);
-my @warned = ($log3 =~ /is at version 0\.1, the library at 0\.2/g);
+my @warned = ($log3 =~ /is at version 0\.1, the library at 0\.3/g);
 is(scalar @warned, 1, 'said once');
 # (but the fw_flush() above that ran into its statement_timeout on purpose)
 is( scalar(grep { /ERROR:|terminated by signal/ && !/canceling statement due to statement timeout/ }

@@ -1,0 +1,36 @@
+/* fw_tier--0.2--0.3.sql: the call log at the price of a memcpy (issue 15), typed answers (issue 12), spend limits (issue 13), early-ending windows (issue 16) */
+
+-- complain if script is sourced in psql, rather than via ALTER EXTENSION
+\echo Use "ALTER EXTENSION fw_tier UPDATE TO '0.3'" to load this file. \quit
+
+/*
+ * House rules (as in 0.1--0.2): every function pins search_path =
+ * pg_catalog, pg_temp; views, constraints and policies name pg_catalog's
+ * operators explicitly (OPERATOR(pg_catalog.=)); each object is defined
+ * once in this file.
+ */
+
+-- ---------------------------------------------------------------------
+-- Section A: issue 15, the call log's insert path (BRIN on started_at, ...)
+-- ---------------------------------------------------------------------
+-- (section A)
+
+-- ---------------------------------------------------------------------
+-- Section B: issue 12, typed answers (JSON schema, embeddings, rerank)
+-- ---------------------------------------------------------------------
+-- (section B)
+
+-- ---------------------------------------------------------------------
+-- Section C: issue 16, window policy probe
+-- ---------------------------------------------------------------------
+-- (section C)
+
+-- ---------------------------------------------------------------------
+-- Section D: issue 13, budgets
+-- ---------------------------------------------------------------------
+-- (section D)
+
+-- ---------------------------------------------------------------------
+-- Section L: issue 15, prices a newcomer can see (unpriced_models)
+-- ---------------------------------------------------------------------
+-- (section L)
