@@ -2,9 +2,11 @@
 # The main job: a throwaway PostgreSQL cluster with fw_tier, talking to the
 # project's Fireworks simulator on 127.0.0.1 (or to Fireworks itself when
 # FIREWORKS_API_KEY is set).  Shows calls, routing, escalation on 503
-# Overloaded, and the call log.  Run as root; the cluster runs as fwtest.
+# Overloaded, and the call log.  Run as root (or through sudo, which it uses by itself); the cluster runs as fwtest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/root.sh
+fw_require_root "$@"
 bash scripts/setup.sh
 
 work=$(mktemp -d /tmp/fw_tier-demo.XXXXXX)
@@ -46,6 +48,13 @@ su fwtest -s /bin/bash -c "FIREWORKS_API_KEY='${FIREWORKS_API_KEY:-}' '$bindir/p
 psql_demo() { su fwtest -s /bin/bash -c "'$bindir/psql' -X -h '$work' -p $port -U postgres -d postgres -v ON_ERROR_STOP=1 $*"; }
 psql_demo -e <<'SQL'
 CREATE EXTENSION fw_tier;
+-- fw_tier ships no prices.  EXAMPLE FIGURES ONLY, not Fireworks' prices
+-- (the pricing page is the truth): USD per million tokens, input, cached
+-- input, output; Priority about 1.5x Standard, Fast about 2x.
+INSERT INTO fw_tier.prices VALUES
+  ('accounts/fireworks/models/kimi-k2p6',  'standard', 0.60, 0.30, 2.50),
+  ('accounts/fireworks/models/kimi-k2p6',  'priority', 0.90, 0.45, 3.75),
+  ('accounts/fireworks/routers/kimi-k2p6-turbo', 'fast', 1.20, 0.60, 5.00);
 -- a call inside an ordinary query
 SELECT fw_complete('Summarise PostgreSQL in one line.', 'interactive') AS answer;
 -- the whole response, with generation options
@@ -76,5 +85,10 @@ SELECT fw_flush();
 -- newest first: the shed Standard attempt, then its Priority retry
 SELECT workload, attempt, path, service_tier, http_status, outcome, prompt_tokens, completion_tokens
   FROM fw_tier.calls ORDER BY call_id DESC, attempt LIMIT 6;
+-- what it cost, at the example prices above
+SELECT workload, path, calls, attempts, completion_tokens, cost_usd
+  FROM fw_tier.spend_daily ORDER BY workload, path;
+-- models with calls but no price (empty here: every model used is priced)
+SELECT model, path, unpriced_attempts, hint FROM fw_tier.unpriced_models;
 SQL
 echo "demo: done"

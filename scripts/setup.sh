@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
 # Installs what fw_tier needs on Debian 12, builds and installs the
-# extension and the simulator.  Idempotent; run as root.
+# extension and the simulator.  Idempotent; runs as root (re-running itself through sudo if needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/root.sh
+fw_require_root "$@"
 
 PKGS="postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libmicrohttpd-dev
       libipc-run-perl make gcc nodejs npm curl wrk nginx-light"
-
-if [ "$(id -u)" -ne 0 ]; then
-	echo "setup.sh: run as root (it installs packages and the extension)" >&2
-	exit 1
-fi
 
 missing=""
 for p in $PKGS; do

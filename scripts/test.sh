@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every test of fw_tier, on a fresh Debian 12 machine: installs what it
 # needs, builds, then runs the simulator's suite, the pg_regress suite and
-# the TAP suite.  Run as root; the throwaway clusters run as user fwtest.
+# the TAP suite.  Run as root (or through sudo, which it uses by itself); the throwaway clusters run as user fwtest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. scripts/root.sh
+fw_require_root "$@"
 root=$(pwd)
 
 bash scripts/setup.sh || { echo "setup failed"; exit 1; }

@@ -191,6 +191,17 @@ SELECT workload, path, sum(attempts) AS attempts,
        sum(priced_cost_usd) AS priced_cost_usd, sum(unpriced_attempts) AS unpriced_attempts
   FROM fw_tier.spend_daily WHERE workload = 'log_a' GROUP BY 1, 2 ORDER BY 1, 2;
 
+-- fw_tier.unpriced_models names the (model, path) pairs with unpriced
+-- attempts: the one made unpriced above (its price row exists: those
+-- attempts stay unpriced), and a model never priced (the INSERT to run)
+INSERT INTO fw_tier.workloads (workload, model, on_overload) VALUES
+	('log_unpriced', 'accounts/fireworks/models/never-priced', 'retry');
+SELECT fw_complete('no price for me', 'log_unpriced');
+SELECT fw_flush();
+SELECT model, path, unpriced_attempts, priced_now, hint
+  FROM fw_tier.unpriced_models ORDER BY model, path;
+DELETE FROM fw_tier.workloads WHERE workload = 'log_unpriced';
+
 -- a price row that can never match warns (and is kept: pg_restore must
 -- not fail): Fast calls are priced under the Fast model id
 INSERT INTO fw_tier.prices VALUES

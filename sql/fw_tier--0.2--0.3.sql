@@ -33,4 +33,37 @@
 -- ---------------------------------------------------------------------
 -- Section L: issue 15, prices a newcomer can see (unpriced_models)
 -- ---------------------------------------------------------------------
--- (section L)
+-- (section L: begin)
+
+/*
+ * Which models have calls but no price.  cost_usd is priced when the row
+ * is written; an attempt of a (model, path) with no row in fw_tier.prices
+ * keeps cost_usd NULL, and spend_daily's cost_usd is then NULL too.  This
+ * view names those pairs, how many attempts they have, and what to do:
+ * the INSERT to run, or, when a price row exists now, that the attempts
+ * logged before it stay unpriced (a price change never rewrites history).
+ * Replayed attempts are free and never unpriced.  security_invoker: a
+ * role sees its own calls only, as in fw_tier.calls.
+ */
+CREATE VIEW fw_tier.unpriced_models WITH (security_invoker = true) AS
+SELECT c.model, c.path,
+	   count(*) AS unpriced_attempts,
+	   pg_catalog.min(c.started_at) AS first_started_at,
+	   pg_catalog.max(c.started_at) AS last_started_at,
+	   (p.model IS NOT NULL) AS priced_now,
+	   CASE WHEN p.model IS NOT NULL
+			THEN 'priced since these attempts were logged; they stay unpriced'
+			ELSE pg_catalog.format('no price: INSERT INTO fw_tier.prices VALUES (%L, %L, <input>, <cached input>, <output>), USD per million tokens from the Fireworks pricing page',
+								   c.model, c.path)
+	   END AS hint
+FROM fw_tier.calls c
+	 LEFT JOIN fw_tier.prices p
+			ON p.model OPERATOR(pg_catalog.=) c.model
+		   AND p.path OPERATOR(pg_catalog.=) c.path
+WHERE c.cost_usd IS NULL AND NOT c.replayed
+GROUP BY c.model, c.path, p.model;
+COMMENT ON VIEW fw_tier.unpriced_models IS
+	'fw_tier (model, path) pairs whose logged attempts have no price, and what to do';
+GRANT SELECT ON fw_tier.unpriced_models TO PUBLIC;
+
+-- (section L: end)

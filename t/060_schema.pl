@@ -80,6 +80,7 @@ ok_hostile(q{SELECT count(*) > 0 FROM fw_tier.fixtures_export}, qr/^t$/, 'fw_tie
 ok_hostile(q{SELECT fw.fw_flush(); SELECT count(*) > 0 FROM fw_tier.calls}, qr/t$/,
 	'fw.fw_flush and fw_tier.calls');
 ok_hostile(q{SELECT count(*) >= 0 FROM fw_tier.spend_daily}, qr/^t$/, 'fw_tier.spend_daily');
+ok_hostile(q{SELECT count(*) >= 0 FROM fw_tier.unpriced_models}, qr/^t$/, 'fw_tier.unpriced_models');
 {
 	my ($ret, $out, $err) = q_hostile(
 		q{CALL fw.fw_enrich('public.docs', 'id', 'body', 'answer', 'batch', 2)});
