@@ -78,7 +78,7 @@ static const char *const fw_path_names[FW_NUM_PATHS] = {
 
 static const char *const fw_outcome_names[FW_NUM_OUTCOMES] = {
 	"ok", "rate_limited", "overloaded", "unavailable", "client_error",
-	"timeout", "transport", "cancelled", "bad_response"
+	"timeout", "transport", "cancelled", "bad_response", "bad_output"
 };
 
 /*
