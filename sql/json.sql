@@ -33,6 +33,20 @@ SELECT p.oid::regprocedure AS function, p.provolatile,
  WHERE p.proname IN ('fw_complete_json', 'fw_complete_json_batch', 'json_options')
  ORDER BY 1::text;
 
+-- without EXECUTE: 42501 with a HINT naming the GRANT; with it, a call
+CREATE ROLE js_app;
+SET ROLE js_app;
+SELECT fw_complete_json('x', '{"type": "string"}');
+SELECT fw_complete_json_batch(ARRAY['x'], '{"type": "string"}');
+SELECT fw_tier.json_options('{"type": "string"}') IS NOT NULL AS anyone_builds_options;
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION fw_complete_json(text, jsonb, text, jsonb) TO js_app;
+SET ROLE js_app;
+SELECT fw_complete_json('now allowed', '{"type": "string"}') AS allowed;
+RESET ROLE;
+REVOKE EXECUTE ON FUNCTION fw_complete_json(text, jsonb, text, jsonb) FROM js_app;
+DROP ROLE js_app;
+
 \set person '{"type": "object", "required": ["name", "age"], "additionalProperties": false, "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}}, "score": {"type": ["number", "null"]}, "ok": {"type": "boolean"}}}'
 
 -- what is sent: the caller's options plus the schema as response_format
