@@ -8,10 +8,12 @@
 -- the attempts in fw_tier.calls, and record then replay.  Workloads js_*
 -- are this file's own.
 INSERT INTO fw_tier.workloads (workload, model, on_overload) VALUES
-	('js_live', NULL, 'retry'),
+	('js_live', 'accounts/fireworks/models/json-live', 'retry'),
 	('js_hand', 'accounts/fireworks/models/json-test', 'retry'),
 	('js_rec', NULL, 'retry');
 SET fw_tier.max_attempts = 3;
+-- priced, so a bad answer's cost shows (it was paid)
+INSERT INTO fw_tier.prices VALUES ('accounts/fireworks/models/json-live', 'standard', 1.00, 0.50, 4.00);
 
 -- run q; its SQLSTATE, message and DETAIL, or 'ok'
 CREATE FUNCTION sim.jtry(q text) RETURNS text LANGUAGE plpgsql AS $$
@@ -119,7 +121,7 @@ SELECT count(*) AS requests FROM sim.log;
 -- counted (they were paid)
 SELECT fw_flush();
 SELECT dense_rank() OVER (ORDER BY call_id) AS call, attempt, outcome, http_status,
-       completion_tokens > 0 AS tokens_logged, error
+       completion_tokens > 0 AS tokens_logged, cost_usd > 0 AS costed, error
   FROM fw_tier.calls
  WHERE call_id IN (SELECT call_id FROM fw_tier.calls
                     WHERE workload = 'js_live' AND outcome = 'bad_output')
@@ -202,3 +204,16 @@ SELECT path, attempt, http_status FROM fw_tier.fixtures
 SELECT fw_flush();
 SELECT replayed, attempt, outcome, error
   FROM fw_tier.calls WHERE workload = 'js_rec' ORDER BY call_id, attempt;
+
+-- a LATIN1 database: the answer is read in the database encoding (keys,
+-- strings and paths in DETAIL included)
+CREATE DATABASE js_latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;
+\c js_latin1
+SET client_encoding = 'UTF8';
+CREATE EXTENSION fw_tier;
+SELECT fw_complete_json('café crème', '{"type": "object", "properties": {"clé": {"type": "string"}}}') AS latin1;
+SELECT fw_complete_json('café [fwsim:json-violate]',
+                        '{"type": "object", "required": ["clé"], "properties": {"clé": {"type": "string"}}}');
+\c contrib_regression
+DROP DATABASE js_latin1 WITH (FORCE);
+DELETE FROM fw_tier.prices WHERE model = 'accounts/fireworks/models/json-live';

@@ -209,6 +209,23 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 	initStringInfo(&buf);
 	JsonbToCString(&buf, &jb->root, VARSIZE(jb));
 	pfree(jb);
+
+	/*
+	 * JSON on the wire is UTF-8 (RFC 8259): text of another database
+	 * encoding is converted, or a LATIN1 "é" would reach the provider as a
+	 * byte that is no UTF-8 (found with issue 12's LATIN1 test).
+	 */
+	if (GetDatabaseEncoding() != PG_UTF8 && GetDatabaseEncoding() != PG_SQL_ASCII)
+	{
+		char	   *utf8 = pg_server_to_any(buf.data, buf.len, PG_UTF8);
+
+		if (utf8 != buf.data)
+		{
+			pfree(buf.data);
+			*len = strlen(utf8);
+			return utf8;
+		}
+	}
 	*len = buf.len;
 	return buf.data;
 }
