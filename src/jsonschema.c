@@ -72,11 +72,13 @@ static void
 fw_path_key(StringInfo path, const char *key, int len)
 {
 	int			n = pg_mbcliplen(key, len, FW_PATH_KEY_BYTES);
-	bool		ident = n > 0 && !isdigit((unsigned char) key[0]);
+	bool		ident = n > 0 && !(key[0] >= '0' && key[0] <= '9');
 	char	   *s;
 
+	/* ASCII only, whatever the locale: other bytes go in quotes */
 	for (int i = 0; i < n && ident; i++)
-		ident = isalnum((unsigned char) key[i]) || key[i] == '_';
+		ident = (key[i] >= 'a' && key[i] <= 'z') || (key[i] >= 'A' && key[i] <= 'Z') ||
+			(key[i] >= '0' && key[i] <= '9') || key[i] == '_';
 	if (ident)
 	{
 		appendStringInfo(path, ".%.*s", n, key);
