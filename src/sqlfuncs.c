@@ -106,8 +106,7 @@ fw_chat(PG_FUNCTION_ARGS)
  * carrying the response_format).
  */
 static Datum
-fw_batch(FunctionCallInfo fcinfo, ArrayType *arr, const char *workload,
-		 Jsonb *options, Jsonb *schema)
+fw_batch(ArrayType *arr, const char *workload, Jsonb *options, Jsonb *schema)
 {
 	Datum	   *elems;
 	bool	   *nulls;
@@ -188,7 +187,7 @@ fw_complete_batch(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	workload = fw_workload_arg(fcinfo, 1);
-	return fw_batch(fcinfo, PG_GETARG_ARRAYTYPE_P(0), workload,
+	return fw_batch(PG_GETARG_ARRAYTYPE_P(0), workload,
 					PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2), NULL);
 }
 
@@ -269,7 +268,7 @@ fw_complete_json_batch(PG_FUNCTION_ARGS)
 	options = fw_json_options(PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3), schema);
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	return fw_batch(fcinfo, PG_GETARG_ARRAYTYPE_P(0), workload, options, schema);
+	return fw_batch(PG_GETARG_ARRAYTYPE_P(0), workload, options, schema);
 }
 
 /*
