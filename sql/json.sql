@@ -82,7 +82,7 @@ SELECT s AS schema, sim.jtry(format('SELECT fw_complete_json(%L, %L, %L)', 'x', 
 	'"object"', '[]', 'true', '{"type": "text"}', '{"type": []}', '{"type": ["string", 5]}',
 	'{"properties": {"a": 5}}', '{"properties": []}', '{"required": "a"}', '{"required": [1]}',
 	'{"enum": []}', '{"properties": {"a": {"items": {"minimum": 0}}}}', '{"$ref": "#/x"}',
-	'{"items": [{"type": "string"}]}', '{"additionalProperties": "no"}']) s;
+	'{"items": [{"type": "string"}]}', '{"additionalProperties": "no"}', '{"additionalProperties": []}']) s;
 -- too deep, too large
 SELECT sim.jtry(format('SELECT fw_complete_json(%L, %L, %L)', 'x',
                 repeat('{"items": ', 40) || '{}' || repeat('}', 40), 'js_live')) AS too_deep;

@@ -230,7 +230,7 @@ fw_schema_check_node(JsonbValue *node, StringInfo path, int depth)
 		else if (fw_str_is(kw, len, "additionalProperties") ||
 				 fw_str_is(kw, len, "items"))
 		{
-			if (fw_is_container(&v, false))
+			if (kw[0] == 'i' && fw_is_container(&v, false))
 				ereport(ERROR,
 						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 						 errmsg("JSON schema \"items\" as an array (tuple form) is not supported"),
