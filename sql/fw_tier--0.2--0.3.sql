@@ -20,6 +20,33 @@
 -- ---------------------------------------------------------------------
 -- (section B)
 
+-- JSON answers: the answer as jsonb, checked against the caller's schema
+-- (src/jsonschema.c).  Not executable by PUBLIC, like fw_complete.
+CREATE FUNCTION fw_complete_json(prompt text, schema jsonb, workload text DEFAULT 'default',
+								 options jsonb DEFAULT '{}')
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'fw_complete_json'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION fw_complete_json_batch(prompts text[], schema jsonb, workload text DEFAULT 'batch',
+									   options jsonb DEFAULT '{}')
+RETURNS jsonb[]
+AS 'MODULE_PATHNAME', 'fw_complete_json_batch'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp;
+
+REVOKE EXECUTE ON FUNCTION fw_complete_json(text, jsonb, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION fw_complete_json_batch(text[], jsonb, text, jsonb) FROM PUBLIC;
+
+-- The options fw_complete_json sends (the schema as response_format), for
+-- fw_fingerprint and fw_fixture_chat: sends nothing, so anyone may run it.
+CREATE FUNCTION fw_tier.json_options(schema jsonb, options jsonb DEFAULT '{}')
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'fw_json_options_sql'
+LANGUAGE C IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+
 -- ---------------------------------------------------------------------
 -- Section C: issue 16, window policy probe
 -- ---------------------------------------------------------------------

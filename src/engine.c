@@ -41,12 +41,16 @@
 #include "fixtures.h"
 #include "fwjson.h"
 #include "http.h"
+#include "jsonschema.h"
 
 /* Longest single sleep: bounds cancel latency should a signal slip by. */
 #define FW_POLL_SLICE_MS	20
 
 /* Unavailable and transport failures get one short retry, then fail. */
 #define FW_UNAVAILABLE_ATTEMPTS 2
+
+/* A bad typed answer is asked for once more, at once, then fails. */
+#define FW_BAD_OUTPUT_ATTEMPTS	2
 
 /* A 429 without Retry-After pauses the model this long for everyone. */
 #define FW_SHARED_PAUSE_MS	1000
@@ -164,6 +168,7 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 {
 	memset(parsed, 0, sizeof(*parsed));
 	parsed->prompt_tokens = parsed->cached_tokens = parsed->completion_tokens = -1;
+	call->bad_output = FW_OUTPUT_OK;
 
 	if (r->cancelled)
 		return FW_CANCELLED;
@@ -172,8 +177,14 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 	if (r->failed)
 		return r->too_large ? FW_BAD_RESPONSE : FW_TRANSPORT;
 	if (r->status >= 200 && r->status < 300)
-		return fw_parse_completion(r->body, r->body_len, call->want_text, parsed)
-			? FW_OK : FW_BAD_RESPONSE;
+	{
+		if (!fw_parse_completion(r->body, r->body_len, call->want_text, parsed))
+			return FW_BAD_RESPONSE;
+		/* a typed answer must also be what the schema says (issue 12) */
+		if (call->schema)
+			call->bad_output = fw_answer_check(call->schema, parsed);
+		return call->bad_output == FW_OUTPUT_OK ? FW_OK : FW_BAD_OUTPUT;
+	}
 	if (r->status == 429)
 		return FW_RATE_LIMITED;
 	if (r->status == 503)
@@ -318,13 +329,14 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		call->ok = true;
 		call->content = parsed->content;
 		call->response = parsed->response;
+		call->output = parsed->output;
 		call->detail = NULL;
 	}
 	else if (r == NULL)
 		;						/* detail set by the fixture source */
 	else if (r->failed)
 		call->detail = pstrdup(r->errmsg);
-	else if (outcome == FW_BAD_RESPONSE)
+	else if (outcome == FW_BAD_RESPONSE || outcome == FW_BAD_OUTPUT)
 		call->detail = pstrdup(parsed->problem ? parsed->problem : "unusable response");
 	else
 		call->detail = fw_error_excerpt(r->body, r->body_len);
@@ -387,6 +399,16 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		case FW_TRANSPORT:
 			limit = Min(limit, FW_UNAVAILABLE_ATTEMPTS);
 			wait_ms = fw_backoff_ms(call->attempt);
+			break;
+
+		case FW_BAD_OUTPUT:
+
+			/*
+			 * The model answered, and was paid, but not in the shape asked
+			 * for: sampling may do better once, so ask again at once (the
+			 * fleet is fine); a second bad answer is the call's failure.
+			 */
+			limit = Min(limit, FW_BAD_OUTPUT_ATTEMPTS);
 			break;
 
 		case FW_CLIENT_ERROR:
@@ -917,6 +939,26 @@ fw_call_raise(FwCall *c)
 		case FW_CANCELLED:
 			code = ERRCODE_QUERY_CANCELED;
 			what = "fireworks request canceled";
+			break;
+		case FW_BAD_OUTPUT:
+			/* the DETAIL (c->detail) names the JSON path and the rule */
+			if (c->bad_output == FW_OUTPUT_CUT_OFF)
+			{
+				code = ERRCODE_STRING_DATA_RIGHT_TRUNCATION;
+				what = "fireworks answer was cut off before the JSON was complete";
+				hint = "Raise options.max_tokens, or ask for a shorter answer.";
+			}
+			else if (c->bad_output == FW_OUTPUT_NOT_JSON)
+			{
+				code = ERRCODE_INVALID_JSON_TEXT;
+				what = "fireworks answer is not valid JSON";
+				hint = "Say in the prompt that the answer is JSON.";
+			}
+			else
+			{
+				code = ERRCODE_INVALID_JSON_TEXT;
+				what = "fireworks answer does not match the JSON schema";
+			}
 			break;
 		case FW_BAD_RESPONSE:
 		default:

@@ -22,6 +22,8 @@ typedef struct FwCall
 	Jsonb	   *options;		/* may be NULL */
 	bool		want_text;		/* fw_complete: need message.content */
 	const char *prompt_text;	/* for the call log with log_content */
+	Jsonb	   *schema;			/* fw_complete_json: the checked schema the
+								 * answer must match (issue 12), or NULL */
 
 	/* ---- results ---- */
 	bool		finished;
@@ -31,6 +33,8 @@ typedef struct FwCall
 	FwOutcome	outcome;		/* of the last attempt */
 	int			http_status;
 	char	   *detail;			/* provider's message or transport error */
+	Jsonb	   *output;			/* schema set: the answer as jsonb */
+	int			bad_output;		/* FwOutputCheck of the last attempt */
 
 	/* ---- engine state ---- */
 	FwPath		configured;

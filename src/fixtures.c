@@ -426,7 +426,8 @@ fw_fixture_exit_flush(int code, Datum arg)
 void
 fw_fixture_record(FwCall *call, const FwHttpResult *r)
 {
-	bool		success = (r->status >= 200 && r->status < 300);
+	/* a 200 whose typed answer failed is recorded like a failure (issue 12) */
+	bool		success = (r->status >= 200 && r->status < 300) && call->bad_output == 0;
 	MemoryContext old;
 	FwPendingFixture *f;
 

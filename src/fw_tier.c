@@ -78,7 +78,7 @@ static const char *const fw_path_names[FW_NUM_PATHS] = {
 
 static const char *const fw_outcome_names[FW_NUM_OUTCOMES] = {
 	"ok", "rate_limited", "overloaded", "unavailable", "client_error",
-	"timeout", "transport", "cancelled", "bad_response"
+	"timeout", "transport", "cancelled", "bad_response", "bad_output"
 };
 
 /*
@@ -174,6 +174,8 @@ static const struct
 	{"fw_complete", "FUNCTION fw_complete(text, text)"},
 	{"fw_chat", "FUNCTION fw_chat(jsonb, text, jsonb)"},
 	{"fw_complete_batch", "FUNCTION fw_complete_batch(text[], text, jsonb)"},
+	{"fw_complete_json", "FUNCTION fw_complete_json(text, jsonb, text, jsonb)"},
+	{"fw_complete_json_batch", "FUNCTION fw_complete_json_batch(text[], jsonb, text, jsonb)"},
 	{"fw_enrich", "PROCEDURE fw_enrich(regclass, name, name, name, text, integer, jsonb)"},
 	{"fw_escalate", "FUNCTION fw_escalate(text, interval)"},
 	{"fw_deescalate", "FUNCTION fw_deescalate(text)"},

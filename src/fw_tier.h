@@ -50,6 +50,8 @@ typedef enum FwOutcome
 	FW_TRANSPORT,				/* connection refused, reset, DNS, TLS ... */
 	FW_CANCELLED,				/* statement cancel / timeout while in flight */
 	FW_BAD_RESPONSE,			/* 200 without a usable completion */
+	FW_BAD_OUTPUT,				/* issue 12: a typed answer that is not JSON,
+								 * cut off, or not what the schema says */
 	FW_NUM_OUTCOMES
 } FwOutcome;
 

@@ -209,8 +209,75 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 	initStringInfo(&buf);
 	JsonbToCString(&buf, &jb->root, VARSIZE(jb));
 	pfree(jb);
+
+	/*
+	 * JSON on the wire is UTF-8 (RFC 8259): text of another database
+	 * encoding is converted, or a LATIN1 "é" would reach the provider as a
+	 * byte that is no UTF-8 (found with issue 12's LATIN1 test).
+	 */
+	if (GetDatabaseEncoding() != PG_UTF8 && GetDatabaseEncoding() != PG_SQL_ASCII)
+	{
+		char	   *utf8 = pg_server_to_any(buf.data, buf.len, PG_UTF8);
+
+		if (utf8 != buf.data)
+		{
+			pfree(buf.data);
+			*len = strlen(utf8);
+			return utf8;
+		}
+	}
 	*len = buf.len;
 	return buf.data;
+}
+
+/*
+ * fw_complete_json's request options (issue 12): the caller's, without
+ * schema_name, plus "response_format": {"type": "json_schema",
+ * "json_schema": {"name": ..., "schema": ...}}, the shape Fireworks takes
+ * (FIREWORKS.md, structured output).  Being options, the schema is part of
+ * the fixture fingerprint like any generation option.  The caller's own
+ * response_format is refused: the schema argument is the one sent.
+ */
+Jsonb *
+fw_json_options(Jsonb *options, Jsonb *schema)
+{
+	static const char *const skip[] = {"schema_name", NULL};
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	JsonbValue	v;
+	char	   *name;
+
+	fw_check_options(options);
+	if (options &&
+		getKeyJsonValueFromContainer(&options->root, "response_format", 15, &v))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("options may not set response_format here"),
+				 errdetail("fw_complete_json sends the schema argument as response_format."),
+				 errhint("Use fw_chat to send a response_format of your own.")));
+	name = fw_option_text(options, "schema_name");
+	if (name == NULL)
+		name = "answer";
+	/* OpenAI's rule for the name, which Fireworks follows */
+	if (name[0] == '\0' || strlen(name) > 64 ||
+		strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") != strlen(name))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("schema_name must be 1 to 64 letters, digits, underscores or hyphens")));
+
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	fw_push_options(&st, options, skip, false);
+	fw_push_key(&st, "response_format");
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	fw_push_string(&st, "type", "json_schema");
+	fw_push_key(&st, "json_schema");
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	fw_push_string(&st, "name", name);
+	fw_push_container(&st, "schema", schema);
+	pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	return JsonbValueToJsonb(res);
 }
 
 /*
@@ -252,18 +319,22 @@ fw_json_depth_ok(const char *s, size_t len)
 }
 
 /*
- * Parse a provider body into jsonb without ever raising on bad input:
- * NULL, with *problem saying why, when the body is not usable JSON.
+ * Parse JSON into jsonb without ever raising on bad input: NULL, with
+ * *problem saying why, when it is not usable JSON.  from_utf8: the bytes
+ * come off the wire (UTF-8 by the protocol); otherwise they are text
+ * already in the database encoding (a typed answer taken out of a parsed
+ * response).
  *
- * The cheap checks come first (UTF-8, nesting depth, the non-throwing
+ * The cheap checks come first (encoding, nesting depth, the non-throwing
  * parser); what can still raise (conversion to a non-UTF-8 database
  * encoding, a number numeric cannot hold) runs under PG_TRY, and the
  * error becomes the problem text.  Those errors are raised by plain
  * conversion and input code that holds no resources, so flushing them is
  * safe.
  */
-Jsonb *
-fw_parse_json(const char *body, size_t len, const char **problem)
+static Jsonb *
+fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
+				  const char **problem)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	JsonLexContext *lex;
@@ -273,21 +344,26 @@ fw_parse_json(const char *body, size_t len, const char **problem)
 
 	if (problem == NULL)
 		problem = &dummy;
-	*problem = "response body is not valid JSON";
+	/* constants on the hot path: every response is parsed here */
+	*problem = from_utf8 ? "response body is not valid JSON" : "answer is not valid JSON";
 	/* pg_verify_mbstr also refuses NUL bytes */
-	if (len == 0 || !pg_verify_mbstr(PG_UTF8, body, len, true))
+	if (len == 0 ||
+		!pg_verify_mbstr(from_utf8 ? PG_UTF8 : GetDatabaseEncoding(), body, len, true))
 		return NULL;
 	if (!fw_json_depth_ok(body, len))
 	{
-		*problem = "response body nests too deeply";
+		*problem = from_utf8 ? "response body nests too deeply" : "answer nests too deeply";
 		return NULL;
 	}
 
 	PG_TRY();
 	{
-		/* already verified: a UTF-8 database takes the bytes as they are */
-		char	   *text = GetDatabaseEncoding() == PG_UTF8 ? (char *) body :
-			pg_any_to_server(body, len, PG_UTF8);
+		/*
+		 * Already verified: text in the database encoding is taken as it
+		 * is (the caller NUL-terminates body at len).
+		 */
+		char	   *text = (!from_utf8 || GetDatabaseEncoding() == PG_UTF8) ?
+			(char *) body : pg_any_to_server(body, len, PG_UTF8);
 
 		lex = makeJsonLexContextCstringLen(text, strlen(text),
 										   GetDatabaseEncoding(), true);
@@ -306,13 +382,27 @@ fw_parse_json(const char *body, size_t len, const char **problem)
 			PG_RE_THROW();
 		edata = CopyErrorData();
 		FlushErrorState();
-		*problem = psprintf("response body could not be read: %s",
-							edata->message);
+		*problem = psprintf("%s could not be read: %s",
+							from_utf8 ? "response body" : "answer", edata->message);
 		FreeErrorData(edata);
 		jb = NULL;
 	}
 	PG_END_TRY();
 	return jb;
+}
+
+/* A provider body (UTF-8 bytes) as jsonb; see fw_parse_json_enc. */
+Jsonb *
+fw_parse_json(const char *body, size_t len, const char **problem)
+{
+	return fw_parse_json_enc(body, len, true, problem);
+}
+
+/* An answer's text (database encoding) as jsonb; see fw_parse_json_enc. */
+Jsonb *
+fw_parse_json_text(const char *text, size_t len, const char **problem)
+{
+	return fw_parse_json_enc(text, len, false, problem);
 }
 
 /*
@@ -402,6 +492,12 @@ fw_parse_completion(const char *body, size_t len, bool need_text, FwParsed *out)
 		return false;
 	}
 	out->content = pnstrdup(v.val.string.val, v.val.string.len);
+
+	/* a typed answer cut by max_tokens is no answer (issue 12) */
+	if (getKeyJsonValueFromContainer(first->val.binary.data, "finish_reason", 13, &v) &&
+		v.type == jbvString && v.val.string.len == 6 &&
+		memcmp(v.val.string.val, "length", 6) == 0)
+		out->cut_off = true;
 	return true;
 }
 

@@ -19,6 +19,8 @@ typedef struct FwParsed
 	int			cached_tokens;
 	int			completion_tokens;
 	const char *problem;		/* why it is not a usable completion */
+	bool		cut_off;		/* choices[0].finish_reason is "length" */
+	Jsonb	   *output;			/* a typed answer's value (jsonschema.c) */
 } FwParsed;
 
 extern Jsonb *fw_messages_from_prompt(const char *prompt);
@@ -27,6 +29,8 @@ extern char *fw_option_text(Jsonb *options, const char *key);
 extern char *fw_build_request(const char *model, Jsonb *messages,
 							  Jsonb *options, bool priority, size_t *len);
 extern Jsonb *fw_parse_json(const char *body, size_t len, const char **problem);
+extern Jsonb *fw_parse_json_text(const char *text, size_t len, const char **problem);
+extern Jsonb *fw_json_options(Jsonb *options, Jsonb *schema);
 extern bool fw_parse_completion(const char *body, size_t len, bool need_text,
 								FwParsed *out);
 extern char *fw_error_excerpt(const char *body, size_t len);

@@ -592,12 +592,14 @@ enum fault {
     F_NONE, F_OVERLOAD, F_OVERLOAD_ALL, F_UNAVAILABLE, F_STATUS, F_RATELIMIT,
     F_HANG, F_HTML, /* the ones above answer with an error (or nothing) */
     F_SLOW, F_TRICKLE, F_RESET, F_TRUNCATED, F_MALFORMED, F_HTML200,
-    F_EMPTY_CHOICES, F_NO_USAGE, F_HUGE, F_WORDS
+    F_EMPTY_CHOICES, F_NO_USAGE, F_HUGE, F_WORDS,
+    F_JSON_INVALID, F_JSON_VIOLATE, F_JSON_CUT   /* typed answers */
 };
 
 enum shape {
     SH_TRICKLE = 1, SH_RESET = 2, SH_TRUNCATED = 4, SH_MALFORMED = 8,
-    SH_HTML200 = 16, SH_EMPTY_CHOICES = 32, SH_NO_USAGE = 64, SH_HUGE = 128
+    SH_HTML200 = 16, SH_EMPTY_CHOICES = 32, SH_NO_USAGE = 64, SH_HUGE = 128,
+    SH_JSON_INVALID = 256, SH_JSON_VIOLATE = 512, SH_JSON_CUT = 1024
 };
 
 /* Everything the faults of one request add up to. */
@@ -637,6 +639,9 @@ static const fault_spec fault_specs[] = {
     {"no-usage", F_NO_USAGE, 0, 0, 0},
     {"huge", F_HUGE, 2, 1, 200000000},
     {"words", F_WORDS, 2, 0, 1000000},
+    {"json-invalid", F_JSON_INVALID, 0, 0, 0},
+    {"json-violate", F_JSON_VIOLATE, 0, 0, 0},
+    {"json-cut", F_JSON_CUT, 0, 0, 0},
 };
 
 static const fault_spec *find_fault(const char *name, size_t n)
@@ -676,6 +681,9 @@ static void fault_add(fault_set *f, enum fault kind, long arg, int has_arg)
     case F_NO_USAGE: f->shape |= SH_NO_USAGE; break;
     case F_HUGE: f->shape |= SH_HUGE; f->huge_bytes = arg; break;
     case F_WORDS: f->words = arg; break;
+    case F_JSON_INVALID: f->shape |= SH_JSON_INVALID; break;
+    case F_JSON_VIOLATE: f->shape |= SH_JSON_VIOLATE; break;
+    case F_JSON_CUT: f->shape |= SH_JSON_CUT; break;
     case F_NONE: break;
     }
 }
@@ -1432,6 +1440,171 @@ static void build_success(sbuf *b, const chat_ctx *cx, uint64_t id, const char *
     }
 }
 
+/* ------------------------------------------------------------------ */
+/* response_format json_schema: a deterministic value of the schema     */
+/* ------------------------------------------------------------------ */
+
+/* A schema's answer larger than this is refused (400): bounded work. */
+#define SCHEMA_ANSWER_MAX (4 * 1024 * 1024)
+
+typedef struct schema_gen {
+    sbuf *out;
+    const char *text;           /* strings: the echo answer */
+    size_t text_len;
+    long number;                /* integers: words of the prompt; numbers + 0.5 */
+    int too_big;
+} schema_gen;
+
+/* Writes a parsed JSON value back out (numbers as %.15g). */
+static void sb_jnode(sbuf *b, const jnode *v)
+{
+    switch (v->type) {
+    case J_NULL: sb_puts(b, "null"); break;
+    case J_TRUE: sb_puts(b, "true"); break;
+    case J_FALSE: sb_puts(b, "false"); break;
+    case J_NUM: sb_printf(b, "%.15g", v->num); break;
+    case J_STR: sb_json_str(b, v->str, v->len); break;
+    case J_ARR:
+    case J_OBJ:
+        sb_putc(b, v->type == J_ARR ? '[' : '{');
+        for (const jnode *c = v->child; c; c = c->next) {
+            if (c != v->child)
+                sb_putc(b, ',');
+            if (v->type == J_OBJ) {
+                sb_json_str(b, c->key, c->keylen);
+                sb_putc(b, ':');
+            }
+            sb_jnode(b, c);
+        }
+        sb_putc(b, v->type == J_ARR ? ']' : '}');
+        break;
+    }
+}
+
+static int type_listed(const jnode *t, const char *name)
+{
+    if (t && t->type == J_STR)
+        return strcmp(t->str, name) == 0;
+    for (const jnode *c = t && t->type == J_ARR ? t->child : NULL; c; c = c->next)
+        if (c->type == J_STR && strcmp(c->str, name) == 0)
+            return 1;
+    return 0;
+}
+
+/* The type an answer takes: the first listed other than "null" (null if
+ * only null), else what the keywords suggest, else string. */
+static const char *schema_type(const jnode *s)
+{
+    const jnode *t = jget(s, "type");
+    if (t && t->type == J_STR)
+        return t->str;
+    for (const jnode *c = t && t->type == J_ARR ? t->child : NULL; c; c = c->next)
+        if (c->type == J_STR && strcmp(c->str, "null") != 0)
+            return c->str;
+    if (type_listed(t, "null"))
+        return "null";
+    if (jget(s, "properties"))
+        return "object";
+    if (jget(s, "items"))
+        return "array";
+    return "string";
+}
+
+/* Writes a value of schema s.  skip: a property of this object to leave
+ * out (json-violate).  Recursion is bounded by the parser's depth limit. */
+static void schema_value(schema_gen *g, const jnode *s, const char *skip)
+{
+    if (g->out->len > SCHEMA_ANSWER_MAX) {
+        g->too_big = 1;
+        return;
+    }
+    if (!s || s->type != J_OBJ) {       /* true (or anything else): a string */
+        if (s && s->type == J_FALSE)
+            sb_puts(g->out, "null");
+        else
+            sb_json_str(g->out, g->text, g->text_len);
+        return;
+    }
+    const jnode *en = jget(s, "enum");
+    if (en && en->type == J_ARR && en->child) {
+        sb_jnode(g->out, en->child);
+        return;
+    }
+    const char *t = schema_type(s);
+    if (strcmp(t, "object") == 0) {
+        const jnode *props = jget(s, "properties");
+        int first = 1;
+        sb_putc(g->out, '{');
+        for (const jnode *p = props && props->type == J_OBJ ? props->child : NULL; p; p = p->next) {
+            if (skip && strlen(skip) == p->keylen && memcmp(skip, p->key, p->keylen) == 0)
+                continue;
+            if (!first)
+                sb_putc(g->out, ',');
+            first = 0;
+            sb_json_str(g->out, p->key, p->keylen);
+            sb_putc(g->out, ':');
+            schema_value(g, p, NULL);
+        }
+        sb_putc(g->out, '}');
+    } else if (strcmp(t, "array") == 0) {
+        const jnode *items = jget(s, "items");
+        sb_putc(g->out, '[');
+        if (items)
+            schema_value(g, items, NULL);
+        sb_putc(g->out, ']');
+    } else if (strcmp(t, "integer") == 0) {
+        sb_printf(g->out, "%ld", g->number);
+    } else if (strcmp(t, "number") == 0) {
+        sb_printf(g->out, "%ld.5", g->number);
+    } else if (strcmp(t, "boolean") == 0) {
+        sb_puts(g->out, "true");
+    } else if (strcmp(t, "null") == 0) {
+        sb_puts(g->out, "null");
+    } else {
+        sb_json_str(g->out, g->text, g->text_len);
+    }
+}
+
+/* The answer to a json_schema request, in g->out.  violate: an object
+ * root misses its first required property; any other root gets a value
+ * of a type its schema does not list. */
+static void schema_answer(schema_gen *g, const jnode *schema, int violate)
+{
+    if (!violate) {
+        schema_value(g, schema, NULL);
+        return;
+    }
+    const jnode *req = jget(schema, "required");
+    if (strcmp(schema_type(schema), "object") == 0 && req && req->type == J_ARR &&
+        req->child && req->child->type == J_STR) {
+        schema_value(g, schema, req->child->str);
+        return;
+    }
+    const jnode *t = jget(schema, "type");
+    if (!type_listed(t, "number"))
+        sb_puts(g->out, "12345.5");
+    else if (!type_listed(t, "string"))
+        sb_puts(g->out, "\"fwsim: not of the schema\"");
+    else if (!type_listed(t, "object"))
+        sb_puts(g->out, "{}");
+    else
+        sb_puts(g->out, "[]");
+}
+
+/* Keeps the first max words of single-space separated text; returns 1 if
+ * it cut anything. */
+static int cut_words(sbuf *content, long max)
+{
+    long seen = 0;
+    for (size_t i = 0; i < content->len; i++)
+        if (content->p[i] == ' ' && ++seen == max) {
+            content->len = i;
+            content->p[i] = '\0';
+            return 1;
+        }
+    return 0;
+}
+
 static uint64_t g_id_seq;
 
 static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *rq)
@@ -1535,6 +1708,17 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *r
     const jnode *rf = jget(root, "response_format");
     if (rf && rf->type != J_NULL && rf->type != J_OBJ)
         BAD_REQUEST("response_format must be an object");
+    const jnode *rf_schema = NULL;      /* json_schema: the answer is a value of it */
+    const jnode *rf_type = jget(rf, "type");
+    if (rf_type && rf_type->type == J_STR && strcmp(rf_type->str, "json_schema") == 0) {
+        const jnode *js = jget(rf, "json_schema");
+        const jnode *name = jget(js, "name");
+        rf_schema = jget(js, "schema");
+        if (!js || js->type != J_OBJ || !name || name->type != J_STR || !name->len)
+            BAD_REQUEST("response_format json_schema needs json_schema.name (a string)");
+        if (!rf_schema || rf_schema->type != J_OBJ)
+            BAD_REQUEST("response_format json_schema needs json_schema.schema (an object)");
+    }
 
     /* prompt tokens, the last user message, and (when cached) word hashes */
     const char *cache_key = cx.affinity ? cx.affinity : cx.user;
@@ -1649,16 +1833,48 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *r
         cx.completion = count_words(content.p, content.len);
         if (max_tokens > 0 && max_tokens < cx.completion) {
             /* words are single-space separated: cut before word max_tokens+1 */
-            long seen = 0;
-            for (size_t i = 0; i < content.len; i++)
-                if (content.p[i] == ' ' && ++seen == max_tokens) {
-                    content.len = i;
-                    content.p[i] = '\0';
-                    break;
-                }
+            cut_words(&content, max_tokens);
             cx.completion = max_tokens;
             length_cut = 1;
         }
+    }
+
+    /* json_schema: the answer is a value of the schema, not the echo */
+    if (rf_schema) {
+        sbuf json = {0}, echo = {0};
+        sb_puts(&echo, "Echo:");        /* the whole echo: max_tokens cuts the JSON */
+        if (clean.len) {
+            sb_putc(&echo, ' ');
+            sb_put(&echo, clean.p, clean.len);
+        }
+        schema_gen g = {&json, echo.p, echo.len, count_words(clean.p ? clean.p : "", clean.len), 0};
+        if (f.shape & SH_JSON_INVALID)
+            sb_puts(&json, "Sure! Here is the JSON you asked for: ");
+        schema_answer(&g, rf_schema, (f.shape & SH_JSON_VIOLATE) != 0);
+        free(echo.p);
+        free(content.p);
+        if (g.too_big) {
+            free(json.p);
+            BAD_REQUEST("fwsim: the schema's answer would exceed 4 MiB");
+        }
+        content = json;
+        length_cut = 0;
+        cx.completion = count_words(content.p, content.len);
+        if (max_tokens > 0 && max_tokens < cx.completion) {
+            cut_words(&content, max_tokens);
+            cx.completion = max_tokens;
+            length_cut = 1;
+        }
+    }
+    if ((f.shape & SH_JSON_CUT) && content.len > 1) {
+        /* half the answer, cut between UTF-8 characters, as max_tokens would */
+        size_t half = content.len / 2;
+        while (half > 0 && ((unsigned char)content.p[half] & 0xC0) == 0x80)
+            half--;
+        content.len = half;
+        content.p[half] = '\0';
+        cx.completion = count_words(content.p, content.len);
+        length_cut = 1;
     }
 
     /* admission: prompt cache peek, rate limits, congestion */
