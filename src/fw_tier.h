@@ -50,6 +50,7 @@ typedef enum FwOutcome
 	FW_TRANSPORT,				/* connection refused, reset, DNS, TLS ... */
 	FW_CANCELLED,				/* statement cancel / timeout while in flight */
 	FW_BAD_RESPONSE,			/* 200 without a usable completion */
+	FW_REFUSED,					/* a budget refused it: nothing sent (issue 13) */
 	FW_NUM_OUTCOMES
 } FwOutcome;
 
@@ -101,6 +102,7 @@ extern bool fw_log_content;
 extern int	fw_max_concurrency;
 extern int	fw_max_concurrency_cap;
 extern int	fw_log_spill_limit_kb;
+extern int	fw_max_output_tokens;	/* issue 13: spend limits */
 
 extern bool fw_preloaded;
 
