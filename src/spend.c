@@ -656,6 +656,31 @@ fw_option_number(Jsonb *options, const char *key)
 											  NumericGetDatum(v.val.numeric)));
 }
 
+/*
+ * {"max_tokens": fw_tier.max_output_tokens}, kept while the setting stays
+ * (a call without options needs it each time: no parse per call).
+ */
+static Jsonb *
+fw_cap_options(void)
+{
+	static Jsonb *cap = NULL;
+	static int	cap_for = -1;
+
+	if (cap == NULL || cap_for != fw_max_output_tokens)
+	{
+		char	   *js = psprintf("{\"max_tokens\": %d}", fw_max_output_tokens);
+		Jsonb	   *jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(js)));
+		Jsonb	   *copy = MemoryContextAlloc(TopMemoryContext, VARSIZE(jb));
+
+		memcpy(copy, jb, VARSIZE(jb));
+		if (cap)
+			pfree(cap);
+		cap = copy;
+		cap_for = fw_max_output_tokens;
+	}
+	return cap;
+}
+
 static FwSpendSet *
 fw_spend_make_set(FwCall *c, Oid user)
 {
@@ -741,28 +766,35 @@ fw_spend_begin(FwCall *calls, int ncalls)
 		if (set == NULL)
 			continue;
 
+		if (c->options && JB_ROOT_IS_OBJECT(c->options) &&
+			getKeyJsonValueFromContainer(&c->options->root, "max_completion_tokens",
+										 strlen("max_completion_tokens"), &(JsonbValue) {0}))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("option \"max_completion_tokens\" is not accepted when a fw_tier budget applies"),
+					 errhint("Use \"max_tokens\": the budget reserves it at the output price.")));
 		max_tokens = fw_option_number(c->options, "max_tokens");
 		if (max_tokens < 0)
 		{
 			/* sent with the cap, so the completion is bounded */
 			if (c->options != opts_in || opts_out == NULL)
 			{
-				char	   *js = psprintf("{\"max_tokens\": %d}", fw_max_output_tokens);
-				Datum		add = DirectFunctionCall1(jsonb_in, CStringGetDatum(js));
-
 				opts_in = c->options;
-				opts_out = c->options == NULL ? DatumGetJsonbP(add) :
+				opts_out = c->options == NULL ? fw_cap_options() :
 					DatumGetJsonbP(DirectFunctionCall2(jsonb_concat,
-													   JsonbPGetDatum(c->options), add));
+													   JsonbPGetDatum(c->options),
+													   JsonbPGetDatum(fw_cap_options())));
 			}
 			c->options = opts_out;
 			max_tokens = fw_max_output_tokens;
 		}
 		n = fw_option_number(c->options, "n");
+		max_tokens = Min(max_tokens, 1e9);
+		n = Min(n, 1e6);
 
 		sc = palloc0(sizeof(FwSpendCall));
 		sc->set = set;
-		sc->max_out = (int64) ceil(max_tokens) * (n > 1 ? (int64) ceil(Min(n, 128.0)) : 1);
+		sc->max_out = (int64) ceil(max_tokens) * (n > 1 ? (int64) ceil(n) : 1);
 		sc->est_prompt = (int64) VARSIZE(c->messages) +
 			(c->options ? (int64) VARSIZE(c->options) : 0) + FW_SPEND_TEMPLATE_TOKENS;
 		c->spend = sc;
@@ -773,9 +805,11 @@ static int64
 fw_worst(const FwSpendCall *sc, FwPath path)
 {
 	const double *p = sc->set->price[path];
+	double		worst = ceil((double) sc->est_prompt * Max(p[0], p[1]) +
+							 (double) sc->max_out * p[2]);
 
-	return (int64) ceil((double) sc->est_prompt * Max(p[0], p[1]) +
-						(double) sc->max_out * p[2]);
+	/* past any limit the table can hold (1e9 USD): refused, no overflow */
+	return (int64) Min(worst, 4e18);
 }
 
 static int64

@@ -280,6 +280,26 @@ flush();
 is($node->safe_psql('postgres', q{SELECT count(*) FROM fw_tier.calls WHERE workload = 'esc' AND (escalated OR path <> 'standard')}),
 	'0', 'the capped workload\'s attempts are all on Standard');
 
+# ---- settle: an error answer releases, an unknown outcome keeps the worst case
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd, action) VALUES ('settle', 'other', 'day', 100, 'warn');
+});
+my $spent0 = $node->safe_psql('postgres', q{SELECT fw_complete('first use restores', 'other'); SELECT spent_usd FROM fw_tier.budget_status WHERE budget = 'settle'});
+$spent0 = (split /\n/, $spent0)[-1];
+$node->psql('postgres', q{SELECT fw_complete('[fwsim:status=400] rejected', 'other')});
+is($node->safe_psql('postgres', q{SELECT spent_usd || ' ' || reserved_usd FROM fw_tier.budget_status WHERE budget = 'settle'}),
+	"$spent0 0.000000", 'a 400 answer releases its reservation');
+$node->psql('postgres', q{SET fw_tier.request_timeout = '300ms'; SELECT fw_chat('[{"role":"user","content":"[fwsim:hang] lost"}]', 'other', '{"max_tokens": 100}')});
+my $held = $node->safe_psql('postgres', q{SELECT spent_usd - } . $spent0 . q{ FROM fw_tier.budget_status WHERE budget = 'settle'});
+# worst case: >= 64 prompt tokens at $10/M plus 100 output tokens at $40/M
+cmp_ok($held, '>=', 0.00464, "a timeout after sending is settled at its reservation (\$$held)");
+# without max_tokens a budgeted call is sent with fw_tier.max_output_tokens
+is($node->safe_psql('postgres', q{SET fw_tier.max_output_tokens = 4; SELECT fw_complete('[fwsim:words=50] long', 'other')}),
+	'Echo: w1 w2 w3', 'a budgeted call without max_tokens is cut at fw_tier.max_output_tokens');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT fw_chat('[{"role":"user","content":"x"}]', 'other', '{"max_completion_tokens": 10}')});
+like($err, qr/"max_completion_tokens" is not accepted when a fw_tier budget applies/, 'max_completion_tokens cannot slip past the reservation');
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'settle'});
+
 # ---- a budget on an unpriced model refuses, naming the price ---------------
 $node->safe_psql('postgres', q{
 INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('on_unpriced', 'unpriced', 'month', 100);
