@@ -501,6 +501,25 @@ fw_slot_checked(int idx, uint32 gen)
 	return (s->generation == gen && s->state != FW_SS_EMPTY) ? s : NULL;
 }
 
+/*
+ * The call log's logical positions: the ring's head and tail, the spill's
+ * write and read positions (each only grows; ring_lock, shared).
+ */
+static void
+fw_log_positions(uint64 *head, uint64 *tail, uint64 *spill_write, uint64 *spill_read)
+{
+	uint64		size,
+				used;
+
+	fw_calllog_usage(&size, &used, head, tail);
+	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+	if (spill_write)
+		*spill_write = fw_shared->spill_write_pos;
+	if (spill_read)
+		*spill_read = fw_shared->spill_read_pos;
+	LWLockRelease(fw_shared->ring_lock);
+}
+
 /* Ask the flusher to come (restore, alerts): like fw_flush(). */
 static void
 fw_spend_call_worker(void)
@@ -553,9 +572,7 @@ fw_spend_wait_restored(const FwBudgetDef *d, int idx, uint32 gen)
 static void
 fw_spend_slot_get(const FwBudgetDef *d, int *idx, uint32 *gen)
 {
-	uint64		size,
-				used,
-				head,
+	uint64		head,
 				tail,
 				spill_at;
 	TimestampTz now = GetCurrentTimestamp();
@@ -569,10 +586,7 @@ fw_spend_slot_get(const FwBudgetDef *d, int *idx, uint32 *gen)
 
 	fw_spend_period(d->period, now, &pstart, &pend);
 	/* first the positions: every record pushed before the slot exists */
-	fw_calllog_usage(&size, &used, &head, &tail);
-	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
-	spill_at = fw_shared->spill_write_pos;
-	LWLockRelease(fw_shared->ring_lock);
+	fw_log_positions(&head, &tail, &spill_at, NULL);
 
 	SpinLockAcquire(&fw_spend->mutex);
 	for (int i = 0; i < FW_SPEND_SLOTS; i++)
@@ -1252,17 +1266,12 @@ fw_spend_worker_run(void)
 {
 	FwSpendJob *jobs = palloc(sizeof(FwSpendJob) * FW_SPEND_SLOTS);
 	int			njobs = 0;
-	uint64		size,
-				used,
-				head,
+	uint64		head,
 				tail,
 				spill_read;
 	bool		any = false;
 
-	fw_calllog_usage(&size, &used, &head, &tail);
-	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
-	spill_read = fw_shared->spill_read_pos;
-	LWLockRelease(fw_shared->ring_lock);
+	fw_log_positions(&head, &tail, NULL, &spill_read);
 
 	SpinLockAcquire(&fw_spend->mutex);
 	for (int i = 0; i < FW_SPEND_SLOTS; i++)
