@@ -922,7 +922,6 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 	bool		lost = false;
 	bool		over_premium = false;
 	bool		notify = false;
-	int			warn_over = -1;
 	int64		fig_spent = 0,
 				fig_reserved = 0;
 
@@ -994,33 +993,16 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 		for (int j = 0; j < set->n; j++)
 		{
 			FwSpendSlot *s = &fw_spend->slots[set->slot[j]];
-			FwBudgetDef *d = &set->def[j];
 
 			s->reserved += cost;
 			s->premium_reserved += premium;
 			sc->held_pstart[j] = s->period_start;
-			if (d->action == FW_ACTION_WARN && s->spent + s->reserved > d->limit &&
-				!(s->alerted & FW_AL_100))
-			{
-				s->alerted |= FW_AL_100;
-				s->notify_pending |= FW_AL_100;
-				s->limit_seen = d->limit;
-				notify = true;
-				warn_over = j;
-			}
 		}
 	}
 	SpinLockRelease(&fw_spend->mutex);
 
 	if (notify)
 		fw_spend_call_worker();
-	if (warn_over >= 0)
-		ereport(WARNING,
-				(errmsg("fw_tier budget \"%s\" is exceeded", set->def[warn_over].name),
-				 errdetail("Its action is warn: calls go on. Limit %s in the %s ending %s.",
-						   fw_usd(set->def[warn_over].limit),
-						   fw_period_names[set->def[warn_over].period],
-						   timestamptz_to_str(set->pend[warn_over]))));
 	if (refused >= 0)
 	{
 		FwBudgetDef *d = &set->def[refused];
@@ -1101,7 +1083,10 @@ fw_spend_apply(FwCall *c, int64 real, int64 real_premium)
 	if (warn_over >= 0)
 		ereport(WARNING,
 				(errmsg("fw_tier budget \"%s\" is exceeded", set->def[warn_over].name),
-				 errdetail("Its action is warn: calls go on.")));
+				 errdetail("Its action is warn: calls go on.  Limit %s in the %s ending %s.",
+						   fw_usd(set->def[warn_over].limit),
+						   fw_period_names[set->def[warn_over].period],
+						   timestamptz_to_str(set->pend[warn_over]))));
 }
 
 /*

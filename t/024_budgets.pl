@@ -47,7 +47,7 @@ GRANT EXECUTE ON FUNCTION fw_complete_batch(text[], text, jsonb) TO app;
 SELECT fw_tier.set_price('$model', 'standard', 10, 5, 40);
 SELECT fw_tier.set_price('$model', 'priority', 15, 7.5, 60);
 INSERT INTO fw_tier.workloads (workload, on_overload) VALUES
-	('capped', 'retry'), ('scoped', 'retry'), ('other', 'retry'),
+	('capped', 'retry'), ('scoped', 'retry'), ('other', 'retry'), ('alerts', 'retry'),
 	('esc', 'priority'), ('esc_free', 'priority');
 INSERT INTO fw_tier.workloads (workload, model, on_overload) VALUES
 	('unpriced', 'accounts/fireworks/models/no-price-here', 'retry');
@@ -279,6 +279,31 @@ is($sim->stats->{paths}{priority}{ok}, 1, 'without a premium cap the same 503 es
 flush();
 is($node->safe_psql('postgres', q{SELECT count(*) FROM fw_tier.calls WHERE workload = 'esc' AND (escalated OR path <> 'standard')}),
 	'0', 'the capped workload\'s attempts are all on Standard');
+
+# ---- alerts at 80% and 100%; action warn refuses nothing -----------------
+# each call costs $0.00012 (4 prompt tokens at $10/M, 2 completion at $40/M)
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd, action) VALUES ('alerting', 'alerts', 'month', 0.00028, 'warn');
+});
+($lout, $lerr) = ('', '');
+$listener = IPC::Run::start(
+	[ 'psql', '-X', '-A', '-t', '-d', $node->connstr('postgres'), '-c',
+	  'LISTEN fw_tier_alert', '-c', 'SELECT pg_sleep(4)' ],
+	'>', \$lout, '2>', \$lerr);
+usleep(500_000);
+my @warned;
+for my $i (1 .. 4)
+{
+	($ret, $out, $err) = $node->psql('postgres', qq{SELECT fw_complete('a$i', 'alerts')});
+	push @warned, ($err =~ /WARNING:  fw_tier budget "alerting" is exceeded/ ? 1 : 0);
+	is($out, "Echo: a$i", "warn: call $i is answered") if $i == 4;
+}
+is("@warned", '0 0 1 0', 'action warn: a WARNING when the spend reaches the limit, once');
+$listener->finish;
+@notes = ($lout =~ /Asynchronous notification "fw_tier_alert" with payload "([^\n]*)" received/g);
+is(join(' ', map { /"event": "([^"]+)"/ ? $1 : '?' } grep { /"budget": "alerting"/ } @notes), '80% 100%',
+	'NOTIFY fw_tier_alert at 80% (second call) and at 100% (third), once each');
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'alerting'});
 
 # ---- settle: an error answer releases, an unknown outcome keeps the worst case
 $node->safe_psql('postgres', q{
