@@ -221,8 +221,26 @@ typedef struct FwSpendSet
 	bool		any_premium_cap;	/* a standard_only budget caps premium */
 	bool		priced[FW_NUM_PATHS];
 	double		price[FW_NUM_PATHS][3];
-	const char *model[FW_NUM_PATHS];
+	char		model[FW_NUM_PATHS][FW_MODELLEN];
 } FwSpendSet;
+
+/*
+ * The sets built for recent (workload, models, role) keys, in fw_sc_cxt:
+ * a reload of the tables drops them.  set NULL = no budget applies.
+ */
+#define FW_SET_CACHE	8
+typedef struct FwSetCacheEntry
+{
+	bool		used;
+	Oid			user;
+	char		workload[FW_NAMELEN];
+	char		model[FW_MODELLEN];
+	char		fast_model[FW_MODELLEN];
+	FwSpendSet *set;
+} FwSetCacheEntry;
+
+static FwSetCacheEntry fw_set_cache[FW_SET_CACHE];
+static int	fw_set_cache_next = 0;
 
 /* One call's view: its set, its worst case, the attempt's hold. */
 typedef struct FwSpendCall
@@ -395,6 +413,7 @@ fw_sc_load(void)
 	fw_bd = NULL;
 	fw_nbd = 0;
 	fw_prices = NULL;
+	memset(fw_set_cache, 0, sizeof(fw_set_cache));
 	if (!OidIsValid(fw_budgets_relid) || !OidIsValid(fw_prices_relid))
 		return;					/* not valid: looked up again next time */
 
@@ -520,6 +539,15 @@ fw_log_positions(uint64 *head, uint64 *tail, uint64 *spill_write, uint64 *spill_
 	LWLockRelease(fw_shared->ring_lock);
 }
 
+/* Is s the slot of budget d of this database?  (spinlock held) */
+static bool
+fw_slot_is(const FwSpendSlot *s, const FwBudgetDef *d)
+{
+	return s->dboid == MyDatabaseId && s->role == d->role &&
+		s->period == d->period && strcmp(s->budget, d->name) == 0 &&
+		strcmp(s->workload, d->workload) == 0;
+}
+
 /* Ask the flusher to come (restore, alerts): like fw_flush(). */
 static void
 fw_spend_call_worker(void)
@@ -578,12 +606,33 @@ fw_spend_slot_get(const FwBudgetDef *d, int *idx, uint32 *gen)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz pstart,
 				pend;
-	char	   *dbname = get_database_name(MyDatabaseId);
-	char	   *rolname = OidIsValid(d->role) ? GetUserNameFromId(d->role, true) : NULL;
+	char	   *dbname;
+	char	   *rolname;
 	FwSpendSlot *s = NULL;
 	FwSpendSlot *victim = NULL;
 	FwSlotState st;
 
+	/* the common case first: the slot is there and restored */
+	SpinLockAcquire(&fw_spend->mutex);
+	for (int i = 0; i < FW_SPEND_SLOTS; i++)
+	{
+		FwSpendSlot *c = &fw_spend->slots[i];
+
+		if (c->state == FW_SS_READY && fw_slot_is(c, d))
+		{
+			c->last_used = now;
+			*idx = i;
+			*gen = c->generation;
+			s = c;
+			break;
+		}
+	}
+	SpinLockRelease(&fw_spend->mutex);
+	if (s != NULL)
+		return;
+
+	dbname = get_database_name(MyDatabaseId);
+	rolname = OidIsValid(d->role) ? GetUserNameFromId(d->role, true) : NULL;
 	fw_spend_period(d->period, now, &pstart, &pend);
 	/* first the positions: every record pushed before the slot exists */
 	fw_log_positions(&head, &tail, &spill_at, NULL);
@@ -599,9 +648,7 @@ fw_spend_slot_get(const FwBudgetDef *d, int *idx, uint32 *gen)
 				victim = c;
 			continue;
 		}
-		if (c->dboid == MyDatabaseId && c->role == d->role &&
-			c->period == d->period && strcmp(c->budget, d->name) == 0 &&
-			strcmp(c->workload, d->workload) == 0)
+		if (fw_slot_is(c, d))
 		{
 			s = c;
 			break;
@@ -699,6 +746,37 @@ static FwSpendSet *
 fw_spend_make_set(FwCall *c, Oid user)
 {
 	FwSpendSet *set = NULL;
+	const char *fast = c->wl.fast_model ? c->wl.fast_model : "";
+	FwSetCacheEntry *e;
+	bool		valid = true;
+
+	for (int i = 0; i < FW_SET_CACHE; i++)
+	{
+		e = &fw_set_cache[i];
+		if (!e->used || e->user != user || strcmp(e->workload, c->wl.name) != 0 ||
+			strcmp(e->model, c->model) != 0 || strcmp(e->fast_model, fast) != 0)
+			continue;
+		if (e->set == NULL)
+			return NULL;
+		/* its slots may have been given away meanwhile: look again then */
+		SpinLockAcquire(&fw_spend->mutex);
+		for (int j = 0; j < e->set->n && valid; j++)
+		{
+			FwSpendSlot *s = fw_slot_checked(e->set->slot[j], e->set->gen[j]);
+
+			valid = (s != NULL && s->state == FW_SS_READY);
+		}
+		SpinLockRelease(&fw_spend->mutex);
+		if (!valid)
+			for (int j = 0; j < e->set->n; j++)
+				fw_spend_slot_get(&e->set->def[j], &e->set->slot[j], &e->set->gen[j]);
+		return e->set;
+	}
+	if (strlen(c->wl.name) >= FW_NAMELEN || strlen(c->model) >= FW_MODELLEN ||
+		strlen(fast) >= FW_MODELLEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("model id too long for a budgeted call")));
 
 	for (int i = 0; i < fw_nbd; i++)
 	{
@@ -709,7 +787,7 @@ fw_spend_make_set(FwCall *c, Oid user)
 		if (OidIsValid(d->role) && d->role != user)
 			continue;
 		if (set == NULL)
-			set = palloc0(sizeof(FwSpendSet));
+			set = MemoryContextAllocZero(fw_sc_cxt, sizeof(FwSpendSet));
 		if (set->n >= FW_SPEND_MAX)
 			ereport(ERROR,
 					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -717,14 +795,26 @@ fw_spend_make_set(FwCall *c, Oid user)
 							FW_SPEND_MAX, c->wl.name)));
 		set->def[set->n++] = *d;
 	}
+	e = &fw_set_cache[fw_set_cache_next];
+	fw_set_cache_next = (fw_set_cache_next + 1) % FW_SET_CACHE;
+	e->used = false;
 	if (set == NULL)
+	{
+		e->used = true;
+		e->user = user;
+		strlcpy(e->workload, c->wl.name, sizeof(e->workload));
+		strlcpy(e->model, c->model, sizeof(e->model));
+		strlcpy(e->fast_model, fast, sizeof(e->fast_model));
+		e->set = NULL;
 		return NULL;
+	}
 
-	set->model[FW_PATH_STANDARD] = c->model;
-	set->model[FW_PATH_PRIORITY] = c->model;
-	set->model[FW_PATH_FAST] = c->wl.fast_model;
+	strlcpy(set->model[FW_PATH_STANDARD], c->model, FW_MODELLEN);
+	strlcpy(set->model[FW_PATH_PRIORITY], c->model, FW_MODELLEN);
+	strlcpy(set->model[FW_PATH_FAST], fast, FW_MODELLEN);
 	for (int p = 0; p < FW_NUM_PATHS; p++)
-		set->priced[p] = fw_price_get((FwPath) p, set->model[p], set->price[p]);
+		set->priced[p] = set->model[p][0] != '\0' &&
+			fw_price_get((FwPath) p, set->model[p], set->price[p]);
 	for (int j = 0; j < set->n; j++)
 	{
 		fw_spend_period(set->def[j].period, GetCurrentTimestamp(),
@@ -736,6 +826,13 @@ fw_spend_make_set(FwCall *c, Oid user)
 	/* may wait for a restore: before any call id of this run is taken */
 	for (int j = 0; j < set->n; j++)
 		fw_spend_slot_get(&set->def[j], &set->slot[j], &set->gen[j]);
+	/* cached once complete: an error above leaves no half entry */
+	e->used = true;
+	e->user = user;
+	strlcpy(e->workload, c->wl.name, sizeof(e->workload));
+	strlcpy(e->model, c->model, sizeof(e->model));
+	strlcpy(e->fast_model, fast, sizeof(e->fast_model));
+	e->set = set;
 	return set;
 }
 
@@ -937,7 +1034,7 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 		FwPath		missing = set->priced[path] ? FW_PATH_STANDARD : path;
 
 		c->detail = psprintf("no price for model \"%s\" on path %s in fw_tier.prices: a call a budget applies to (\"%s\") cannot be priced, so it is not sent",
-							 set->model[missing] ? set->model[missing] : "",
+							 set->model[missing],
 							 fw_path_name(missing), set->def[0].name);
 		sc->hint = "Add the price with fw_tier.set_price(model, path, input, cached_input, output), in USD per million tokens.";
 		return false;
@@ -1425,9 +1522,7 @@ fw_tier_budget_state(PG_FUNCTION_ARGS)
 		{
 			FwSpendSlot *s = &fw_spend->slots[k];
 
-			if (s->state != FW_SS_EMPTY && s->dboid == MyDatabaseId &&
-				s->role == d->role && s->period == d->period &&
-				strcmp(s->budget, d->name) == 0 && strcmp(s->workload, d->workload) == 0)
+			if (s->state != FW_SS_EMPTY && fw_slot_is(s, d))
 			{
 				copy = *s;
 				found = true;

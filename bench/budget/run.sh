@@ -38,6 +38,7 @@ off="DELETE FROM fw_tier.budgets;"
 			echo "\\! awk '{print \"MARK $r $what cpu1\", \$14 + \$15}' /proc/\$BACKEND_PID/stat"
 		done
 	done
+	echo "$on"
 	echo "SELECT 'MARK spent ' || spent_usd || ' refusals ' || refusals FROM fw_tier.budget_status WHERE budget = 'bench';"
 } > "$BENCH_WORK/budget.sql"
 chown fwtest "$BENCH_WORK/budget.sql"
