@@ -9,6 +9,10 @@
  * libcurl multi handle, starts retries when their backoff ends, and never
  * sleeps past the statement's deadline.  No threads.
  *
+ * Spend limits (spend.c): before a run its budgets are resolved; each
+ * attempt reserves its worst case before it is sent (or is refused, logged
+ * as refused, nothing sent) and settles from usage when it ends.
+ *
  * Each attempt is classified (README "Failure classes"), counted in shared
  * memory, pushed to the call-log ring, and then decides what happens next:
  * done, fail, retry at once on Priority (escalation), or retry after a

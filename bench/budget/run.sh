@@ -64,3 +64,23 @@ mc=$(echo "$rows" | awk '{print $7}' | median)
 mw=$(echo "$rows" | awk '{print $8}' | median)
 spent=$(echo "$out" | awk '$2 == "spent" {print $3 " spent, " $5 " refusals"}')
 echo "RESULT budget: CPU per call with/without one budget = $mc, wall rate with/without = $mw (medians of $ROUNDS rounds of $N calls; target CPU ratio <= 1.03); budget: \$$spent"
+
+# perf: the CPU share of the spend functions in a stream of budgeted calls
+# (a figure the machine's other tenants disturb less than timings)
+PERF_S=${PERF_S:-5}
+if command -v perf >/dev/null; then
+	bpsql -c "$on" >/dev/null
+	bpsql -c "SET application_name = 'budget-perf';
+	  SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000000)" >/dev/null 2>&1 &
+	CALLER=$!
+	sleep 1
+	BPID=$(bpsql -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'budget-perf'")
+	perf record -q -g -F 1999 -p "$BPID" -o "$BENCH_WORK/perf.data" -- sleep "$PERF_S" >/dev/null 2>&1
+	bpsql -c "SELECT pg_cancel_backend($BPID)" >/dev/null
+	wait $CALLER 2>/dev/null || true
+	perf report -i "$BENCH_WORK/perf.data" --children --sort sym --stdio -q -g none 2>/dev/null \
+		> "$BENCH_WORK/perf.txt" || true
+	share=$(awk '/ fw_spend_(begin|reserve|settle|premium_blocked)$/ {gsub("%", "", $1); s += $1} END {printf "%.2f", s}' "$BENCH_WORK/perf.txt")
+	grep -E " fw_spend_" "$BENCH_WORK/perf.txt" | head -8 | sed 's/^/  /' || true
+	echo "RESULT budget-cpu: reserve + settle (fw_spend_* with children) = $share% of the calling backend's CPU samples (target <= 3%)"
+fi
