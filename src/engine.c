@@ -509,9 +509,12 @@ fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 	{
 		/* xfer is only a marker now: its handle is back in the pool */
 		if (calls[i].xfer == NULL)
+		{
+			fw_spend_settle_aborted(&calls[i], false);
 			continue;
+		}
 		calls[i].xfer = NULL;
-		fw_spend_settle_unknown(&calls[i]);
+		fw_spend_settle_aborted(&calls[i], true);
 		calls[i].detail = pstrdup(why);
 		fw_count_attempt(&calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
 		fw_log_attempt(&calls[i], NULL, FW_CANCELLED, &none);

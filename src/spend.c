@@ -742,6 +742,15 @@ fw_cap_options(void)
 	return cap;
 }
 
+/* The set's current periods at now (a period is recomputed once it ends). */
+static void
+fw_set_periods(FwSpendSet *set, TimestampTz now)
+{
+	for (int j = 0; j < set->n; j++)
+		if (now >= set->pend[j])
+			fw_spend_period(set->def[j].period, now, &set->pstart[j], &set->pend[j]);
+}
+
 static FwSpendSet *
 fw_spend_make_set(FwCall *c, Oid user)
 {
@@ -815,10 +824,9 @@ fw_spend_make_set(FwCall *c, Oid user)
 	for (int p = 0; p < FW_NUM_PATHS; p++)
 		set->priced[p] = set->model[p][0] != '\0' &&
 			fw_price_get((FwPath) p, set->model[p], set->price[p]);
+	fw_set_periods(set, GetCurrentTimestamp());
 	for (int j = 0; j < set->n; j++)
 	{
-		fw_spend_period(set->def[j].period, GetCurrentTimestamp(),
-						&set->pstart[j], &set->pend[j]);
 		if (set->def[j].premium_limit >= 0 &&
 			set->def[j].action == FW_ACTION_STANDARD_ONLY)
 			set->any_premium_cap = true;
@@ -960,9 +968,7 @@ fw_spend_premium_blocked(FwCall *c)
 	if (!set->priced[FW_PATH_PRIORITY] || !set->priced[FW_PATH_STANDARD])
 		return false;			/* fw_spend_reserve refuses, naming the price */
 	premium = Max(fw_worst(sc, FW_PATH_PRIORITY) - fw_worst(sc, FW_PATH_STANDARD), 0);
-	for (int j = 0; j < set->n; j++)
-		if (now >= set->pend[j])
-			fw_spend_period(set->def[j].period, now, &set->pstart[j], &set->pend[j]);
+	fw_set_periods(set, now);
 
 	SpinLockAcquire(&fw_spend->mutex);
 	for (int j = 0; j < set->n; j++)
@@ -1042,9 +1048,7 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 	cost = fw_worst(sc, path);
 	if (c->escalated)
 		premium = Max(cost - fw_worst(sc, FW_PATH_STANDARD), 0);
-	for (int j = 0; j < set->n; j++)
-		if (now >= set->pend[j])
-			fw_spend_period(set->def[j].period, now, &set->pstart[j], &set->pend[j]);
+	fw_set_periods(set, now);
 
 	SpinLockAcquire(&fw_spend->mutex);
 	for (int j = 0; j < set->n; j++)
@@ -1234,13 +1238,20 @@ fw_spend_settle(FwCall *c, const FwHttpResult *r, FwOutcome outcome,
 	fw_spend_apply(c, real, real_premium);
 }
 
-/* An attempt cancelled in flight: sent, outcome unknown.  No allocation. */
+/*
+ * A run ended by a cancel or an error: an attempt in flight (sent, outcome
+ * unknown) keeps its worst case; one reserved but never started (its
+ * transfer could not be set up) releases it.  No allocation.
+ */
 void
-fw_spend_settle_unknown(FwCall *c)
+fw_spend_settle_aborted(FwCall *c, bool sent)
 {
 	if (c->spend == NULL || !c->spend->held)
 		return;
-	fw_spend_apply(c, c->spend->amount, c->spend->premium);
+	if (sent)
+		fw_spend_apply(c, c->spend->amount, c->spend->premium);
+	else
+		fw_spend_apply(c, 0, 0);
 }
 
 /* ---- the flusher's side ---- */

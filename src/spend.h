@@ -25,7 +25,7 @@ extern bool fw_spend_premium_blocked(struct FwCall *c);
 extern bool fw_spend_reserve(struct FwCall *c, TimestampTz now);
 extern void fw_spend_settle(struct FwCall *c, const struct FwHttpResult *r,
 							FwOutcome outcome, const struct FwParsed *parsed);
-extern void fw_spend_settle_unknown(struct FwCall *c);
+extern void fw_spend_settle_aborted(struct FwCall *c, bool sent);
 extern const char *fw_spend_refusal_hint(struct FwCall *c);
 
 /* worker.c (the flusher): restore spend from fw_tier.calls, send alerts */
