@@ -340,5 +340,27 @@ $node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'on_un
 is($node->safe_psql('postgres', q{SELECT fw_complete('no budget, no refusal', 'unpriced')}),
 	'Echo: no budget, no refusal', 'without a budget the unpriced model is called (cost NULL in the log)');
 
+# ---- a budget of another database: restored from its own rows -----------
+# fw_tier.calls (in fw_tier.database) holds every database's calls; the
+# restore counts the rows of the budget's database only.
+$node->safe_psql('postgres', 'CREATE DATABASE shop');
+$node->safe_psql('shop', qq{
+CREATE EXTENSION fw_tier;
+SELECT fw_tier.set_price('$model', 'standard', 10, 5, 40);
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('shop_day', 'default', 'day', 1);
+});
+$node->safe_psql('postgres', q{SELECT fw_complete('postgres side ' || i) FROM generate_series(1, 3) i});
+$node->safe_psql('shop', q{SELECT fw_complete('shop side ' || i) FROM generate_series(1, 2) i});
+flush();
+my $shop_logged = $node->safe_psql('postgres', q{SELECT sum(cost_usd) FROM fw_tier.calls WHERE database = 'shop'});
+$node->restart;
+$node->safe_psql('shop', q{SELECT fw_complete('shop after the restart')});
+flush();
+my $shop_now = $node->safe_psql('postgres', q{SELECT sum(cost_usd) FROM fw_tier.calls WHERE database = 'shop'});
+my $shop_status = $node->safe_psql('shop', q{SELECT spent_usd FROM fw_tier.budget_status WHERE budget = 'shop_day'});
+cmp_ok($shop_now, '>', $shop_logged, 'the call after the restart is logged');
+cmp_ok(abs($shop_status - $shop_now), '<', 0.000002,
+	"database shop's budget is restored from shop's rows only (\$$shop_status; postgres' calls to 'default' are not counted)");
+
 $node->stop;
 done_testing();
