@@ -13,6 +13,7 @@ OBJS = \
 	src/fixtures.o \
 	src/budget.o \
 	src/progress.o \
+	src/spend.o \
 	src/fwjson.o \
 	src/jsonschema.o \
 	src/engine.o \

@@ -55,7 +55,109 @@ SET search_path = pg_catalog, pg_temp;
 -- ---------------------------------------------------------------------
 -- Section D: issue 13, budgets
 -- ---------------------------------------------------------------------
--- (section D)
+-- (section D: begin)
+
+/*
+ * Spend limits.  A budget caps what the calls it applies to may cost per
+ * UTC period (src/spend.c reserves each attempt's worst case in shared
+ * memory before it is sent and settles it from usage afterwards).  NULL
+ * workload or role = any; several budgets can apply to one call and all
+ * must allow it.  Configuration like workloads and prices: everyone reads,
+ * the owner writes (or grants), pg_dump keeps the rows.
+ */
+CREATE TABLE fw_tier.budgets (
+	budget				text PRIMARY KEY
+						CHECK (budget OPERATOR(pg_catalog.<>) ''::pg_catalog.text
+							   AND pg_catalog.octet_length(budget) OPERATOR(pg_catalog.<) 64),
+	workload			text CHECK (pg_catalog.octet_length(workload) OPERATOR(pg_catalog.<) 64),
+	role				regrole,
+	period				text NOT NULL DEFAULT 'day'
+						CHECK (period OPERATOR(pg_catalog.=) ANY (ARRAY['hour', 'day', 'month']::pg_catalog.text[])),
+	limit_usd			numeric NOT NULL CHECK (limit_usd OPERATOR(pg_catalog.>=) 0::numeric),
+	premium_limit_usd	numeric CHECK (premium_limit_usd OPERATOR(pg_catalog.>=) 0::numeric),
+	action				text NOT NULL DEFAULT 'refuse'
+						CHECK (action OPERATOR(pg_catalog.=) ANY (ARRAY['refuse', 'standard_only', 'warn']::pg_catalog.text[]))
+);
+COMMENT ON TABLE fw_tier.budgets IS
+	'fw_tier spend limits per UTC period; NULL workload or role = any; every budget that applies must allow a call';
+SELECT pg_catalog.pg_extension_config_dump('fw_tier.budgets', '');
+GRANT SELECT ON fw_tier.budgets TO PUBLIC;
+
+-- Backends keep budgets and prices in a cache (src/spend.c): a statement
+-- trigger invalidates it in every session, as for fw_tier.workloads (the
+-- C function only invalidates the relcache of the table it fires on).
+CREATE TRIGGER budgets_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON fw_tier.budgets
+	FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.workloads_changed();
+CREATE TRIGGER prices_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON fw_tier.prices
+	FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.workloads_changed();
+
+-- fw_tier.calls.outcome has no CHECK: a refused call is logged with
+-- outcome 'refused', no HTTP status, no tokens and cost_usd 0 (the
+-- flusher's rule for an attempt without tokens that is not 'ok').
+COMMENT ON COLUMN fw_tier.calls.outcome IS
+	'ok, rate_limited, overloaded, unavailable, client_error, timeout, transport, cancelled, bad_response, or refused (a budget refused it before anything was sent)';
+
+-- A price row, inserted or replaced (the caller needs INSERT and UPDATE
+-- on fw_tier.prices: it runs with the caller's rights).
+CREATE FUNCTION fw_tier.set_price(model text, path text, input_usd_per_mtok numeric,
+								  cached_input_usd_per_mtok numeric,
+								  output_usd_per_mtok numeric)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	INSERT INTO fw_tier.prices AS p (model, path, input_usd_per_mtok,
+									 cached_input_usd_per_mtok, output_usd_per_mtok)
+	VALUES ($1, $2, $3, $4, $5)
+	ON CONFLICT (model, path) DO UPDATE
+	   SET input_usd_per_mtok = EXCLUDED.input_usd_per_mtok,
+		   cached_input_usd_per_mtok = EXCLUDED.cached_input_usd_per_mtok,
+		   output_usd_per_mtok = EXCLUDED.output_usd_per_mtok;
+$$;
+
+-- The UTC period an instant falls in: what the budgets use (spend.c).
+CREATE FUNCTION fw_tier.budget_period(period text, at timestamptz,
+									  OUT period_start timestamptz,
+									  OUT period_end timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'fw_tier_budget_period'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- The shared-memory state of this database's budgets.
+CREATE FUNCTION fw_tier_budget_state(
+	OUT budget text, OUT period_start timestamptz, OUT period_end timestamptz,
+	OUT restored boolean, OUT spent_usd numeric, OUT reserved_usd numeric,
+	OUT premium_spent_usd numeric, OUT refusals bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'fw_tier_budget_state'
+LANGUAGE C VOLATILE;
+
+-- Like pg_stat views: everyone reads.  A budget not used since the server
+-- started has no state yet (spent NULL until its first call restores it
+-- from fw_tier.calls).
+CREATE VIEW fw_tier.budget_status AS
+SELECT b.budget, b.workload, b.role, b.period,
+	   coalesce(s.period_start, p.period_start) AS period_start,
+	   coalesce(s.period_end, p.period_end) AS period_end,
+	   b.limit_usd,
+	   pg_catalog.round(s.spent_usd, 6) AS spent_usd,
+	   pg_catalog.round(s.reserved_usd, 6) AS reserved_usd,
+	   pg_catalog.round(GREATEST(b.limit_usd OPERATOR(pg_catalog.-) s.spent_usd
+									OPERATOR(pg_catalog.-) s.reserved_usd, 0::numeric), 6) AS remaining_usd,
+	   b.premium_limit_usd,
+	   pg_catalog.round(s.premium_spent_usd, 6) AS premium_spent_usd,
+	   coalesce(s.refusals, 0::bigint) AS refusals,
+	   b.action
+FROM fw_tier.budgets b
+	 CROSS JOIN LATERAL fw_tier.budget_period(b.period, pg_catalog.now()) p
+	 LEFT JOIN fw_tier_budget_state() s
+	 ON s.budget OPERATOR(pg_catalog.=) b.budget AND s.restored
+		AND s.period_start OPERATOR(pg_catalog.=) p.period_start;
+GRANT SELECT ON fw_tier.budget_status TO PUBLIC;
+
+-- (section D: end)
 
 -- ---------------------------------------------------------------------
 -- Section L: issue 15, prices a newcomer can see (unpriced_models)

@@ -9,6 +9,10 @@
  * libcurl multi handle, starts retries when their backoff ends, and never
  * sleeps past the statement's deadline.  No threads.
  *
+ * Spend limits (spend.c): before a run its budgets are resolved; each
+ * attempt reserves its worst case before it is sent (or is refused, logged
+ * as refused, nothing sent) and settles from usage when it ends.
+ *
  * Each attempt is classified (README "Failure classes"), counted in shared
  * memory, pushed to the call-log ring, and then decides what happens next:
  * done, fail, retry at once on Priority (escalation), or retry after a
@@ -42,6 +46,7 @@
 #include "fwjson.h"
 #include "http.h"
 #include "jsonschema.h"
+#include "spend.h"
 
 /* Longest single sleep: bounds cancel latency should a signal slip by. */
 #define FW_POLL_SLICE_MS	20
@@ -280,6 +285,13 @@ fw_prepare_attempt(FwCall *call)
 			path = fw_replay_route(call->wl.name, path, now);
 	}
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
+	/* a budget's premium is spent: escalation is off (README "Spend limits") */
+	if (call->escalated && (call->premium_capped || fw_spend_premium_blocked(call)))
+	{
+		path = FW_PATH_STANDARD;
+		call->escalated = false;
+		call->premium_capped = true;
+	}
 	call->path_sent = path;
 	call->attempt++;
 	call->attempt_start = now;
@@ -377,8 +389,15 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 			break;
 
 		case FW_OVERLOADED:
+			/* a budget's spent premium makes on_overload = 'priority' back off */
+			if (!call->premium_capped && call->spend &&
+				call->wl.on_overload == FW_ONOVERLOAD_PRIORITY &&
+				call->configured == FW_PATH_STANDARD && !call->forced &&
+				fw_spend_premium_blocked(call))
+				call->premium_capped = true;
 			/* a forced Standard call never escalates: it backs off instead */
 			if (call->configured == FW_PATH_STANDARD && !call->forced &&
+				!call->premium_capped &&
 				(fw_mode == FW_MODE_REPLAY ?
 				 fw_replay_overloaded(call->wl.name, call->path_sent,
 									  call->wl.on_overload,
@@ -477,6 +496,17 @@ fw_launch(FwCall *c, const char *url, const char *key, TimestampTz deadline,
 
 		return fw_after_attempt(c, r, o, &parsed, deadline);
 	}
+	if (c->spend && !fw_spend_reserve(c, c->attempt_start))
+	{
+		FwParsed	none;
+
+		/* refused before sending: give the rate budget its tokens back */
+		fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt, 0, 0,
+						 0, 0, c->attempt_start);
+		memset(&none, 0, sizeof(none));
+		none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
+		return fw_after_attempt(c, NULL, FW_REFUSED, &none, deadline);
+	}
 	fw_start_attempt(c, url, key);
 	(*in_flight)++;
 	return false;
@@ -501,8 +531,12 @@ fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 	{
 		/* xfer is only a marker now: its handle is back in the pool */
 		if (calls[i].xfer == NULL)
+		{
+			fw_spend_settle_aborted(&calls[i], false);
 			continue;
+		}
 		calls[i].xfer = NULL;
+		fw_spend_settle_aborted(&calls[i], true);
 		calls[i].detail = pstrdup(why);
 		fw_count_attempt(&calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
 		fw_log_attempt(&calls[i], NULL, FW_CANCELLED, &none);
@@ -550,6 +584,7 @@ fw_collect_finished(int *in_flight)
 						 parsed.prompt_tokens, parsed.completion_tokens,
 						 r->rl_prompt_per_s, r->rl_generated_per_s,
 						 GetCurrentTimestamp());
+		fw_spend_settle(c, r, o, &parsed);
 		(void) fw_after_attempt(c, r, o, &parsed, DT_NOEND);
 		fw_http_release(x);
 	}
@@ -584,6 +619,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	int			failed = 0;
 	int			limit = concurrency;	/* lowered by 429s, regained slowly */
 	int			streak = 0;		/* successes since the limit last moved */
+	bool		refused = false;	/* a budget refused a call */
 
 	if (fw_mode != FW_MODE_REPLAY)
 		fw_check_transport_settings(key);
@@ -598,6 +634,10 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 		for (int i = 0; i < ncalls; i++)
 			calls[i].budget_key = key_fp;
 	}
+
+	/* spend limits: before any call id is taken (spend.c, "Restore") */
+	if (fw_mode != FW_MODE_REPLAY)
+		fw_spend_begin(calls, ncalls);
 
 	for (int i = 0; i < ncalls; i++)
 		if (calls[i].wl.name[0])
@@ -629,12 +669,13 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 				continue;
 			if (fw_launch(c, url, key, deadline, &in_flight))
 			{
-				remaining--;	/* answered from a fixture */
+				remaining--;	/* answered from a fixture, or refused */
 				done++;
 				failed += c->ok ? 0 : 1;
+				refused |= (c->outcome == FW_REFUSED);
 			}
 		}
-		while (next < ncalls && in_flight < limit)
+		while (next < ncalls && in_flight < limit && !(refused && stop_on_error))
 		{
 			FwCall	   *c = &calls[next++];
 
@@ -644,10 +685,18 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 				continue;		/* picked up by the loop above when due */
 			else if (fw_launch(c, url, key, deadline, &in_flight))
 			{
-				remaining--;	/* answered from a fixture */
+				remaining--;	/* answered from a fixture, or refused */
 				done++;
 				failed += c->ok ? 0 : 1;
+				refused |= (c->outcome == FW_REFUSED);
 			}
+		}
+		if (refused && stop_on_error)
+		{
+			/* a budget refused a call: the statement fails, send no more */
+			fw_collect_finished(&in_flight);
+			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
+			break;
 		}
 		if (remaining == 0)
 			break;
@@ -693,6 +742,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 							 parsed.prompt_tokens, parsed.completion_tokens,
 							 r->rl_prompt_per_s, r->rl_generated_per_s,
 							 GetCurrentTimestamp());
+			fw_spend_settle(c, r, o, &parsed);
 			if (fw_after_attempt(c, r, o, &parsed, deadline))
 			{
 				remaining--;
@@ -959,6 +1009,18 @@ fw_call_raise(FwCall *c)
 				code = ERRCODE_INVALID_JSON_TEXT;
 				what = "fireworks answer does not match the JSON schema";
 			}
+			break;
+		case FW_REFUSED:
+			/* nothing was sent: DETAIL names the budget or the price */
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("fw_tier budget refused the call"),
+					 errdetail("Workload \"%s\", path %s: %s", c->wl.name,
+							   fw_path_name(c->path_sent),
+							   c->detail ? c->detail : "refused"),
+					 fw_spend_refusal_hint(c) ? errhint("%s", fw_spend_refusal_hint(c)) : 0));
+			code = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;	/* not reached */
+			what = "";
 			break;
 		case FW_BAD_RESPONSE:
 		default:

@@ -55,6 +55,8 @@ typedef struct FwCall
 	const char *budget_model;	/* the model id the rate budget is kept for */
 	uint64		budget_key;		/* fingerprint of the API key it bills */
 	int			est_prompt;		/* prompt tokens taken from the budget */
+	struct FwSpendCall *spend;	/* spend limits that apply (spend.c), or NULL */
+	bool		premium_capped; /* a budget's premium is spent: no escalation */
 } FwCall;
 
 extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,

@@ -56,6 +56,7 @@ bool		fw_log_content = false;
 int			fw_max_concurrency = 16;
 int			fw_max_concurrency_cap = 64;
 int			fw_log_spill_limit_kb = 256 * 1024;
+int			fw_max_output_tokens = 4096;
 
 bool		fw_preloaded = false;
 
@@ -78,7 +79,8 @@ static const char *const fw_path_names[FW_NUM_PATHS] = {
 
 static const char *const fw_outcome_names[FW_NUM_OUTCOMES] = {
 	"ok", "rate_limited", "overloaded", "unavailable", "client_error",
-	"timeout", "transport", "cancelled", "bad_response", "bad_output"
+	"timeout", "transport", "cancelled", "bad_response", "bad_output",
+	"refused"
 };
 
 /*
@@ -378,6 +380,12 @@ _PG_init(void)
 							NULL,
 							&fw_max_concurrency_cap, 64, 1, 1024,
 							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.max_output_tokens",
+							"max_tokens sent with a call a budget applies to when the call sets none.",
+							"A budget reserves max_tokens at the output price before the call is sent.",
+							&fw_max_output_tokens, 4096, 1, 1000000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("fw_tier");
 

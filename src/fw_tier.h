@@ -52,6 +52,7 @@ typedef enum FwOutcome
 	FW_BAD_RESPONSE,			/* 200 without a usable completion */
 	FW_BAD_OUTPUT,				/* issue 12: a typed answer that is not JSON,
 								 * cut off, or not what the schema says */
+	FW_REFUSED,					/* a budget refused it: nothing sent (issue 13) */
 	FW_NUM_OUTCOMES
 } FwOutcome;
 
@@ -103,6 +104,7 @@ extern bool fw_log_content;
 extern int	fw_max_concurrency;
 extern int	fw_max_concurrency_cap;
 extern int	fw_log_spill_limit_kb;
+extern int	fw_max_output_tokens;	/* issue 13: spend limits */
 
 extern bool fw_preloaded;
 

@@ -403,6 +403,12 @@ fw_finish(FwHttpXfer *x, CURLcode rc)
 	curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &r->status);
 	curl_easy_getinfo(x->easy, CURLINFO_TOTAL_TIME_T, &total);
 	curl_easy_getinfo(x->easy, CURLINFO_STARTTRANSFER_TIME_T, &ttfb);
+	{
+		long		req_size = 0;
+
+		curl_easy_getinfo(x->easy, CURLINFO_REQUEST_SIZE, &req_size);
+		r->sent = req_size > 0;
+	}
 	r->latency_us = (int64) total;
 	r->ttfb_us = (int64) ttfb;
 	r->body = x->buf ? x->buf : "";

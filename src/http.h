@@ -32,6 +32,7 @@ typedef struct FwHttpResult
 	char		request_id[FW_REQIDLEN];
 	int64		latency_us;
 	int64		ttfb_us;
+	bool		sent;			/* bytes of the request went out (spend.c) */
 } FwHttpResult;
 
 extern void fw_http_reserve(int n);

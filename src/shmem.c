@@ -59,6 +59,7 @@
 
 #include "budget.h"
 #include "fw_tier.h"
+#include "spend.h"
 
 #define FW_NUM_LWLOCKS	2
 
@@ -77,6 +78,7 @@ fw_shmem_size(void)
 	size = add_size(size, fw_calllog_shmem_size());
 	size = add_size(size, fw_budget_shmem_size());
 	size = add_size(size, fw_progress_shmem_size());
+	size = add_size(size, fw_spend_shmem_size());
 	return size;
 }
 
@@ -149,6 +151,7 @@ fw_shmem_startup(void)
 
 	fw_budget_shmem_init();
 	fw_progress_shmem_init();
+	fw_spend_shmem_init();
 
 	LWLockRelease(AddinShmemInitLock);
 

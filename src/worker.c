@@ -90,6 +90,7 @@
 #include "utils/wait_event.h"
 
 #include "fw_tier.h"
+#include "spend.h"
 
 /* after a termination (exit 1) the postmaster restarts the launcher */
 #define FW_LAUNCHER_RESTART_S	5
@@ -1493,6 +1494,35 @@ fw_flusher_main(Datum main_arg)
 				retry_at = GetCurrentTimestamp() +
 					(int64) Min(fw_flush_interval_ms * (1 << Min(fw_fail_count, 10)),
 								FW_RETRY_MAX_MS) * 1000;
+			}
+			PG_END_TRY();
+		}
+
+		/*
+		 * Budgets (issue 13, spend.c): restore a budget's spend once the
+		 * call log written before it has landed, send budget alerts.
+		 */
+		if (fw_spend_worker_pending())
+		{
+			did_work = true;
+			PG_TRY();
+			{
+				fw_spend_worker_run();
+			}
+			PG_CATCH();
+			{
+				ErrorData  *edata;
+
+				MemoryContextSwitchTo(fw_worker_cxt);
+				edata = CopyErrorData();
+				FlushErrorState();
+				AbortCurrentTransaction();
+				pgstat_report_activity(STATE_IDLE, NULL);
+				ereport(WARNING,
+						(errcode(edata->sqlerrcode),
+						 errmsg("fw_tier flusher: could not restore budgets from fw_tier.calls: %s",
+								edata->message ? edata->message : "")));
+				FreeErrorData(edata);
 			}
 			PG_END_TRY();
 		}
