@@ -15,6 +15,7 @@ OBJS = \
 	src/progress.o \
 	src/fwjson.o \
 	src/engine.o \
+	src/embed.o \
 	src/sqlfuncs.o
 
 EXTENSION = fw_tier

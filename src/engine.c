@@ -37,6 +37,7 @@
 #include "utils/wait_event.h"
 
 #include "budget.h"
+#include "embed.h"
 #include "engine.h"
 #include "fixtures.h"
 #include "fwjson.h"
@@ -89,14 +90,30 @@ void
 fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 			 Jsonb *options, bool want_text)
 {
+	fw_call_init_kind(call, FW_KIND_CHAT, workload, messages, options);
+	call->want_text = want_text;
+}
+
+/*
+ * The same for any kind (issue 12): content is the messages of a chat, or
+ * the body fields of embeddings and rerank (see FwCall.fields).
+ */
+void
+fw_call_init_kind(FwCall *call, FwCallKind kind, const char *workload,
+				  Jsonb *content, Jsonb *options)
+{
 	char	   *forced;
 	char	   *model;
+	const char *kind_model;
 
 	memset(call, 0, sizeof(*call));
 	fw_workload_get(workload, &call->wl);
-	call->messages = messages;
+	call->kind = kind;
+	if (kind == FW_KIND_CHAT)
+		call->messages = content;
+	else
+		call->fields = content;
 	call->options = options;
-	call->want_text = want_text;
 
 	call->configured = call->wl.path;
 	forced = fw_option_text(options, "path");
@@ -109,12 +126,32 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 	call->forced = (forced != NULL);
 
 	model = fw_option_text(options, "model");
-	call->model = model ? model : (call->wl.model ? call->wl.model : fw_default_model);
+	kind_model = kind == FW_KIND_EMBED ?
+		(call->wl.embedding_model ? call->wl.embedding_model : fw_default_embedding_model) :
+		kind == FW_KIND_RERANK ?
+		(call->wl.rerank_model ? call->wl.rerank_model : fw_default_rerank_model) :
+		(call->wl.model ? call->wl.model : fw_default_model);
+	call->model = model ? model : (char *) kind_model;
 	if (call->model == NULL || call->model[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("no model for workload \"%s\"", call->wl.name),
-				 errhint("Set fw_tier.default_model or the workload's model.")));
+				 errhint(kind == FW_KIND_EMBED ? "Set fw_tier.default_embedding_model or the workload's embedding_model." :
+						 kind == FW_KIND_RERANK ? "Set fw_tier.default_rerank_model or the workload's rerank_model." :
+						 "Set fw_tier.default_model or the workload's model.")));
+
+	/*
+	 * Fireworks' Fast routes are generation routers: no embedding or
+	 * rerank model has one, so a Fast path cannot be honoured (issue 12).
+	 */
+	if (kind != FW_KIND_CHAT && call->configured == FW_PATH_FAST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the Fast path has no route for %s model \"%s\"",
+						kind == FW_KIND_EMBED ? "embedding" : "rerank", call->model),
+				 errdetail("Workload \"%s\" %s the Fast path; Fireworks serves embeddings and rerank on Standard and Priority only.",
+						   call->wl.name, call->forced ? "was asked for" : "is configured for"),
+				 errhint("Use a workload whose path is standard or priority, or options.path.")));
 
 	/* options.fast_model: the Fast model id for this call (README "path") */
 	model = fw_option_text(options, "fast_model");
@@ -142,7 +179,7 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				 errdetail("It is sent as the x-session-affinity header.")));
 	call->budget_model = (call->configured == FW_PATH_FAST) ? call->wl.fast_model : call->model;
 	/* about four bytes a token: only a pacing estimate, settled later */
-	call->est_prompt = (int) (VARSIZE(messages) / 4);
+	call->est_prompt = (int) (VARSIZE(content) / 4);
 	call->body_path = FW_NUM_PATHS;
 	call->outcome = FW_OK;
 }
@@ -171,6 +208,9 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 		return FW_TIMEOUT;
 	if (r->failed)
 		return r->too_large ? FW_BAD_RESPONSE : FW_TRANSPORT;
+	if (r->status >= 200 && r->status < 300 && call->kind != FW_KIND_CHAT)
+		return fw_parse_typed(call, r->body, r->body_len, parsed)
+			? FW_OK : FW_BAD_RESPONSE;
 	if (r->status >= 200 && r->status < 300)
 		return fw_parse_completion(r->body, r->body_len, call->want_text, parsed)
 			? FW_OK : FW_BAD_RESPONSE;
@@ -236,6 +276,7 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
 	rec.escalated = call->escalated;
 	rec.replayed = (fw_mode == FW_MODE_REPLAY);
+	rec.kind = (int8) call->kind;
 	rec.http_status = r ? (int32) r->status : 0;
 	rec.prompt_tokens = parsed->prompt_tokens >= 0 ? parsed->prompt_tokens :
 		(r ? r->hdr_prompt_tokens : -1);
@@ -281,8 +322,11 @@ fw_prepare_attempt(FwCall *call)
 
 		if (call->body)
 			pfree(call->body);
-		call->body = fw_build_request(model, call->messages, call->options,
-									  path == FW_PATH_PRIORITY, &call->body_len);
+		call->body = call->kind == FW_KIND_CHAT ?
+			fw_build_request(model, call->messages, call->options,
+							 path == FW_PATH_PRIORITY, &call->body_len) :
+			fw_build_fields_request(model, call->fields, call->options,
+									path == FW_PATH_PRIORITY, &call->body_len);
 		call->body_path = path;
 	}
 }
@@ -318,6 +362,7 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		call->ok = true;
 		call->content = parsed->content;
 		call->response = parsed->response;
+		call->typed = parsed->typed;
 		call->detail = NULL;
 	}
 	else if (r == NULL)
@@ -552,7 +597,12 @@ fw_check_transport_settings(const char *key)
 static void
 fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 {
-	char	   *url = psprintf("%s/chat/completions", fw_base_url);
+	/* one URL per kind (issue 12): FwCallKind order */
+	char	   *urls[FW_NUM_KINDS] = {
+		psprintf("%s/chat/completions", fw_base_url),
+		psprintf("%s/embeddings", fw_base_url),
+		psprintf("%s/rerank", fw_base_url)
+	};
 	const char *key = fw_effective_api_key();
 	TimestampTz deadline = fw_statement_deadline();
 	int			next = 0;		/* first call never started */
@@ -605,7 +655,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			}
 			if (!fw_budget_allows(c, now, &wake))
 				continue;
-			if (fw_launch(c, url, key, deadline, &in_flight))
+			if (fw_launch(c, urls[c->kind], key, deadline, &in_flight))
 			{
 				remaining--;	/* answered from a fixture */
 				done++;
@@ -620,7 +670,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 				remaining--;	/* NULL input: nothing to send */
 			else if (!fw_budget_allows(c, now, &wake))
 				continue;		/* picked up by the loop above when due */
-			else if (fw_launch(c, url, key, deadline, &in_flight))
+			else if (fw_launch(c, urls[c->kind], key, deadline, &in_flight))
 			{
 				remaining--;	/* answered from a fixture */
 				done++;
@@ -704,7 +754,8 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 		fw_progress_update(done, in_flight, failed, limit);
 	}
 	fw_progress_end();
-	pfree(url);
+	for (int k = 0; k < FW_NUM_KINDS; k++)
+		pfree(urls[k]);
 }
 
 typedef struct FwRunCleanup

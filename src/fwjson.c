@@ -182,14 +182,18 @@ fw_push_options(JsonbParseState **st, Jsonb *options, const char *const *skip,
 	}
 }
 
+/* No keys skipped: a request's own fields (issue 12) are pushed whole. */
+static const char *const fw_no_keys[] = {NULL};
+
 /*
- * The request body: model, messages, pass-through options and, on the
- * Priority path only, "service_tier": "priority".  A Fast model id never
- * carries service_tier; the caller guarantees priority is false there.
+ * The request body: model, messages (chat) or the kind's own fields
+ * (embeddings, rerank), pass-through options and, on the Priority path
+ * only, "service_tier": "priority".  A Fast model id never carries
+ * service_tier; the caller guarantees priority is false there.
  */
-char *
-fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
-				 bool priority, size_t *len)
+static char *
+fw_build_body(const char *model, Jsonb *messages, Jsonb *fields,
+			  Jsonb *options, bool priority, size_t *len)
 {
 	JsonbParseState *st = NULL;
 	JsonbValue *res;
@@ -199,7 +203,10 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 	fw_check_options(options);
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	fw_push_string(&st, "model", model);
-	fw_push_container(&st, "messages", messages);
+	if (messages)
+		fw_push_container(&st, "messages", messages);
+	else
+		fw_push_options(&st, fields, fw_no_keys, false);
 	fw_push_options(&st, options, fw_own_keys, true);
 	if (priority)
 		fw_push_string(&st, "service_tier", "priority");
@@ -213,6 +220,20 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 	return buf.data;
 }
 
+char *
+fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
+				 bool priority, size_t *len)
+{
+	return fw_build_body(model, messages, NULL, options, priority, len);
+}
+
+char *
+fw_build_fields_request(const char *model, Jsonb *fields, Jsonb *options,
+						bool priority, size_t *len)
+{
+	return fw_build_body(model, NULL, fields, options, priority, len);
+}
+
 /*
  * Deeper bodies than this are refused before parsing: PostgreSQL's JSON
  * parser recurses per level and would raise "stack depth limit exceeded"
@@ -221,7 +242,7 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 #define FW_MAX_JSON_DEPTH	256
 
 /* One pass over the bytes: is the nesting of [ and { within bounds? */
-static bool
+bool
 fw_json_depth_ok(const char *s, size_t len)
 {
 	int			depth = 0;
@@ -447,11 +468,13 @@ fw_error_excerpt(const char *body, size_t len)
 
 /*
  * Fixture key: SHA-256 of the canonical jsonb text of what decides the
- * answer (model, messages, generation options) but not the key, the tier
- * or routing hints.
+ * answer (model, messages or the kind's fields, generation options) but
+ * not the key, the tier or routing hints.  Embeddings and rerank bodies
+ * have no "messages", so their keys never meet a chat's.
  */
-char *
-fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
+static char *
+fw_fingerprint_body(const char *model, Jsonb *messages, Jsonb *fields,
+					Jsonb *options)
 {
 	JsonbParseState *st = NULL;
 	JsonbValue *res;
@@ -463,7 +486,10 @@ fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
 
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	fw_push_string(&st, "model", model);
-	fw_push_container(&st, "messages", messages);
+	if (messages)
+		fw_push_container(&st, "messages", messages);
+	else
+		fw_push_options(&st, fields, fw_no_keys, false);
 	fw_push_options(&st, options, fw_unfingerprinted_keys, false);
 	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 	jb = JsonbValueToJsonb(res);
@@ -483,4 +509,16 @@ fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
 	hex_encode((char *) digest, PG_SHA256_DIGEST_LENGTH, hex);
 	hex[PG_SHA256_DIGEST_LENGTH * 2] = '\0';
 	return hex;
+}
+
+char *
+fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
+{
+	return fw_fingerprint_body(model, messages, NULL, options);
+}
+
+char *
+fw_fingerprint_fields(const char *model, Jsonb *fields, Jsonb *options)
+{
+	return fw_fingerprint_body(model, NULL, fields, options);
 }

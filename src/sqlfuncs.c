@@ -21,7 +21,7 @@ PG_FUNCTION_INFO_V1(fw_complete);
 PG_FUNCTION_INFO_V1(fw_chat);
 PG_FUNCTION_INFO_V1(fw_complete_batch);
 
-static char *
+char *
 fw_workload_arg(FunctionCallInfo fcinfo, int argno)
 {
 	if (PG_ARGISNULL(argno))
