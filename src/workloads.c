@@ -103,9 +103,18 @@ fw_wl_load(void)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute("SELECT workload, path, model, fast_model, on_overload,"
+	/*
+	 * Issue 12's columns are there from SQL version 0.3 on; a database
+	 * still on older SQL (not yet ALTER EXTENSION ... UPDATE) works on.
+	 */
+	ret = SPI_execute(get_attnum(fw_wl_relid, "embedding_model") != InvalidAttrNumber ?
+					  "SELECT workload, path, model, fast_model, on_overload,"
 					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
-					  " embedding_model, rerank_model"	/* issue 12 */
+					  " embedding_model, rerank_model"
+					  " FROM fw_tier.workloads" :
+					  "SELECT workload, path, model, fast_model, on_overload,"
+					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
+					  " NULL::pg_catalog.text, NULL::pg_catalog.text"
 					  " FROM fw_tier.workloads", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read fw_tier.workloads: %s", SPI_result_code_string(ret));
