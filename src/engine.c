@@ -594,6 +594,69 @@ fw_check_transport_settings(const char *key)
 				 errmsg("fw_tier.base_url must not contain control characters")));
 }
 
+/* The run's progress, shared by the loop and fw_fill_slots. */
+typedef struct FwLoop
+{
+	FwCall	   *calls;
+	int			ncalls;
+	char	  **urls;			/* by FwCallKind */
+	const char *key;
+	TimestampTz deadline;
+	int			next;			/* first call never started */
+	int			remaining;
+	int			in_flight;
+	int			done;
+	int			failed;
+	int			limit;			/* lowered by 429s, regained slowly */
+} FwLoop;
+
+/*
+ * Start due work: retries first (they hold a place), then new calls, while
+ * the limit allows.  Returns when a waiting call is due (DT_NOEND: none).
+ */
+static TimestampTz
+fw_fill_slots(FwLoop *s, TimestampTz now)
+{
+	TimestampTz wake = DT_NOEND;
+
+	for (int i = 0; i < s->next && s->in_flight < s->limit; i++)
+	{
+		FwCall	   *c = &s->calls[i];
+
+		if (c->finished || c->xfer != NULL)
+			continue;
+		if (c->not_before > now)
+		{
+			wake = Min(wake, c->not_before);
+			continue;
+		}
+		if (!fw_budget_allows(c, now, &wake))
+			continue;
+		if (fw_launch(c, s->urls[c->kind], s->key, s->deadline, &s->in_flight))
+		{
+			s->remaining--;		/* answered from a fixture */
+			s->done++;
+			s->failed += c->ok ? 0 : 1;
+		}
+	}
+	while (s->next < s->ncalls && s->in_flight < s->limit)
+	{
+		FwCall	   *c = &s->calls[s->next++];
+
+		if (c->finished)
+			s->remaining--;		/* NULL input: nothing to send */
+		else if (!fw_budget_allows(c, now, &wake))
+			continue;			/* picked up by the loop above when due */
+		else if (fw_launch(c, s->urls[c->kind], s->key, s->deadline, &s->in_flight))
+		{
+			s->remaining--;		/* answered from a fixture */
+			s->done++;
+			s->failed += c->ok ? 0 : 1;
+		}
+	}
+	return wake;
+}
+
 static void
 fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 {
@@ -605,12 +668,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 	};
 	const char *key = fw_effective_api_key();
 	TimestampTz deadline = fw_statement_deadline();
-	int			next = 0;		/* first call never started */
-	int			remaining = ncalls;
-	int			in_flight = 0;
-	int			done = 0;
-	int			failed = 0;
-	int			limit = concurrency;	/* lowered by 429s, regained slowly */
+	FwLoop		s = {calls, ncalls, urls, key, deadline, 0, ncalls, 0, 0, 0, concurrency};
 	int			streak = 0;		/* successes since the limit last moved */
 
 	if (fw_mode != FW_MODE_REPLAY)
@@ -634,57 +692,21 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			break;
 		}
 
-	while (remaining > 0)
+	while (s.remaining > 0)
 	{
 		TimestampTz now = GetCurrentTimestamp();
-		TimestampTz wake = DT_NOEND;
+		TimestampTz wake = fw_fill_slots(&s, now);
 		long		sleep_ms;
 		FwHttpXfer *x;
 
-		/* Start due work: retries first (they hold a place), then new calls. */
-		for (int i = 0; i < next && in_flight < limit; i++)
-		{
-			FwCall	   *c = &calls[i];
-
-			if (c->finished || c->xfer != NULL)
-				continue;
-			if (c->not_before > now)
-			{
-				wake = Min(wake, c->not_before);
-				continue;
-			}
-			if (!fw_budget_allows(c, now, &wake))
-				continue;
-			if (fw_launch(c, urls[c->kind], key, deadline, &in_flight))
-			{
-				remaining--;	/* answered from a fixture */
-				done++;
-				failed += c->ok ? 0 : 1;
-			}
-		}
-		while (next < ncalls && in_flight < limit)
-		{
-			FwCall	   *c = &calls[next++];
-
-			if (c->finished)
-				remaining--;	/* NULL input: nothing to send */
-			else if (!fw_budget_allows(c, now, &wake))
-				continue;		/* picked up by the loop above when due */
-			else if (fw_launch(c, urls[c->kind], key, deadline, &in_flight))
-			{
-				remaining--;	/* answered from a fixture */
-				done++;
-				failed += c->ok ? 0 : 1;
-			}
-		}
-		if (remaining == 0)
+		if (s.remaining == 0)
 			break;
 
 		/* Sleep until activity, the next retry, or the poll slice. */
 		sleep_ms = FW_POLL_SLICE_MS;
 		if (wake != DT_NOEND)
 			sleep_ms = Min(sleep_ms, Max((wake - now) / 1000, 0));
-		if (in_flight > 0)
+		if (s.in_flight > 0)
 			fw_http_poll(sleep_ms);
 		else if (sleep_ms > 0)
 		{
@@ -695,7 +717,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 		if (fw_cancel_pending())
 		{
-			fw_collect_finished(&in_flight);
+			fw_collect_finished(&s.in_flight);
 			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 			CHECK_FOR_INTERRUPTS();
 			/* Cancel held off (e.g. inside a commit): report it ourselves. */
@@ -716,28 +738,28 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (fw_mode == FW_MODE_RECORD && o != FW_CANCELLED)
 				fw_fixture_record(c, r);
 			c->xfer = NULL;
-			in_flight--;
+			s.in_flight--;
 			fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt,
 							 parsed.prompt_tokens, parsed.completion_tokens,
 							 r->rl_prompt_per_s, r->rl_generated_per_s,
 							 GetCurrentTimestamp());
 			if (fw_after_attempt(c, r, o, &parsed, deadline))
 			{
-				remaining--;
-				done++;
+				s.remaining--;
+				s.done++;
 				if (!c->ok)
-					failed++;
+					s.failed++;
 			}
 
 			/* AIMD on the account's limit: halve on 429, +1 per full round */
 			if (o == FW_RATE_LIMITED)
 			{
-				limit = Max(1, limit / 2);
+				s.limit = Max(1, s.limit / 2);
 				streak = 0;
 			}
-			else if (o == FW_OK && limit < concurrency && ++streak >= limit)
+			else if (o == FW_OK && s.limit < concurrency && ++streak >= s.limit)
 			{
-				limit++;
+				s.limit++;
 				streak = 0;
 			}
 			/* The result points into the transfer's buffer: release last. */
@@ -745,13 +767,30 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (stop_on_error && c->finished && !c->ok)
 			{
 				/* The statement will fail: stop paying for the rest. */
-				fw_collect_finished(&in_flight);
+				fw_collect_finished(&s.in_flight);
 				fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
-				remaining = 0;
+				s.remaining = 0;
 				break;
 			}
+
+			/*
+			 * Refill the slot and put the request on the wire now, not
+			 * after every answer of this wave has been read: reading a
+			 * wave of large answers (embeddings) would otherwise hold the
+			 * next wave back by the sum of their parse times.
+			 */
+			if (s.in_flight < s.limit && s.remaining > 0)
+			{
+				int			before = s.in_flight;
+
+				(void) fw_fill_slots(&s, GetCurrentTimestamp());
+				if (s.in_flight > before)
+					fw_http_poll(0);
+			}
+			if (fw_cancel_pending())
+				break;			/* the loop's top collects and cancels */
 		}
-		fw_progress_update(done, in_flight, failed, limit);
+		fw_progress_update(s.done, s.in_flight, s.failed, s.limit);
 	}
 	fw_progress_end();
 	for (int k = 0; k < FW_NUM_KINDS; k++)

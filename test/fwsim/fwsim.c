@@ -1865,6 +1865,27 @@ static void unit_vector(float *out, long dims, const chat_ctx *cx, const char *s
         out[i] = (float)(out[i] / norm);
 }
 
+/* A number in [-1, 1] as fixed point with 7 decimals ("-0.1234567"):
+ * printf would cost the simulator more CPU than the client it tests. */
+static void sb_unit(sbuf *b, float v)
+{
+    long q = lrint((double)v * 1e7);
+    char tmp[16], *w = tmp + sizeof tmp;
+    int neg = q < 0;
+    if (neg) q = -q;
+    for (int i = 0; i < 7; i++) {
+        *--w = (char)('0' + q % 10);
+        q /= 10;
+    }
+    *--w = '.';
+    do {
+        *--w = (char)('0' + q % 10);
+        q /= 10;
+    } while (q);
+    if (neg) *--w = '-';
+    sb_put(b, w, (size_t)(tmp + sizeof tmp - w));
+}
+
 static void sb_base64(sbuf *b, const unsigned char *p, size_t n)
 {
     static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -2110,7 +2131,7 @@ static enum MHD_Result handle_typed(struct MHD_Connection *conn, request_state *
                 if ((sh & SH_OVERFLOW) && k == 0 && i == 0)
                     sb_puts(&body, "1e999");
                 else
-                    sb_printf(&body, "%.7g", (double)vec[i]);
+                    sb_unit(&body, vec[i]);
             }
             sb_putc(&body, ']');
         }
