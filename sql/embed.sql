@@ -14,17 +14,6 @@ INSERT INTO fw_tier.prices VALUES
 	('accounts/fireworks/models/qwen3-embedding-8b', 'priority', 0.15, 0.075, 0);
 SET fw_tier.max_attempts = 3;
 SHOW fw_tier.default_embedding_model;
--- run q; its SQLSTATE, message and detail (why an answer was refused)
-CREATE FUNCTION pg_temp.why(q text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-  d text;
-BEGIN
-  EXECUTE q;
-  RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-  GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
-  RETURN SQLSTATE || ' ' || SQLERRM || ' / ' || d;
-END $$;
 SELECT sim.reset();
 
 -- happy path: the model's native dimensions, unit length, deterministic
@@ -100,15 +89,15 @@ SELECT sim.try($$SELECT fw_embed('bad [fwsim:status=400]', 'em_std')$$);
 SELECT sim.try($$SELECT fw_embed('x', 'em_std', '{"model": "accounts/fireworks/models/kimi-k2p6"}')$$);
 SELECT sim.try($$SELECT fw_embed('x', 'em_std', '{"dimensions": 5000}')$$);
 -- answers that fail the checks: bad_response, never retried
-SELECT pg_temp.why($$SELECT fw_embed('[fwsim:malformed]', 'em_std')$$);
-SELECT pg_temp.why($$SELECT fw_embed('[fwsim:html200]', 'em_std')$$);
-SELECT pg_temp.why($$SELECT fw_embed('[fwsim:empty-choices]', 'em_std')$$);
-SELECT pg_temp.why($$SELECT fw_embed('[fwsim:overflow]', 'em_std', '{"dimensions": 3}')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:drop-item]', 'b'], 'em_std', '{"dimensions": 3}')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:dup-index]', 'b'], 'em_std', '{"dimensions": 3}')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:bad-index]', 'b'], 'em_std', '{"dimensions": 3}')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:ragged]', 'b'], 'em_std', '{"dimensions": 3}')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:ragged]', 'b'], 'em_std')$$);
+SELECT sim.why($$SELECT fw_embed('[fwsim:malformed]', 'em_std')$$);
+SELECT sim.why($$SELECT fw_embed('[fwsim:html200]', 'em_std')$$);
+SELECT sim.why($$SELECT fw_embed('[fwsim:empty-choices]', 'em_std')$$);
+SELECT sim.why($$SELECT fw_embed('[fwsim:overflow]', 'em_std', '{"dimensions": 3}')$$);
+SELECT sim.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:drop-item]', 'b'], 'em_std', '{"dimensions": 3}')$$);
+SELECT sim.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:dup-index]', 'b'], 'em_std', '{"dimensions": 3}')$$);
+SELECT sim.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:bad-index]', 'b'], 'em_std', '{"dimensions": 3}')$$);
+SELECT sim.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:ragged]', 'b'], 'em_std', '{"dimensions": 3}')$$);
+SELECT sim.why($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:ragged]', 'b'], 'em_std')$$);
 SELECT sim.try($$SELECT * FROM fw_embed_batch(ARRAY['[fwsim:truncated]', 'b'], 'em_std', '{"dimensions": 3}')$$);
 -- transport
 SET fw_tier.base_url = 'http://127.0.0.1:1/v1';

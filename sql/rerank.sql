@@ -9,16 +9,6 @@ INSERT INTO fw_tier.workloads (workload, rerank_model, on_overload) VALUES
 	('rr_esc', NULL, 'priority');
 SET fw_tier.max_attempts = 3;
 SHOW fw_tier.default_rerank_model;
-CREATE FUNCTION pg_temp.why(q text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-  d text;
-BEGIN
-  EXECUTE q;
-  RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-  GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
-  RETURN SQLSTATE || ' ' || SQLERRM || ' / ' || d;
-END $$;
 SELECT sim.reset();
 
 -- happy path: by descending score; ties by position; index into documents
@@ -58,10 +48,10 @@ SELECT sim.try($$SELECT * FROM fw_rerank('q [fwsim:ratelimit]', ARRAY['q'], NULL
 SELECT sim.try($$SELECT * FROM fw_rerank('q [fwsim:unavailable]', ARRAY['q'], NULL, 'rr_std')$$);
 SELECT sim.try($$SELECT * FROM fw_rerank('q [fwsim:status=403]', ARRAY['q'], NULL, 'rr_std')$$);
 SELECT sim.try($$SELECT * FROM fw_rerank('q', ARRAY['q'], NULL, 'rr_std', '{"model": "accounts/fireworks/models/qwen3-embedding-8b"}')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_rerank('q [fwsim:malformed]', ARRAY['q'], NULL, 'rr_std')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_rerank('q [fwsim:dup-index]', ARRAY['q', 'r'], NULL, 'rr_std')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_rerank('q [fwsim:bad-index]', ARRAY['q', 'r'], NULL, 'rr_std')$$);
-SELECT pg_temp.why($$SELECT * FROM fw_rerank('q [fwsim:overflow]', ARRAY['q', 'r'], NULL, 'rr_std')$$);
+SELECT sim.why($$SELECT * FROM fw_rerank('q [fwsim:malformed]', ARRAY['q'], NULL, 'rr_std')$$);
+SELECT sim.why($$SELECT * FROM fw_rerank('q [fwsim:dup-index]', ARRAY['q', 'r'], NULL, 'rr_std')$$);
+SELECT sim.why($$SELECT * FROM fw_rerank('q [fwsim:bad-index]', ARRAY['q', 'r'], NULL, 'rr_std')$$);
+SELECT sim.why($$SELECT * FROM fw_rerank('q [fwsim:overflow]', ARRAY['q', 'r'], NULL, 'rr_std')$$);
 -- fewer results than documents is an answer (a provider may cut)
 SELECT count(*) AS fewer_is_fine FROM fw_rerank('q [fwsim:drop-item]', ARRAY['q', 'r'], NULL, 'rr_std');
 SELECT count(*) AS null_on_error

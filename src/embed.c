@@ -188,6 +188,16 @@ fw_tp_number(const char *tok)
 	}
 }
 
+/* Inside an embedding only numbers may come. */
+static bool
+fw_tp_in_vector(FwTypedParse *st)
+{
+	if (fw_tp_role(st) != FW_TP_VECTOR)
+		return false;
+	st->problem = "an embedding is not an array of numbers";
+	return true;
+}
+
 static void
 fw_tp_push(FwTypedParse *st, FwTpRole role)
 {
@@ -203,7 +213,7 @@ fw_tp_object_start(void *state)
 	FwTpRole	parent = fw_tp_role(st);
 	FwTpRole	role = FW_TP_OTHER;
 
-	if (st->problem)
+	if (st->problem || fw_tp_in_vector(st))
 		return;
 	if (st->depth == 0)
 		role = FW_TP_ROOT;
@@ -220,11 +230,6 @@ fw_tp_object_start(void *state)
 		st->item_index = -1;
 		st->item_has_vector = st->item_has_score = false;
 		st->nvals = 0;
-	}
-	else if (parent == FW_TP_VECTOR)
-	{
-		st->problem = "an embedding is not an array of numbers";
-		return;
 	}
 	fw_tp_push(st, role);
 }
@@ -307,7 +312,7 @@ fw_tp_array_start(void *state)
 	FwTpRole	parent = fw_tp_role(st);
 	FwTpRole	role = FW_TP_OTHER;
 
-	if (st->problem)
+	if (st->problem || fw_tp_in_vector(st))
 		return;
 	if (st->depth == 0)
 	{
@@ -325,11 +330,6 @@ fw_tp_array_start(void *state)
 		role = FW_TP_VECTOR;
 		st->item_has_vector = true;
 		st->nvals = 0;
-	}
-	else if (parent == FW_TP_VECTOR)
-	{
-		st->problem = "an embedding is not an array of numbers";
-		return;
 	}
 	fw_tp_push(st, role);
 }
@@ -534,17 +534,6 @@ fw_parse_typed(FwCall *call, const char *body, size_t len, FwParsed *out)
 
 /* ---- building requests ---- */
 
-static void
-fw_embed_push_key(JsonbParseState **st, const char *key)
-{
-	JsonbValue	k;
-
-	k.type = jbvString;
-	k.val.string.val = (char *) key;
-	k.val.string.len = strlen(key);
-	pushJsonbValue(st, WJB_KEY, &k);
-}
-
 /* A text datum as a JSON string value (or key) */
 static void
 fw_embed_push_text(JsonbParseState **st, JsonbIteratorToken tok, text *t)
@@ -621,7 +610,7 @@ fw_embed_call(FwCall *call, const char *workload, Datum *elems, int *pos, int n,
 	JsonbValue *res;
 
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-	fw_embed_push_key(&st, "input");
+	fw_push_key(&st, "input");
 	pushJsonbValue(&st, WJB_BEGIN_ARRAY, NULL);
 	for (int i = 0; i < n; i++)
 		fw_embed_push_text(&st, WJB_ELEM, DatumGetTextPP(elems[pos[i]]));
@@ -863,9 +852,9 @@ fw_rerank(PG_FUNCTION_ARGS)
 
 	pos = palloc(sizeof(int) * Max(n, 1));
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-	fw_embed_push_key(&st, "query");
+	fw_push_key(&st, "query");
 	fw_embed_push_text(&st, WJB_VALUE, PG_GETARG_TEXT_PP(0));
-	fw_embed_push_key(&st, "documents");
+	fw_push_key(&st, "documents");
 	pushJsonbValue(&st, WJB_BEGIN_ARRAY, NULL);
 	for (int i = 0; i < n; i++)
 		if (!nulls[i])
@@ -878,13 +867,13 @@ fw_rerank(PG_FUNCTION_ARGS)
 		return (Datum) 0;		/* nothing to rank */
 	if (top_n > 0)
 	{
-		fw_embed_push_key(&st, "top_n");
+		fw_push_key(&st, "top_n");
 		v.type = jbvNumeric;
 		v.val.numeric = DatumGetNumeric(DirectFunctionCall1(int4_numeric,
 															Int32GetDatum(Min(top_n, nsent))));
 		pushJsonbValue(&st, WJB_VALUE, &v);
 	}
-	fw_embed_push_key(&st, "return_documents");
+	fw_push_key(&st, "return_documents");
 	v.type = jbvBool;
 	v.val.boolean = false;
 	pushJsonbValue(&st, WJB_VALUE, &v);

@@ -46,7 +46,7 @@ fw_key_in(const JsonbValue *k, const char *const *list)
 	return false;
 }
 
-static void
+void
 fw_push_key(JsonbParseState **st, const char *key)
 {
 	JsonbValue	k;

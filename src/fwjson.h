@@ -37,5 +37,6 @@ extern char *fw_build_fields_request(const char *model, Jsonb *fields,
 									 Jsonb *options, bool priority, size_t *len);
 extern char *fw_fingerprint_fields(const char *model, Jsonb *fields, Jsonb *options);
 extern bool fw_json_depth_ok(const char *s, size_t len);
+extern void fw_push_key(JsonbParseState **st, const char *key);
 
 #endif							/* FW_JSON_H */
