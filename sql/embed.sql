@@ -145,5 +145,55 @@ SELECT count(*) AS requests_during_replay FROM sim.log;
 SELECT fw_flush();
 SELECT kind, replayed, count(*), sum(cost_usd) AS cost
   FROM fw_tier.calls WHERE workload = 'em_std' AND replayed GROUP BY kind, replayed;
+-- hostile answers, fed through replay: the recorded answer of one request
+-- replaced by each body in turn; every one is a bad_response, none raises
+-- anything else (and the good body is accepted)
+TRUNCATE fw_tier.fixtures;
+SET fw_tier.mode = 'record';
+SELECT array_length(fw_embed('hostile', 'em_std', '{"dimensions": 2}'), 1) AS recorded;
+RESET fw_tier.mode;
+CREATE TEMP TABLE hostile (n serial, body text);
+INSERT INTO hostile (body) VALUES
+  ('{"data": [{"index": 0, "embedding": [0.6, 0.8]}]}'),
+  ('[{"index": 0, "embedding": [0.6, 0.8]}]'),
+  ('"just a string"'),
+  ('{"data": {"index": 0, "embedding": [0.6, 0.8]}}'),
+  ('{"data": [{"index": 0, "embedding": "AAAA"}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, "0.8"]}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, [0.8]]}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, {"v": 0.8}]}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, 1e39]}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, -1e999]}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, null]}]}'),
+  ('{"data": [{"index": -1, "embedding": [0.6, 0.8]}]}'),
+  ('{"data": [{"index": 0.0, "embedding": [0.6, 0.8]}]}'),
+  ('{"data": [{"index": "0", "embedding": [0.6, 0.8]}]}'),
+  ('{"data": [{"index": 99999999999, "embedding": [0.6, 0.8]}]}'),
+  ('{"data": [{"embedding": [0.6, 0.8]}]}'),
+  ('{"data": [{"index": 0}]}'),
+  ('{"data": [{"index": 0, "embedding": []}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, 0.8, 0.0]}]}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, 0.8]}, {"index": 0, "embedding": [0.6, 0.8]}]}'),
+  ('{"data": [], "usage": {"prompt_tokens": 1}}'),
+  ('{"usage": {"prompt_tokens": 1}}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, 0.8]}], "data": []}'),
+  ('{"data": [{"index": 0, "embedding": [0.6, 0.8]}]'),
+  (repeat('[', 300) || repeat(']', 300)),
+  ('{"data": [{"index": 0, "embedding": [0.6, 0.8]}], "usage": {"prompt_tokens": -5, "total_tokens": 1e30}}');
+CREATE FUNCTION pg_temp.hostile_run() RETURNS TABLE (n int, outcome text)
+LANGUAGE plpgsql AS $$
+DECLARE
+  h record;
+BEGIN
+  FOR h IN SELECT * FROM hostile ORDER BY 1 LOOP
+    UPDATE fw_tier.fixtures SET response = h.body;
+    n := h.n;
+    outcome := sim.why($q$SELECT fw_embed('hostile', 'em_std', '{"dimensions": 2}')$q$);
+    RETURN NEXT;
+  END LOOP;
+END $$;
+SET fw_tier.mode = 'replay';
+SELECT * FROM pg_temp.hostile_run();
+RESET fw_tier.mode;
 DELETE FROM fw_tier.prices WHERE model LIKE '%qwen3-embedding%';
 RESET fw_tier.max_attempts;

@@ -321,6 +321,11 @@ fw_tp_array_start(void *state)
 	}
 	if (parent == FW_TP_ROOT && fw_tp_field_is(st, "data"))
 	{
+		if (st->saw_data)
+		{
+			st->problem = "response has two data arrays";
+			return;
+		}
 		role = FW_TP_DATA;
 		st->saw_data = true;
 	}
@@ -393,9 +398,14 @@ fw_tp_scalar(void *state, char *token, JsonTokenType type)
 	{
 		int			i = (type == JSON_TOKEN_NUMBER) ? fw_tp_small_int(token) : -1;
 
+		if (type != JSON_TOKEN_NUMBER)
+		{
+			st->problem = "an index is not a number";
+			return;
+		}
 		if (i < 0 || i >= st->limit)
 		{
-			st->problem = psprintf("index %s is out of range 0..%d", token, st->limit - 1);
+			st->problem = psprintf("index %s is not an integer in 0..%d", token, st->limit - 1);
 			return;
 		}
 		st->item_index = i;
