@@ -82,4 +82,38 @@ SELECT (SELECT array_agg(index ORDER BY score DESC, index) FROM rec)
 SELECT sim.try($$SELECT * FROM fw_rerank('big cat', ARRAY['a cat'], 2, 'rr_std')$$);
 RESET fw_tier.mode;
 SELECT count(*) AS requests_during_replay FROM sim.log;
+-- hostile answers, fed through replay (as in embed.sql)
+TRUNCATE fw_tier.fixtures;
+SET fw_tier.mode = 'record';
+SELECT count(*) AS recorded FROM fw_rerank('hostile', ARRAY['a', 'b', 'c'], 2, 'rr_std');
+RESET fw_tier.mode;
+CREATE TEMP TABLE hostile (n serial, body text);
+INSERT INTO hostile (body) VALUES
+  ('{"data": [{"index": 2, "relevance_score": 0.5}, {"index": 0, "relevance_score": 0.9}]}'),
+  ('{"data": [{"index": 2, "relevance_score": 0.5}, {"index": 0, "relevance_score": 0.9}, {"index": 1, "relevance_score": 0.1}]}'),
+  ('{"data": [{"index": 2}]}'),
+  ('{"data": [{"index": 2, "relevance_score": "0.5"}]}'),
+  ('{"data": [{"index": 2, "relevance_score": 1e400}]}'),
+  ('{"data": [{"index": 3, "relevance_score": 0.5}]}'),
+  ('{"data": [{"relevance_score": 0.5}]}'),
+  ('{"results": [{"index": 0, "relevance_score": 0.5}]}'),
+  ('{"data": [{"index": 1, "relevance_score": 0.5, "document": {"text": "b", "nested": [[1]]}}]}');
+CREATE FUNCTION pg_temp.hostile_run() RETURNS TABLE (n int, outcome text)
+LANGUAGE plpgsql AS $$
+DECLARE
+  h record;
+BEGIN
+  FOR h IN SELECT * FROM hostile ORDER BY 1 LOOP
+    UPDATE fw_tier.fixtures SET response = h.body;
+    n := h.n;
+    outcome := sim.why($q$SELECT * FROM fw_rerank('hostile', ARRAY['a', 'b', 'c'], 2, 'rr_std')$q$);
+    RETURN NEXT;
+  END LOOP;
+END $$;
+SET fw_tier.mode = 'replay';
+SELECT * FROM pg_temp.hostile_run();
+-- the first body's rows: by score, indexes counting from 1
+UPDATE fw_tier.fixtures SET response = (SELECT body FROM hostile WHERE n = 1);
+SELECT index, score FROM fw_rerank('hostile', ARRAY['a', 'b', 'c'], 2, 'rr_std');
+RESET fw_tier.mode;
 RESET fw_tier.max_attempts;

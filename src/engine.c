@@ -9,6 +9,11 @@
  * libcurl multi handle, starts retries when their backoff ends, and never
  * sleeps past the statement's deadline.  No threads.
  *
+ * A call has a kind (issue 12): a chat completion, embeddings or a rerank.
+ * The kind picks the URL, the body (messages, or FwCall.fields) and the
+ * check of a 2xx answer (fwjson.c for chat, embed.c for the others);
+ * everything else below is the same for all three.
+ *
  * Each attempt is classified (README "Failure classes"), counted in shared
  * memory, pushed to the call-log ring, and then decides what happens next:
  * done, fail, retry at once on Priority (escalation), or retry after a
