@@ -30,3 +30,19 @@ export PATH="$(pg_config --bindir):$PATH"
 make -s fwsim
 make -s
 make -s install
+
+# Optional (issue 12): pgvector for t/071_pgvector.pl and bench/embed, built
+# from the vendored release when the server has none.  Skipped cleanly
+# where the tarball is absent (a user's machine): that test then skips.
+PGVECTOR_TGZ=../shared/vendor/pgvector-0.8.6.tar.gz
+if [ -f "$(pg_config --sharedir)/extension/vector.control" ]; then
+	echo "setup: pgvector already installed"
+elif [ -f "$PGVECTOR_TGZ" ]; then
+	echo "setup: building pgvector from $PGVECTOR_TGZ"
+	build=$(mktemp -d)
+	tar -xzf "$PGVECTOR_TGZ" -C "$build"
+	(cd "$build"/pgvector-* && make -s OPTFLAGS="" && make -s install)
+	rm -rf "$build"
+else
+	echo "setup: pgvector not installed and $PGVECTOR_TGZ absent: skipping (t/071_pgvector.pl will skip)"
+fi

@@ -48,6 +48,53 @@ LANGUAGE C IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp;
 
 -- ---------------------------------------------------------------------
+-- Section E: issue 12, embeddings and rerank
+-- ---------------------------------------------------------------------
+
+-- Which kind of request a call-log row is (the ring record carries it).
+ALTER TABLE fw_tier.calls ADD COLUMN kind text NOT NULL DEFAULT 'chat'
+	CONSTRAINT calls_kind_check
+	CHECK (kind OPERATOR(pg_catalog.=) ANY (ARRAY['chat', 'embed', 'rerank']::pg_catalog.text[]));
+
+-- A workload's embedding and rerank models; NULL: fw_tier.default_embedding_model
+-- and fw_tier.default_rerank_model.
+ALTER TABLE fw_tier.workloads
+	ADD COLUMN embedding_model text
+		CONSTRAINT workloads_embedding_model_check
+		CHECK (pg_catalog.octet_length(embedding_model) OPERATOR(pg_catalog.<) 160),
+	ADD COLUMN rerank_model text
+		CONSTRAINT workloads_rerank_model_check
+		CHECK (pg_catalog.octet_length(rerank_model) OPERATOR(pg_catalog.<) 160);
+
+-- A shipped row whose embedding or rerank model was set is the user's: dumped.
+SELECT pg_catalog.pg_extension_config_dump('fw_tier.workloads',
+	'WHERE NOT fw_tier.workload_is_shipped(workload, path, model, fast_model, on_overload, priority_window)'
+	' OR embedding_model IS NOT NULL OR rerank_model IS NOT NULL');
+
+CREATE FUNCTION fw_embed(input text, workload text DEFAULT 'default',
+						 options jsonb DEFAULT '{}')
+RETURNS real[]
+AS 'MODULE_PATHNAME', 'fw_embed'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+CREATE FUNCTION fw_embed_batch(inputs text[], workload text DEFAULT 'batch',
+							   options jsonb DEFAULT '{}')
+RETURNS TABLE (ord integer, embedding real[])
+AS 'MODULE_PATHNAME', 'fw_embed_batch'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED ROWS 1000;
+
+CREATE FUNCTION fw_rerank(query text, documents text[], top_n integer DEFAULT NULL,
+						  workload text DEFAULT 'default', options jsonb DEFAULT '{}')
+RETURNS TABLE (index integer, score double precision)
+AS 'MODULE_PATHNAME', 'fw_rerank'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED ROWS 10;
+
+-- Paid calls, as fw_complete: granted by the owner (README "Privileges").
+REVOKE EXECUTE ON FUNCTION fw_embed(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION fw_embed_batch(text[], text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION fw_rerank(text, text[], integer, text, jsonb) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------
 -- Section C: issue 16, window policy probe
 -- ---------------------------------------------------------------------
 -- (section C)

@@ -58,6 +58,17 @@ BEGIN
 EXCEPTION WHEN OTHERS THEN
   RETURN CASE WHEN sqlstate_only THEN SQLSTATE ELSE SQLSTATE || ' ' || SQLERRM END;
 END $$;
+-- run q; its SQLSTATE, message and DETAIL (why an answer was refused)
+CREATE FUNCTION sim.why(q text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+  d text;
+BEGIN
+  EXECUTE q;
+  RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+  GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
+  RETURN SQLSTATE || ' ' || SQLERRM || ' / ' || d;
+END $$;
 -- wait (at most 10 s) until a query returns true: the worker is asynchronous
 CREATE FUNCTION sim.wait_until(q text) RETURNS boolean
 LANGUAGE plpgsql AS $$

@@ -13,6 +13,11 @@
  * attempt reserves its worst case before it is sent (or is refused, logged
  * as refused, nothing sent) and settles from usage when it ends.
  *
+ * A call has a kind (issue 12): a chat completion, embeddings or a rerank.
+ * The kind picks the URL, the body (messages, or FwCall.fields) and the
+ * check of a 2xx answer (fwjson.c for chat, embed.c for the others);
+ * everything else below is the same for all three.
+ *
  * Each attempt is classified (README "Failure classes"), counted in shared
  * memory, pushed to the call-log ring, and then decides what happens next:
  * done, fail, retry at once on Priority (escalation), or retry after a
@@ -41,6 +46,7 @@
 #include "utils/wait_event.h"
 
 #include "budget.h"
+#include "embed.h"
 #include "engine.h"
 #include "fixtures.h"
 #include "fwjson.h"
@@ -98,14 +104,30 @@ void
 fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 			 Jsonb *options, bool want_text)
 {
+	fw_call_init_kind(call, FW_KIND_CHAT, workload, messages, options);
+	call->want_text = want_text;
+}
+
+/*
+ * The same for any kind (issue 12): content is the messages of a chat, or
+ * the body fields of embeddings and rerank (see FwCall.fields).
+ */
+void
+fw_call_init_kind(FwCall *call, FwCallKind kind, const char *workload,
+				  Jsonb *content, Jsonb *options)
+{
 	char	   *forced;
 	char	   *model;
+	const char *kind_model;
 
 	memset(call, 0, sizeof(*call));
 	fw_workload_get(workload, &call->wl);
-	call->messages = messages;
+	call->kind = kind;
+	if (kind == FW_KIND_CHAT)
+		call->messages = content;
+	else
+		call->fields = content;
 	call->options = options;
-	call->want_text = want_text;
 
 	call->configured = call->wl.path;
 	forced = fw_option_text(options, "path");
@@ -118,12 +140,32 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 	call->forced = (forced != NULL);
 
 	model = fw_option_text(options, "model");
-	call->model = model ? model : (call->wl.model ? call->wl.model : fw_default_model);
+	kind_model = kind == FW_KIND_EMBED ?
+		(call->wl.embedding_model ? call->wl.embedding_model : fw_default_embedding_model) :
+		kind == FW_KIND_RERANK ?
+		(call->wl.rerank_model ? call->wl.rerank_model : fw_default_rerank_model) :
+		(call->wl.model ? call->wl.model : fw_default_model);
+	call->model = model ? model : (char *) kind_model;
 	if (call->model == NULL || call->model[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("no model for workload \"%s\"", call->wl.name),
-				 errhint("Set fw_tier.default_model or the workload's model.")));
+				 errhint(kind == FW_KIND_EMBED ? "Set fw_tier.default_embedding_model or the workload's embedding_model." :
+						 kind == FW_KIND_RERANK ? "Set fw_tier.default_rerank_model or the workload's rerank_model." :
+						 "Set fw_tier.default_model or the workload's model.")));
+
+	/*
+	 * Fireworks' Fast routes are generation routers: no embedding or
+	 * rerank model has one, so a Fast path cannot be honoured (issue 12).
+	 */
+	if (kind != FW_KIND_CHAT && call->configured == FW_PATH_FAST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the Fast path has no route for %s model \"%s\"",
+						kind == FW_KIND_EMBED ? "embedding" : "rerank", call->model),
+				 errdetail("Workload \"%s\" %s the Fast path; Fireworks serves embeddings and rerank on Standard and Priority only.",
+						   call->wl.name, call->forced ? "was asked for" : "is configured for"),
+				 errhint("Use a workload whose path is standard or priority, or options.path.")));
 
 	/* options.fast_model: the Fast model id for this call (README "path") */
 	model = fw_option_text(options, "fast_model");
@@ -151,7 +193,7 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				 errdetail("It is sent as the x-session-affinity header.")));
 	call->budget_model = (call->configured == FW_PATH_FAST) ? call->wl.fast_model : call->model;
 	/* about four bytes a token: only a pacing estimate, settled later */
-	call->est_prompt = (int) (VARSIZE(messages) / 4);
+	call->est_prompt = (int) (VARSIZE(content) / 4);
 	call->body_path = FW_NUM_PATHS;
 	call->outcome = FW_OK;
 }
@@ -181,6 +223,9 @@ fw_classify(const FwHttpResult *r, FwCall *call, FwParsed *parsed)
 		return FW_TIMEOUT;
 	if (r->failed)
 		return r->too_large ? FW_BAD_RESPONSE : FW_TRANSPORT;
+	if (r->status >= 200 && r->status < 300 && call->kind != FW_KIND_CHAT)
+		return fw_parse_typed(call, r->body, r->body_len, parsed)
+			? FW_OK : FW_BAD_RESPONSE;
 	if (r->status >= 200 && r->status < 300)
 	{
 		if (!fw_parse_completion(r->body, r->body_len, call->want_text, parsed))
@@ -252,6 +297,7 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.priority_sent = (call->path_sent == FW_PATH_PRIORITY);
 	rec.escalated = call->escalated;
 	rec.replayed = (fw_mode == FW_MODE_REPLAY);
+	rec.kind = (int8) call->kind;
 	rec.http_status = r ? (int32) r->status : 0;
 	rec.prompt_tokens = parsed->prompt_tokens >= 0 ? parsed->prompt_tokens :
 		(r ? r->hdr_prompt_tokens : -1);
@@ -304,8 +350,11 @@ fw_prepare_attempt(FwCall *call)
 
 		if (call->body)
 			pfree(call->body);
-		call->body = fw_build_request(model, call->messages, call->options,
-									  path == FW_PATH_PRIORITY, &call->body_len);
+		call->body = call->kind == FW_KIND_CHAT ?
+			fw_build_request(model, call->messages, call->options,
+							 path == FW_PATH_PRIORITY, &call->body_len) :
+			fw_build_fields_request(model, call->fields, call->options,
+									path == FW_PATH_PRIORITY, &call->body_len);
 		call->body_path = path;
 	}
 }
@@ -342,6 +391,7 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		call->content = parsed->content;
 		call->response = parsed->response;
 		call->output = parsed->output;
+		call->typed = parsed->typed;
 		call->detail = NULL;
 	}
 	else if (r == NULL)
@@ -606,20 +656,88 @@ fw_check_transport_settings(const char *key)
 				 errmsg("fw_tier.base_url must not contain control characters")));
 }
 
+/* The run's progress, shared by the loop and fw_fill_slots. */
+typedef struct FwLoop
+{
+	FwCall	   *calls;
+	int			ncalls;
+	char	  **urls;			/* by FwCallKind */
+	const char *key;
+	TimestampTz deadline;
+	int			next;			/* first call never started */
+	int			remaining;
+	int			in_flight;
+	int			done;
+	int			failed;
+	int			limit;			/* lowered by 429s, regained slowly */
+	bool		stop_on_error;	/* on_error = 'raise' */
+	bool		refused;		/* a budget refused a call (issue 13) */
+} FwLoop;
+
+/*
+ * Start due work: retries first (they hold a place), then new calls, while
+ * the limit allows.  Returns when a waiting call is due (DT_NOEND: none).
+ */
+static TimestampTz
+fw_fill_slots(FwLoop *s, TimestampTz now)
+{
+	TimestampTz wake = DT_NOEND;
+
+	for (int i = 0; i < s->next && s->in_flight < s->limit; i++)
+	{
+		FwCall	   *c = &s->calls[i];
+
+		if (c->finished || c->xfer != NULL)
+			continue;
+		if (c->not_before > now)
+		{
+			wake = Min(wake, c->not_before);
+			continue;
+		}
+		if (!fw_budget_allows(c, now, &wake))
+			continue;
+		if (fw_launch(c, s->urls[c->kind], s->key, s->deadline, &s->in_flight))
+		{
+			s->remaining--;		/* answered from a fixture, or refused */
+			s->done++;
+			s->failed += c->ok ? 0 : 1;
+			s->refused |= (c->outcome == FW_REFUSED);
+		}
+	}
+	while (s->next < s->ncalls && s->in_flight < s->limit &&
+		   !(s->refused && s->stop_on_error))
+	{
+		FwCall	   *c = &s->calls[s->next++];
+
+		if (c->finished)
+			s->remaining--;		/* NULL input: nothing to send */
+		else if (!fw_budget_allows(c, now, &wake))
+			continue;			/* picked up by the loop above when due */
+		else if (fw_launch(c, s->urls[c->kind], s->key, s->deadline, &s->in_flight))
+		{
+			s->remaining--;		/* answered from a fixture, or refused */
+			s->done++;
+			s->failed += c->ok ? 0 : 1;
+			s->refused |= (c->outcome == FW_REFUSED);
+		}
+	}
+	return wake;
+}
+
 static void
 fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 {
-	char	   *url = psprintf("%s/chat/completions", fw_base_url);
+	/* one URL per kind (issue 12): FwCallKind order */
+	char	   *urls[FW_NUM_KINDS] = {
+		psprintf("%s/chat/completions", fw_base_url),
+		psprintf("%s/embeddings", fw_base_url),
+		psprintf("%s/rerank", fw_base_url)
+	};
 	const char *key = fw_effective_api_key();
 	TimestampTz deadline = fw_statement_deadline();
-	int			next = 0;		/* first call never started */
-	int			remaining = ncalls;
-	int			in_flight = 0;
-	int			done = 0;
-	int			failed = 0;
-	int			limit = concurrency;	/* lowered by 429s, regained slowly */
+	FwLoop		s = {calls, ncalls, urls, key, deadline, 0, ncalls, 0, 0, 0, concurrency,
+					 stop_on_error, false};
 	int			streak = 0;		/* successes since the limit last moved */
-	bool		refused = false;	/* a budget refused a call */
 
 	if (fw_mode != FW_MODE_REPLAY)
 		fw_check_transport_settings(key);
@@ -646,66 +764,28 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			break;
 		}
 
-	while (remaining > 0)
+	while (s.remaining > 0)
 	{
 		TimestampTz now = GetCurrentTimestamp();
-		TimestampTz wake = DT_NOEND;
+		TimestampTz wake = fw_fill_slots(&s, now);
 		long		sleep_ms;
 		FwHttpXfer *x;
 
-		/* Start due work: retries first (they hold a place), then new calls. */
-		for (int i = 0; i < next && in_flight < limit; i++)
-		{
-			FwCall	   *c = &calls[i];
-
-			if (c->finished || c->xfer != NULL)
-				continue;
-			if (c->not_before > now)
-			{
-				wake = Min(wake, c->not_before);
-				continue;
-			}
-			if (!fw_budget_allows(c, now, &wake))
-				continue;
-			if (fw_launch(c, url, key, deadline, &in_flight))
-			{
-				remaining--;	/* answered from a fixture, or refused */
-				done++;
-				failed += c->ok ? 0 : 1;
-				refused |= (c->outcome == FW_REFUSED);
-			}
-		}
-		while (next < ncalls && in_flight < limit && !(refused && stop_on_error))
-		{
-			FwCall	   *c = &calls[next++];
-
-			if (c->finished)
-				remaining--;	/* NULL input: nothing to send */
-			else if (!fw_budget_allows(c, now, &wake))
-				continue;		/* picked up by the loop above when due */
-			else if (fw_launch(c, url, key, deadline, &in_flight))
-			{
-				remaining--;	/* answered from a fixture, or refused */
-				done++;
-				failed += c->ok ? 0 : 1;
-				refused |= (c->outcome == FW_REFUSED);
-			}
-		}
-		if (refused && stop_on_error)
+		if (s.refused && stop_on_error)
 		{
 			/* a budget refused a call: the statement fails, send no more */
-			fw_collect_finished(&in_flight);
+			fw_collect_finished(&s.in_flight);
 			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 			break;
 		}
-		if (remaining == 0)
+		if (s.remaining == 0)
 			break;
 
 		/* Sleep until activity, the next retry, or the poll slice. */
 		sleep_ms = FW_POLL_SLICE_MS;
 		if (wake != DT_NOEND)
 			sleep_ms = Min(sleep_ms, Max((wake - now) / 1000, 0));
-		if (in_flight > 0)
+		if (s.in_flight > 0)
 			fw_http_poll(sleep_ms);
 		else if (sleep_ms > 0)
 		{
@@ -716,7 +796,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 		if (fw_cancel_pending())
 		{
-			fw_collect_finished(&in_flight);
+			fw_collect_finished(&s.in_flight);
 			fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
 			CHECK_FOR_INTERRUPTS();
 			/* Cancel held off (e.g. inside a commit): report it ourselves. */
@@ -737,7 +817,7 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (fw_mode == FW_MODE_RECORD && o != FW_CANCELLED)
 				fw_fixture_record(c, r);
 			c->xfer = NULL;
-			in_flight--;
+			s.in_flight--;
 			fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt,
 							 parsed.prompt_tokens, parsed.completion_tokens,
 							 r->rl_prompt_per_s, r->rl_generated_per_s,
@@ -745,21 +825,21 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			fw_spend_settle(c, r, o, &parsed);
 			if (fw_after_attempt(c, r, o, &parsed, deadline))
 			{
-				remaining--;
-				done++;
+				s.remaining--;
+				s.done++;
 				if (!c->ok)
-					failed++;
+					s.failed++;
 			}
 
 			/* AIMD on the account's limit: halve on 429, +1 per full round */
 			if (o == FW_RATE_LIMITED)
 			{
-				limit = Max(1, limit / 2);
+				s.limit = Max(1, s.limit / 2);
 				streak = 0;
 			}
-			else if (o == FW_OK && limit < concurrency && ++streak >= limit)
+			else if (o == FW_OK && s.limit < concurrency && ++streak >= s.limit)
 			{
-				limit++;
+				s.limit++;
 				streak = 0;
 			}
 			/* The result points into the transfer's buffer: release last. */
@@ -767,16 +847,34 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 			if (stop_on_error && c->finished && !c->ok)
 			{
 				/* The statement will fail: stop paying for the rest. */
-				fw_collect_finished(&in_flight);
+				fw_collect_finished(&s.in_flight);
 				fw_cancel_in_flight(calls, ncalls, "canceled by the statement");
-				remaining = 0;
+				s.remaining = 0;
 				break;
 			}
+
+			/*
+			 * Refill the slot and put the request on the wire now, not
+			 * after every answer of this wave has been read: reading a
+			 * wave of large answers (embeddings) would otherwise hold the
+			 * next wave back by the sum of their parse times.
+			 */
+			if (s.in_flight < s.limit && s.remaining > 0)
+			{
+				int			before = s.in_flight;
+
+				(void) fw_fill_slots(&s, GetCurrentTimestamp());
+				if (s.in_flight > before)
+					fw_http_poll(0);
+			}
+			if (fw_cancel_pending())
+				break;			/* the loop's top collects and cancels */
 		}
-		fw_progress_update(done, in_flight, failed, limit);
+		fw_progress_update(s.done, s.in_flight, s.failed, s.limit);
 	}
 	fw_progress_end();
-	pfree(url);
+	for (int k = 0; k < FW_NUM_KINDS; k++)
+		pfree(urls[k]);
 }
 
 typedef struct FwRunCleanup

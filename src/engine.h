@@ -9,6 +9,8 @@
 #ifndef FW_ENGINE_H
 #define FW_ENGINE_H
 
+#include "fmgr.h"
+
 #include "fw_tier.h"
 #include "workloads.h"
 
@@ -24,6 +26,13 @@ typedef struct FwCall
 	const char *prompt_text;	/* for the call log with log_content */
 	Jsonb	   *schema;			/* fw_complete_json: the checked schema the
 								 * answer must match (issue 12), or NULL */
+	/* issue 12: embeddings and rerank (embed.c) */
+	FwCallKind	kind;
+	Jsonb	   *fields;			/* not chat: the body's own fields (input,
+								 * or query and documents); NULL for chat */
+	int			expect_n;		/* embed: vectors wanted; rerank: documents */
+	int			expect_dims;	/* embed: options.dimensions, 0 = any */
+	int			top_n;			/* rerank: results at most, 0 = expect_n */
 
 	/* ---- results ---- */
 	bool		finished;
@@ -35,6 +44,7 @@ typedef struct FwCall
 	char	   *detail;			/* provider's message or transport error */
 	Jsonb	   *output;			/* schema set: the answer as jsonb */
 	int			bad_output;		/* FwOutputCheck of the last attempt */
+	struct FwTyped *typed;		/* not chat: the validated answer (embed.h) */
 
 	/* ---- engine state ---- */
 	FwPath		configured;
@@ -61,9 +71,12 @@ typedef struct FwCall
 
 extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 						 Jsonb *options, bool want_text);
+extern void fw_call_init_kind(FwCall *call, FwCallKind kind, const char *workload,
+							  Jsonb *content, Jsonb *options);
 extern void fw_engine_run(FwCall *calls, int ncalls, int concurrency,
 						  bool stop_on_error);
 extern FwOnError fw_call_on_error(Jsonb *options);
 extern void fw_call_raise(FwCall *call);
+extern char *fw_workload_arg(FunctionCallInfo fcinfo, int argno);
 
 #endif							/* FW_ENGINE_H */

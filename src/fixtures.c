@@ -64,8 +64,9 @@ static void
 fw_fixture_key(FwCall *call)
 {
 	if (call->fingerprint == NULL)
-		call->fingerprint = fw_fingerprint(fw_fixture_model(call),
-										   call->messages, call->options);
+		call->fingerprint = call->kind == FW_KIND_CHAT ?
+			fw_fingerprint(fw_fixture_model(call), call->messages, call->options) :
+			fw_fingerprint_fields(fw_fixture_model(call), call->fields, call->options);
 }
 
 #define FW_EXCERPT_CHARS	60
@@ -80,9 +81,13 @@ fw_prompt_excerpt(FwCall *call)
 {
 	char	   *text = NULL;
 	int			len;
-	int			n = JB_ROOT_COUNT(call->messages);
+	int			n;
 
-	if (JB_ROOT_IS_ARRAY(call->messages) && n > 0)
+	/* embeddings and rerank (issue 12): their fields as JSON */
+	if (call->kind != FW_KIND_CHAT)
+		text = JsonbToCString(NULL, &call->fields->root, VARSIZE(call->fields));
+	else if (JB_ROOT_IS_ARRAY(call->messages) &&
+			 (n = JB_ROOT_COUNT(call->messages)) > 0)
 	{
 		JsonbValue *last = getIthJsonbValueFromContainer(&call->messages->root, n - 1);
 		JsonbValue	content;
@@ -184,7 +189,8 @@ typedef struct FwPendingFixture
 	char	   *path;
 	int32		attempt;
 	char	   *model;
-	Jsonb	   *messages;
+	Jsonb	   *messages;		/* chat; else the kind's fields (issue 12) */
+	bool		chat;
 	int32		http_status;
 	char	   *response;
 	int32		retry_after;	/* -1: none */
@@ -198,9 +204,9 @@ static bool fw_callbacks_registered = false;
 static void
 fw_fixture_write(FwPendingFixture *f)
 {
-	Oid			types[8] = {TEXTOID, TEXTOID, JSONBOID, INT4OID, TEXTOID, INT4OID, TEXTOID, INT4OID};
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Oid			types[9] = {TEXTOID, TEXTOID, JSONBOID, INT4OID, TEXTOID, INT4OID, TEXTOID, INT4OID, BOOLOID};
+	Datum		values[9];
+	char		nulls[9] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	int			ret;
 
 	values[0] = CStringGetTextDatum(f->fingerprint);
@@ -212,17 +218,21 @@ fw_fixture_write(FwPendingFixture *f)
 	nulls[5] = f->retry_after >= 0 ? ' ' : 'n';
 	values[6] = CStringGetTextDatum(f->model);
 	values[7] = Int32GetDatum(f->attempt);
+	values[8] = BoolGetDatum(f->chat);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_with_args("INSERT INTO fw_tier.fixtures"
 								" (fingerprint, path, attempt, request, http_status, response, retry_after)"
-								" VALUES ($1, $2, $8, pg_catalog.jsonb_build_object('model', $7, 'messages', $3), $4, $5, $6)"
+								" VALUES ($1, $2, $8, CASE WHEN $9"
+								" THEN pg_catalog.jsonb_build_object('model', $7, 'messages', $3)"
+								" ELSE pg_catalog.jsonb_build_object('model', $7) OPERATOR(pg_catalog.||) $3 END,"
+								" $4, $5, $6)"
 								" ON CONFLICT (fingerprint, path, attempt) DO UPDATE"
 								" SET request = EXCLUDED.request, http_status = EXCLUDED.http_status,"
 								" response = EXCLUDED.response, retry_after = EXCLUDED.retry_after,"
 								" recorded_at = EXCLUDED.recorded_at",
-								8, types, values, nulls, false, 0);
+								9, types, values, nulls, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write fw_tier.fixtures: %s", SPI_result_code_string(ret));
 	SPI_finish();
@@ -469,8 +479,13 @@ fw_fixture_record(FwCall *call, const FwHttpResult *r)
 	f->path = pstrdup(success ? "any" : fw_path_name(call->path_sent));
 	f->attempt = success ? 0 : (int32) call->attempt;
 	f->model = pstrdup(fw_fixture_model(call));
-	f->messages = palloc(VARSIZE(call->messages));
-	memcpy(f->messages, call->messages, VARSIZE(call->messages));
+	f->chat = (call->kind == FW_KIND_CHAT);
+	{
+		Jsonb	   *content = f->chat ? call->messages : call->fields;
+
+		f->messages = palloc(VARSIZE(content));
+		memcpy(f->messages, content, VARSIZE(content));
+	}
 	f->http_status = (int32) r->status;
 	f->response = r->body ? pnstrdup(r->body, r->body_len) : pstrdup("");
 	f->retry_after = r->retry_after_ms >= 0 ? r->retry_after_ms / 1000 : -1;

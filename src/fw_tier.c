@@ -37,6 +37,10 @@ char	   *fw_api_key = NULL;
 char	   *fw_api_key_file = NULL;
 char	   *fw_api_key_dir = NULL;
 char	   *fw_default_model = NULL;
+char	   *fw_default_embedding_model = NULL;
+char	   *fw_default_rerank_model = NULL;
+int			fw_embed_batch_inputs = 128;
+int			fw_embed_batch_tokens = 32768;
 char	   *fw_database = NULL;
 int			fw_connect_timeout_ms = 10000;
 int			fw_request_timeout_ms = 60000;
@@ -182,6 +186,10 @@ static const struct
 	{"fw_escalate", "FUNCTION fw_escalate(text, interval)"},
 	{"fw_deescalate", "FUNCTION fw_deescalate(text)"},
 	{"purge_calls", "FUNCTION fw_tier.purge_calls(interval, integer)"},
+	/* issue 12 */
+	{"fw_embed", "FUNCTION fw_embed(text, text, jsonb)"},
+	{"fw_embed_batch", "FUNCTION fw_embed_batch(text[], text, jsonb)"},
+	{"fw_rerank", "FUNCTION fw_rerank(text, text[], integer, text, jsonb)"},
 };
 
 static void
@@ -266,6 +274,33 @@ _PG_init(void)
 							   &fw_default_model,
 							   "accounts/fireworks/models/kimi-k2p6",
 							   PGC_USERSET, 0, NULL, NULL, NULL);
+
+	/* issue 12: the models and request sizes of fw_embed* and fw_rerank */
+	DefineCustomStringVariable("fw_tier.default_embedding_model",
+							   "Model used by fw_embed and fw_embed_batch when the workload's embedding_model is NULL.",
+							   NULL,
+							   &fw_default_embedding_model,
+							   "accounts/fireworks/models/qwen3-embedding-8b",
+							   PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("fw_tier.default_rerank_model",
+							   "Model used by fw_rerank when the workload's rerank_model is NULL.",
+							   NULL,
+							   &fw_default_rerank_model,
+							   "accounts/fireworks/models/qwen3-reranker-8b",
+							   PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.embed_batch_inputs",
+							"Most inputs fw_embed_batch sends in one request.",
+							NULL,
+							&fw_embed_batch_inputs, 128, 1, 2048,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.embed_batch_tokens",
+							"Most estimated input tokens (bytes / 4) fw_embed_batch sends in one request.",
+							"An input larger than this is sent alone.",
+							&fw_embed_batch_tokens, 32768, 1, 1000000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("fw_tier.database",
 							   "Database the fw_tier background worker connects to.",
@@ -420,6 +455,16 @@ fw_outcome_name(FwOutcome outcome)
 {
 	Assert(outcome >= 0 && outcome < FW_NUM_OUTCOMES);
 	return fw_outcome_names[outcome];
+}
+
+/* fw_tier.calls.kind (issue 12) */
+const char *
+fw_kind_name(FwCallKind kind)
+{
+	static const char *const names[FW_NUM_KINDS] = {"chat", "embed", "rerank"};
+
+	Assert(kind >= 0 && kind < FW_NUM_KINDS);
+	return names[kind];
 }
 
 bool

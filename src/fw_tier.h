@@ -72,6 +72,19 @@ typedef enum FwMode
 	FW_MODE_REPLAY
 } FwMode;
 
+/*
+ * What a request asks for (issue 12): a chat completion, embeddings or a
+ * rerank.  Every kind goes through the same engine; the kind picks the
+ * URL, the request body and the response check.
+ */
+typedef enum FwCallKind
+{
+	FW_KIND_CHAT = 0,			/* POST /chat/completions */
+	FW_KIND_EMBED,				/* POST /embeddings */
+	FW_KIND_RERANK,				/* POST /rerank */
+	FW_NUM_KINDS
+} FwCallKind;
+
 /* fw_tier.on_error */
 typedef enum FwOnError
 {
@@ -105,6 +118,11 @@ extern int	fw_max_concurrency;
 extern int	fw_max_concurrency_cap;
 extern int	fw_log_spill_limit_kb;
 extern int	fw_max_output_tokens;	/* issue 13: spend limits */
+/* issue 12: embeddings and rerank */
+extern char *fw_default_embedding_model;
+extern char *fw_default_rerank_model;
+extern int	fw_embed_batch_inputs;
+extern int	fw_embed_batch_tokens;
 
 extern bool fw_preloaded;
 
@@ -112,6 +130,7 @@ extern const char *fw_path_name(FwPath path);
 extern const char *fw_outcome_name(FwOutcome outcome);
 extern bool fw_parse_path(const char *s, FwPath *path);
 extern bool fw_parse_on_overload(const char *s, FwOnOverload *policy);
+extern const char *fw_kind_name(FwCallKind kind);
 extern void fw_require_preload(void);
 extern const char *fw_effective_api_key(void);
 
@@ -299,6 +318,9 @@ typedef struct FwCallRecord
 								 * 'replay'); in the struct's tail padding,
 								 * so the ring layout is unchanged and older
 								 * records (zeroed) read as false */
+	int8		kind;			/* FwCallKind (issue 12); in the tail
+								 * padding too, so an older record (zeroed)
+								 * reads as chat */
 } FwCallRecord;
 
 extern int64 fw_next_call_id(void);

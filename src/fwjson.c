@@ -46,7 +46,7 @@ fw_key_in(const JsonbValue *k, const char *const *list)
 	return false;
 }
 
-static void
+void
 fw_push_key(JsonbParseState **st, const char *key)
 {
 	JsonbValue	k;
@@ -182,14 +182,18 @@ fw_push_options(JsonbParseState **st, Jsonb *options, const char *const *skip,
 	}
 }
 
+/* No keys skipped: a request's own fields (issue 12) are pushed whole. */
+static const char *const fw_no_keys[] = {NULL};
+
 /*
- * The request body: model, messages, pass-through options and, on the
- * Priority path only, "service_tier": "priority".  A Fast model id never
- * carries service_tier; the caller guarantees priority is false there.
+ * The request body: model, messages (chat) or the kind's own fields
+ * (embeddings, rerank), pass-through options and, on the Priority path
+ * only, "service_tier": "priority".  A Fast model id never carries
+ * service_tier; the caller guarantees priority is false there.
  */
-char *
-fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
-				 bool priority, size_t *len)
+static char *
+fw_build_body(const char *model, Jsonb *messages, Jsonb *fields,
+			  Jsonb *options, bool priority, size_t *len)
 {
 	JsonbParseState *st = NULL;
 	JsonbValue *res;
@@ -199,7 +203,10 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 	fw_check_options(options);
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	fw_push_string(&st, "model", model);
-	fw_push_container(&st, "messages", messages);
+	if (messages)
+		fw_push_container(&st, "messages", messages);
+	else
+		fw_push_options(&st, fields, fw_no_keys, false);
 	fw_push_options(&st, options, fw_own_keys, true);
 	if (priority)
 		fw_push_string(&st, "service_tier", "priority");
@@ -228,6 +235,20 @@ fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
 	}
 	*len = buf.len;
 	return buf.data;
+}
+
+char *
+fw_build_request(const char *model, Jsonb *messages, Jsonb *options,
+				 bool priority, size_t *len)
+{
+	return fw_build_body(model, messages, NULL, options, priority, len);
+}
+
+char *
+fw_build_fields_request(const char *model, Jsonb *fields, Jsonb *options,
+						bool priority, size_t *len)
+{
+	return fw_build_body(model, NULL, fields, options, priority, len);
 }
 
 /*
@@ -288,7 +309,7 @@ fw_json_options(Jsonb *options, Jsonb *schema)
 #define FW_MAX_JSON_DEPTH	256
 
 /* One pass over the bytes: is the nesting of [ and { within bounds? */
-static bool
+bool
 fw_json_depth_ok(const char *s, size_t len)
 {
 	int			depth = 0;
@@ -543,11 +564,13 @@ fw_error_excerpt(const char *body, size_t len)
 
 /*
  * Fixture key: SHA-256 of the canonical jsonb text of what decides the
- * answer (model, messages, generation options) but not the key, the tier
- * or routing hints.
+ * answer (model, messages or the kind's fields, generation options) but
+ * not the key, the tier or routing hints.  Embeddings and rerank bodies
+ * have no "messages", so their keys never meet a chat's.
  */
-char *
-fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
+static char *
+fw_fingerprint_body(const char *model, Jsonb *messages, Jsonb *fields,
+					Jsonb *options)
 {
 	JsonbParseState *st = NULL;
 	JsonbValue *res;
@@ -559,7 +582,10 @@ fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
 
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	fw_push_string(&st, "model", model);
-	fw_push_container(&st, "messages", messages);
+	if (messages)
+		fw_push_container(&st, "messages", messages);
+	else
+		fw_push_options(&st, fields, fw_no_keys, false);
 	fw_push_options(&st, options, fw_unfingerprinted_keys, false);
 	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 	jb = JsonbValueToJsonb(res);
@@ -579,4 +605,16 @@ fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
 	hex_encode((char *) digest, PG_SHA256_DIGEST_LENGTH, hex);
 	hex[PG_SHA256_DIGEST_LENGTH * 2] = '\0';
 	return hex;
+}
+
+char *
+fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options)
+{
+	return fw_fingerprint_body(model, messages, NULL, options);
+}
+
+char *
+fw_fingerprint_fields(const char *model, Jsonb *fields, Jsonb *options)
+{
+	return fw_fingerprint_body(model, NULL, fields, options);
 }

@@ -21,6 +21,7 @@ typedef struct FwParsed
 	const char *problem;		/* why it is not a usable completion */
 	bool		cut_off;		/* choices[0].finish_reason is "length" */
 	Jsonb	   *output;			/* a typed answer's value (jsonschema.c) */
+	struct FwTyped *typed;		/* issue 12: embeddings or rerank (embed.c) */
 } FwParsed;
 
 extern Jsonb *fw_messages_from_prompt(const char *prompt);
@@ -35,5 +36,11 @@ extern bool fw_parse_completion(const char *body, size_t len, bool need_text,
 								FwParsed *out);
 extern char *fw_error_excerpt(const char *body, size_t len);
 extern char *fw_fingerprint(const char *model, Jsonb *messages, Jsonb *options);
+/* issue 12: requests whose content is a set of body fields (embed.c) */
+extern char *fw_build_fields_request(const char *model, Jsonb *fields,
+									 Jsonb *options, bool priority, size_t *len);
+extern char *fw_fingerprint_fields(const char *model, Jsonb *fields, Jsonb *options);
+extern bool fw_json_depth_ok(const char *s, size_t len);
+extern void fw_push_key(JsonbParseState **st, const char *key);
 
 #endif							/* FW_JSON_H */

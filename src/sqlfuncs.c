@@ -26,7 +26,7 @@ PG_FUNCTION_INFO_V1(fw_complete_json);
 PG_FUNCTION_INFO_V1(fw_complete_json_batch);
 PG_FUNCTION_INFO_V1(fw_json_options_sql);
 
-static char *
+char *
 fw_workload_arg(FunctionCallInfo fcinfo, int argno)
 {
 	if (PG_ARGISNULL(argno))

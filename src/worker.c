@@ -141,13 +141,14 @@ static int	fw_fail_count = 0;
  * executor start-up, the prices lookup plan and the ON CONFLICT machinery
  * are paid once per batch instead of once per record.
  */
-#define FW_INSERT_NARGS 22
+#define FW_INSERT_NARGS 23
 
 static const Oid fw_insert_elemtypes[FW_INSERT_NARGS] = {
 	INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
 	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
 	INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
-	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID,
+	TEXTOID						/* kind (issue 12) */
 };
 
 /*
@@ -162,7 +163,7 @@ static const char *fw_insert_sql =
 "INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
 "  workload, path, model, service_tier, escalated, http_status, outcome,"
 "  prompt_tokens, cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"  cost_usd, request_id, error, prompt, answer, replayed)"
+"  cost_usd, request_id, error, prompt, answer, replayed, kind)"
 " SELECT u.call_id, u.attempt, u.started_at, u.database, u.username,"
 "  u.workload, u.path, u.model, u.service_tier, u.escalated, u.http_status,"
 "  u.outcome, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,"
@@ -182,7 +183,7 @@ static const char *fw_insert_sql =
 "              (coalesce(u.completion_tokens, 0)::pg_catalog.numeric"
 "               OPERATOR(pg_catalog.*) p.output_usd_per_mtok))"
 "            OPERATOR(pg_catalog./) 1000000::pg_catalog.numeric) END,"
-"  u.request_id, u.error, u.prompt, u.answer, u.replayed"
+"  u.request_id, u.error, u.prompt, u.answer, u.replayed, u.kind"
 " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
 "   pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
 "   pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
@@ -190,11 +191,11 @@ static const char *fw_insert_sql =
 "   pg_catalog.unnest($13), pg_catalog.unnest($14), pg_catalog.unnest($15),"
 "   pg_catalog.unnest($16), pg_catalog.unnest($17), pg_catalog.unnest($18),"
 "   pg_catalog.unnest($19), pg_catalog.unnest($20), pg_catalog.unnest($21),"
-"   pg_catalog.unnest($22))"
+"   pg_catalog.unnest($22), pg_catalog.unnest($23))"
 "   AS u(call_id, attempt, started_at, database, username, workload, path,"
 "        model, service_tier, escalated, http_status, outcome, prompt_tokens,"
 "        cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"        request_id, error, prompt, answer, replayed)"
+"        request_id, error, prompt, answer, replayed, kind)"
 " LEFT JOIN fw_tier.prices p ON p.model OPERATOR(pg_catalog.=) u.model"
 "   AND p.path OPERATOR(pg_catalog.=) u.path"
 " ON CONFLICT (call_id, attempt) DO NOTHING";
@@ -660,6 +661,9 @@ fw_worker_fill_row(FwDrainedRecord *d, int row)
 	values[19] = fw_text_datum(d->prompt, d->encoding, false, &isnull[19]);
 	values[20] = fw_text_datum(d->answer, d->encoding, false, &isnull[20]);
 	values[21] = BoolGetDatum(r->replayed);
+	/* issue 12: an unknown kind from another process is logged as chat */
+	values[22] = CStringGetTextDatum(fw_kind_name((r->kind > 0 && r->kind < FW_NUM_KINDS) ?
+												  (FwCallKind) r->kind : FW_KIND_CHAT));
 	/* NOT NULL columns: never leave them empty-handed */
 	if (isnull[5])
 	{

@@ -103,8 +103,18 @@ fw_wl_load(void)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute("SELECT workload, path, model, fast_model, on_overload,"
-					  " extract(epoch FROM priority_window)::pg_catalog.int8"
+	/*
+	 * Issue 12's columns are there from SQL version 0.3 on; a database
+	 * still on older SQL (not yet ALTER EXTENSION ... UPDATE) works on.
+	 */
+	ret = SPI_execute(get_attnum(fw_wl_relid, "embedding_model") != InvalidAttrNumber ?
+					  "SELECT workload, path, model, fast_model, on_overload,"
+					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
+					  " embedding_model, rerank_model"
+					  " FROM fw_tier.workloads" :
+					  "SELECT workload, path, model, fast_model, on_overload,"
+					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
+					  " NULL::pg_catalog.text, NULL::pg_catalog.text"
 					  " FROM fw_tier.workloads", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read fw_tier.workloads: %s", SPI_result_code_string(ret));
@@ -122,6 +132,8 @@ fw_wl_load(void)
 		char	   *fast = SPI_getvalue(tup, desc, 4);
 		char	   *policy = SPI_getvalue(tup, desc, 5);
 		char	   *window = SPI_getvalue(tup, desc, 6);
+		char	   *emodel = SPI_getvalue(tup, desc, 7);
+		char	   *rmodel = SPI_getvalue(tup, desc, 8);
 		FwWorkloadConf *wl;
 		bool		found;
 
@@ -135,6 +147,8 @@ fw_wl_load(void)
 		wl->model = model ? MemoryContextStrdup(fw_wl_cxt, model) : NULL;
 		wl->fast_model = fast ? MemoryContextStrdup(fw_wl_cxt, fast) : NULL;
 		wl->window_s = window ? (int) Min(strtol(window, NULL, 10), INT_MAX) : 0;
+		wl->embedding_model = emodel ? MemoryContextStrdup(fw_wl_cxt, emodel) : NULL;
+		wl->rerank_model = rmodel ? MemoryContextStrdup(fw_wl_cxt, rmodel) : NULL;
 	}
 	SPI_finish();
 	/* Published only when complete: an error above leaves no half cache. */
@@ -166,6 +180,8 @@ fw_workload_get(const char *name, FwWorkloadConf *out)
 	memcpy(out, wl, sizeof(FwWorkloadConf));
 	out->model = wl->model ? pstrdup(wl->model) : NULL;
 	out->fast_model = wl->fast_model ? pstrdup(wl->fast_model) : NULL;
+	out->embedding_model = wl->embedding_model ? pstrdup(wl->embedding_model) : NULL;
+	out->rerank_model = wl->rerank_model ? pstrdup(wl->rerank_model) : NULL;
 
 	if (fw_slot_cache == NULL)
 	{

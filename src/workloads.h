@@ -19,6 +19,8 @@ typedef struct FwWorkloadConf
 	FwOnOverload on_overload;
 	int			window_s;		/* 0: fw_tier.priority_window */
 	int64		slot;			/* shared-memory slot (fw_workload_slot) */
+	char	   *embedding_model;	/* issue 12; NULL: default_embedding_model */
+	char	   *rerank_model;	/* issue 12; NULL: default_rerank_model */
 } FwWorkloadConf;
 
 extern void fw_workload_get(const char *name, FwWorkloadConf *out);

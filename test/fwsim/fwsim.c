@@ -593,13 +593,17 @@ enum fault {
     F_HANG, F_HTML, /* the ones above answer with an error (or nothing) */
     F_SLOW, F_TRICKLE, F_RESET, F_TRUNCATED, F_MALFORMED, F_HTML200,
     F_EMPTY_CHOICES, F_NO_USAGE, F_HUGE, F_WORDS,
-    F_JSON_INVALID, F_JSON_VIOLATE, F_JSON_CUT   /* typed answers */
+    F_JSON_INVALID, F_JSON_VIOLATE, F_JSON_CUT,  /* typed answers */
+    /* embeddings and rerank only: answers fw_tier must refuse */
+    F_DROP_ITEM, F_DUP_INDEX, F_BAD_INDEX, F_RAGGED, F_OVERFLOW
 };
 
 enum shape {
     SH_TRICKLE = 1, SH_RESET = 2, SH_TRUNCATED = 4, SH_MALFORMED = 8,
     SH_HTML200 = 16, SH_EMPTY_CHOICES = 32, SH_NO_USAGE = 64, SH_HUGE = 128,
-    SH_JSON_INVALID = 256, SH_JSON_VIOLATE = 512, SH_JSON_CUT = 1024
+    SH_JSON_INVALID = 256, SH_JSON_VIOLATE = 512, SH_JSON_CUT = 1024,
+    SH_DROP_ITEM = 2048, SH_DUP_INDEX = 4096, SH_BAD_INDEX = 8192, SH_RAGGED = 16384,
+    SH_OVERFLOW = 32768
 };
 
 /* Everything the faults of one request add up to. */
@@ -642,6 +646,11 @@ static const fault_spec fault_specs[] = {
     {"json-invalid", F_JSON_INVALID, 0, 0, 0},
     {"json-violate", F_JSON_VIOLATE, 0, 0, 0},
     {"json-cut", F_JSON_CUT, 0, 0, 0},
+    {"drop-item", F_DROP_ITEM, 0, 0, 0},
+    {"dup-index", F_DUP_INDEX, 0, 0, 0},
+    {"bad-index", F_BAD_INDEX, 0, 0, 0},
+    {"ragged", F_RAGGED, 0, 0, 0},
+    {"overflow", F_OVERFLOW, 0, 0, 0},
 };
 
 static const fault_spec *find_fault(const char *name, size_t n)
@@ -684,6 +693,11 @@ static void fault_add(fault_set *f, enum fault kind, long arg, int has_arg)
     case F_JSON_INVALID: f->shape |= SH_JSON_INVALID; break;
     case F_JSON_VIOLATE: f->shape |= SH_JSON_VIOLATE; break;
     case F_JSON_CUT: f->shape |= SH_JSON_CUT; break;
+    case F_DROP_ITEM: f->shape |= SH_DROP_ITEM; break;
+    case F_DUP_INDEX: f->shape |= SH_DUP_INDEX; break;
+    case F_BAD_INDEX: f->shape |= SH_BAD_INDEX; break;
+    case F_RAGGED: f->shape |= SH_RAGGED; break;
+    case F_OVERFLOW: f->shape |= SH_OVERFLOW; break;
     case F_NONE: break;
     }
 }
@@ -1106,7 +1120,7 @@ static void copy_trunc(char *dst, size_t cap, const char *src, size_t len)
 /* ------------------------------------------------------------------ */
 
 enum route {
-    R_NOT_FOUND, R_CHAT, R_C_RESET, R_C_RULES, R_C_LOAD, R_C_CONFIG, R_C_STATS,
+    R_NOT_FOUND, R_CHAT, R_EMBED, R_RERANK, R_C_RESET, R_C_RULES, R_C_LOAD, R_C_CONFIG, R_C_STATS,
     R_C_STATS_RESET, R_C_LOG, R_C_HEALTH
 };
 
@@ -1605,57 +1619,164 @@ static int cut_words(sbuf *content, long max)
     return 0;
 }
 
+/* Auth, affinity, model, tier and user of a request, for every endpoint;
+ * the body is parsed into jp (root may be NULL: invalid JSON). */
+static jnode *request_front(chat_ctx *cx, struct MHD_Connection *conn, request_state *rq,
+                            jparser *jp)
+{
+    static char empty_body[1] = "";
+    cx->conn = conn;
+    cx->path = PATH_STANDARD;
+    /* auth first, as the real API does */
+    cx->authorized = 1;
+    if (g_api_key) {
+        const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+        size_t kl = strlen(g_api_key);
+        cx->authorized = auth && strncmp(auth, "Bearer ", 7) == 0 && strlen(auth + 7) == kl &&
+                         memcmp(auth + 7, g_api_key, kl) == 0;
+    }
+    cx->affinity = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "x-session-affinity");
+    if (cx->affinity)
+        cx->affinity_len = strlen(cx->affinity);
+    if (rq->too_large)
+        return NULL;
+    jnode *root = json_parse(jp, rq->body.p ? rq->body.p : empty_body, rq->body.len);
+
+    /* pick up what the log wants even when the request turns out invalid */
+    const jnode *model = jget(root, "model");
+    if (model && model->type == J_STR) {
+        cx->model = model->str;
+        cx->model_len = model->len;
+        if (strncmp(cx->model, "accounts/fireworks/routers/", 27) == 0)
+            cx->path = PATH_FAST;
+    }
+    const jnode *tier = jget(root, "service_tier");
+    if (tier && tier->type == J_STR) {
+        cx->tier = tier->str;
+        cx->tier_len = tier->len;
+        if (cx->path != PATH_FAST && strcmp(cx->tier, "priority") == 0)
+            cx->path = PATH_PRIORITY;
+    }
+    const jnode *user = jget(root, "user");
+    if (user && user->type == J_STR) {
+        cx->user = user->str;
+        cx->user_len = user->len;
+    }
+    return root;
+}
+
+/* Error faults answer before any admission or latency: returns 1 (and
+ * *ret) when f made the answer. */
+static int answer_error_fault(chat_ctx *cx, const fault_set *f, enum MHD_Result *ret)
+{
+    struct MHD_Connection *conn = cx->conn;
+    switch (f->error) {
+    case F_OVERLOAD:
+        if (cx->path != PATH_STANDARD)
+            return 0;
+        /* fall through */
+    case F_OVERLOAD_ALL:
+        *ret = chat_error(cx, 503, "service_overloaded", MSG_OVERLOADED, 0);
+        return 1;
+    case F_UNAVAILABLE:
+        *ret = chat_error(cx, 503, "service_unavailable", "Service Unavailable", 0);
+        return 1;
+    case F_STATUS:
+        *ret = chat_error(cx, (unsigned)f->status, error_type_for(f->status),
+                          default_message_for(f->status), f->status == 429 ? 1 : 0);
+        return 1;
+    case F_RATELIMIT:
+        *ret = chat_error(cx, 429, "rate_limit_exceeded",
+                          "Too many requests: account rate limit exceeded", f->retry_after);
+        return 1;
+    case F_HANG:
+        sleep_watch(conn, HANG_MAX_MS);
+        record(cx, 499, OUT_OTHER);
+        *ret = MHD_NO;
+        return 1;
+    case F_HTML: {
+        static const char html[] = "<html><body><h1>502 Bad Gateway</h1></body></html>";
+        sbuf b = {0};
+        sb_puts(&b, html);
+        record(cx, 502, OUT_OTHER);
+        *ret = queue_owned(conn, 502, &b, "text/html", NULL);
+        return 1;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* Sends a 200 body (streamed for trickle/reset/truncated) with the usage,
+ * id and rate-limit headers, and records it. */
+static enum MHD_Result send_answer(chat_ctx *cx, sbuf *body, unsigned shape, const char *ctype,
+                                   uint64_t id, const sim_config *cfg)
+{
+    struct MHD_Connection *conn = cx->conn;
+    struct MHD_Response *r;
+    enum MHD_Result ret;
+    if (shape & (SH_TRICKLE | SH_RESET | SH_TRUNCATED)) {
+        stream_body *sbd = xmalloc(sizeof *sbd);
+        sbd->data = body->p;
+        sbd->len = body->len;
+        sbd->shape = shape;
+        sbd->fd = connection_fd(conn);
+        sbd->conn = conn;
+        body->p = NULL;
+        /* reset: unknown size -> chunked; the others announce the full length */
+        uint64_t size = (shape & SH_RESET) && !(shape & SH_TRUNCATED) ? MHD_SIZE_UNKNOWN : sbd->len;
+        r = MHD_create_response_from_callback(size, 4096, stream_reader, sbd, stream_free);
+        if (!r) {
+            stream_free(sbd);
+            return MHD_NO;
+        }
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    } else if (queue_owned(conn, 200, body, ctype, &r) != MHD_YES) {
+        return MHD_NO;
+    }
+    char num[32], idhdr[40];
+    snprintf(num, sizeof num, "%ld", cx->prompt);
+    MHD_add_response_header(r, "fireworks-prompt-tokens", num);
+    snprintf(num, sizeof num, "%ld", cx->cached);
+    MHD_add_response_header(r, "fireworks-cached-prompt-tokens", num);
+    snprintf(idhdr, sizeof idhdr, "fwsim-%016" PRIx64, id);
+    MHD_add_response_header(r, "x-request-id", idhdr);
+    if (cfg->prompt_tpm || cfg->uncached_prompt_tpm || cfg->generated_tpm) {
+        long v[3] = {cfg->prompt_tpm, cfg->uncached_prompt_tpm, cfg->generated_tpm};
+        static const char *const names[3] = {"X-Ratelimit-Limit-Tokens-Prompt",
+                                             "X-Ratelimit-Limit-Tokens-Cache-Adjusted-Prompt",
+                                             "X-Ratelimit-Limit-Tokens-Generated"};
+        for (int i = 0; i < 3; i++) {
+            if (!v[i])
+                continue;   /* unlimited dimension: no header */
+            snprintf(num, sizeof num, "%ld", v[i] / 60 > 0 ? v[i] / 60 : 1);
+            MHD_add_response_header(r, names[i], num);
+        }
+    }
+    record(cx, 200, OUT_OK);
+    ret = MHD_queue_response(conn, 200, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static uint64_t g_id_seq;
 
 static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *rq)
 {
     chat_ctx cx = {0};
-    cx.conn = conn;
-    cx.path = PATH_STANDARD;
     char errbuf[160];
 
-    /* auth first, as the real API does */
-    cx.authorized = 1;
-    if (g_api_key) {
-        const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-        size_t kl = strlen(g_api_key);
-        cx.authorized = auth && strncmp(auth, "Bearer ", 7) == 0 && strlen(auth + 7) == kl &&
-                        memcmp(auth + 7, g_api_key, kl) == 0;
-    }
-    cx.affinity = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "x-session-affinity");
-    if (cx.affinity)
-        cx.affinity_len = strlen(cx.affinity);
-
+    jparser jp;
+    memset(&jp, 0, sizeof jp);
+    jnode *root = request_front(&cx, conn, rq, &jp);
     if (rq->too_large)
         return chat_error(&cx, 413, "request_too_large", "Request body too large", 0);
 
-    jparser jp;
     sbuf tmp = {0}, clean = {0};
     u64vec words = {0};
-    char empty_body[1] = "";
     enum MHD_Result ret;
-    jnode *root = json_parse(&jp, rq->body.p ? rq->body.p : empty_body, rq->body.len);
-
-    /* pick up what the log wants even when the request turns out invalid */
-    const jnode *model = jget(root, "model");
-    if (model && model->type == J_STR) {
-        cx.model = model->str;
-        cx.model_len = model->len;
-        if (strncmp(cx.model, "accounts/fireworks/routers/", 27) == 0)
-            cx.path = PATH_FAST;
-    }
     const jnode *tier = jget(root, "service_tier");
-    if (tier && tier->type == J_STR) {
-        cx.tier = tier->str;
-        cx.tier_len = tier->len;
-        if (cx.path != PATH_FAST && strcmp(cx.tier, "priority") == 0)
-            cx.path = PATH_PRIORITY;
-    }
     const jnode *user = jget(root, "user");
-    if (user && user->type == J_STR) {
-        cx.user = user->str;
-        cx.user_len = user->len;
-    }
 
     if (!cx.authorized) {
         ret = chat_error(&cx, 401, "authentication_error", "Unauthorized: invalid or missing API key", 0);
@@ -1764,42 +1885,8 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *r
         goto out;
     }
 
-    /* error faults answer before any admission or latency */
-    switch (f.error) {
-    case F_OVERLOAD:
-        if (cx.path != PATH_STANDARD)
-            break;
-        /* fall through */
-    case F_OVERLOAD_ALL:
-        ret = chat_error(&cx, 503, "service_overloaded", MSG_OVERLOADED, 0);
+    if (answer_error_fault(&cx, &f, &ret))
         goto out;
-    case F_UNAVAILABLE:
-        ret = chat_error(&cx, 503, "service_unavailable", "Service Unavailable", 0);
-        goto out;
-    case F_STATUS:
-        ret = chat_error(&cx, (unsigned)f.status, error_type_for(f.status),
-                         default_message_for(f.status), f.status == 429 ? 1 : 0);
-        goto out;
-    case F_RATELIMIT:
-        ret = chat_error(&cx, 429, "rate_limit_exceeded",
-                         "Too many requests: account rate limit exceeded", f.retry_after);
-        goto out;
-    case F_HANG:
-        sleep_watch(conn, HANG_MAX_MS);
-        record(&cx, 499, OUT_OTHER);
-        ret = MHD_NO;
-        goto out;
-    case F_HTML: {
-        static const char html[] = "<html><body><h1>502 Bad Gateway</h1></body></html>";
-        sbuf b = {0};
-        sb_puts(&b, html);
-        record(&cx, 502, OUT_OTHER);
-        ret = queue_owned(conn, 502, &b, "text/html", NULL);
-        goto out;
-    }
-    default:
-        break;
-    }
 
     /* the answer text */
     sbuf content = {0};
@@ -1928,7 +2015,6 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *r
     uint64_t id = mix64(h ^ mix64(seq));
 
     sbuf body = {0};
-    struct MHD_Response *r;
     const char *ctype = "application/json";
     if (f.shape & SH_HTML200) {
         sb_puts(&body, "<html><head><title>fwsim</title></head><body><h1>Welcome</h1>"
@@ -1939,53 +2025,352 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *r
     }
     free(content.p);
 
-    if (f.shape & (SH_TRICKLE | SH_RESET | SH_TRUNCATED)) {
-        stream_body *sbd = xmalloc(sizeof *sbd);
-        sbd->data = body.p;
-        sbd->len = body.len;
-        sbd->shape = f.shape;
-        sbd->fd = connection_fd(conn);
-        sbd->conn = conn;
-        /* reset: unknown size -> chunked; the others announce the full length */
-        uint64_t size = (f.shape & SH_RESET) && !(f.shape & SH_TRUNCATED) ? MHD_SIZE_UNKNOWN : body.len;
-        r = MHD_create_response_from_callback(size, 4096, stream_reader, sbd, stream_free);
-        if (!r) {
-            stream_free(sbd);
-            ret = MHD_NO;
-            goto out;
-        }
-        MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
-    } else if (queue_owned(conn, 200, &body, ctype, &r) != MHD_YES) {
-        ret = MHD_NO;
-        goto out;
-    }
-    char num[32], idhdr[40];
-    snprintf(num, sizeof num, "%ld", cx.prompt);
-    MHD_add_response_header(r, "fireworks-prompt-tokens", num);
-    snprintf(num, sizeof num, "%ld", cx.cached);
-    MHD_add_response_header(r, "fireworks-cached-prompt-tokens", num);
-    snprintf(idhdr, sizeof idhdr, "fwsim-%016" PRIx64, id);
-    MHD_add_response_header(r, "x-request-id", idhdr);
-    if (cfg.prompt_tpm || cfg.uncached_prompt_tpm || cfg.generated_tpm) {
-        long v[3] = {cfg.prompt_tpm, cfg.uncached_prompt_tpm, cfg.generated_tpm};
-        static const char *const names[3] = {"X-Ratelimit-Limit-Tokens-Prompt",
-                                             "X-Ratelimit-Limit-Tokens-Cache-Adjusted-Prompt",
-                                             "X-Ratelimit-Limit-Tokens-Generated"};
-        for (int i = 0; i < 3; i++) {
-            if (!v[i])
-                continue;   /* unlimited dimension: no header */
-            snprintf(num, sizeof num, "%ld", v[i] / 60 > 0 ? v[i] / 60 : 1);
-            MHD_add_response_header(r, names[i], num);
-        }
-    }
-    record(&cx, 200, OUT_OK);
-    ret = MHD_queue_response(conn, 200, r);
-    MHD_destroy_response(r);
+    ret = send_answer(&cx, &body, f.shape, ctype, id, &cfg);
 #undef BAD_REQUEST
 out:
     free(tmp.p);
     free(clean.p);
     free(words.v);
+    jp_free(&jp);
+    return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Embeddings and rerank                                                */
+/* ------------------------------------------------------------------ */
+
+/* Native dimensions of an embedding model, by its name. */
+static long embed_native_dims(const char *m)
+{
+    if (strstr(m, "nomic")) return 768;
+    if (strstr(m, "0p6b")) return 1024;
+    if (strstr(m, "4b")) return 2560;
+    if (strstr(m, "8b")) return 4096;
+    return 1024;
+}
+
+/* "accounts/fireworks/models/NAME" or "fireworks/NAME", NAME containing
+ * want ("embed" or "rerank"); a Fast router id never serves these. */
+static int typed_model_ok(const chat_ctx *cx, const char *want)
+{
+    if (cx->path == PATH_FAST)
+        return 0;
+    const char *name = NULL;
+    if (strncmp(cx->model, "accounts/fireworks/models/", 26) == 0)
+        name = cx->model + 26;
+    else if (strncmp(cx->model, "fireworks/", 10) == 0)
+        name = cx->model + 10;
+    return name && *name && strstr(name, want) != NULL;
+}
+
+/* A deterministic unit vector of dims numbers seeded by model and text:
+ * the first k numbers of a longer vector are the same (renormalized), as
+ * with Matryoshka models asked for fewer dimensions. */
+static void unit_vector(float *out, long dims, const chat_ctx *cx, const char *s, size_t n)
+{
+    uint64_t h = fnv1a(fnv1a(FNV_INIT, cx->model, cx->model_len), s, n);
+    double norm = 0;
+    for (long i = 0; i < dims; i++) {
+        uint64_t x = mix64(h + (uint64_t)i * 0x9E3779B97F4A7C15ULL);
+        double v = ((double)(x >> 11) / 9007199254740992.0) * 2.0 - 1.0;
+        out[i] = (float)v;
+        norm += v * v;
+    }
+    norm = sqrt(norm);
+    for (long i = 0; i < dims && norm > 0; i++)
+        out[i] = (float)(out[i] / norm);
+}
+
+/* A number in [-1, 1] as fixed point with 7 decimals ("-0.1234567"):
+ * printf would cost the simulator more CPU than the client it tests. */
+static void sb_unit(sbuf *b, float v)
+{
+    long q = lrint((double)v * 1e7);
+    char tmp[16], *w = tmp + sizeof tmp;
+    int neg = q < 0;
+    if (neg) q = -q;
+    for (int i = 0; i < 7; i++) {
+        *--w = (char)('0' + q % 10);
+        q /= 10;
+    }
+    *--w = '.';
+    do {
+        *--w = (char)('0' + q % 10);
+        q /= 10;
+    } while (q);
+    if (neg) *--w = '-';
+    sb_put(b, w, (size_t)(tmp + sizeof tmp - w));
+}
+
+static void sb_base64(sbuf *b, const unsigned char *p, size_t n)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    sb_reserve(b, (n + 2) / 3 * 4 + 2);
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)p[i] << 16 | (i + 1 < n ? (unsigned)p[i + 1] << 8 : 0) |
+                     (i + 2 < n ? p[i + 2] : 0);
+        sb_putc(b, tab[v >> 18 & 63]);
+        sb_putc(b, tab[v >> 12 & 63]);
+        sb_putc(b, i + 1 < n ? tab[v >> 6 & 63] : '=');
+        sb_putc(b, i + 2 < n ? tab[v & 63] : '=');
+    }
+}
+
+typedef struct rerank_hit { long index; double score; } rerank_hit;
+
+static int hit_cmp(const void *a, const void *b)
+{
+    const rerank_hit *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score > y->score ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+#define TYPED_MAX_ITEMS 2048
+
+/* POST /embeddings and POST /rerank: the chat admission order (auth, 413,
+ * validation, directives and rules, 429, 503 shedding, latency), with a
+ * latency of ttft_ms (nothing is generated) and prompt tokens only. */
+static enum MHD_Result handle_typed(struct MHD_Connection *conn, request_state *rq, int rerank)
+{
+    chat_ctx cx = {0};
+    char errbuf[160];
+    jparser jp;
+    memset(&jp, 0, sizeof jp);
+    jnode *root = request_front(&cx, conn, rq, &jp);
+    if (rq->too_large)
+        return chat_error(&cx, 413, "request_too_large", "Request body too large", 0);
+
+    enum MHD_Result ret;
+    sbuf clean = {0}, body = {0};
+    float *vec = NULL;
+    rerank_hit *hits = NULL;
+    u64vec qwords = {0}, dwords = {0};
+    const jnode *items[TYPED_MAX_ITEMS];
+    long nitems = 0;
+    fault_set f;
+    fault_set_init(&f);
+
+#define BAD_REQUEST(msg) do { ret = chat_error(&cx, 400, "invalid_request_error", (msg), 0); goto out; } while (0)
+    if (!cx.authorized) {
+        ret = chat_error(&cx, 401, "authentication_error", "Unauthorized: invalid or missing API key", 0);
+        goto out;
+    }
+    if (!root) {
+        snprintf(errbuf, sizeof errbuf, "invalid JSON body: %s", jp.err ? jp.err : "parse error");
+        BAD_REQUEST(errbuf);
+    }
+    if (root->type != J_OBJ)
+        BAD_REQUEST("request body must be a JSON object");
+    if (!cx.model || cx.model_len == 0)
+        BAD_REQUEST("\"model\" is required and must be a string");
+    const jnode *tier = jget(root, "service_tier");
+    if (tier && tier->type != J_NULL &&
+        (tier->type != J_STR || (strcmp(tier->str, "priority") != 0 &&
+                                 strcmp(tier->str, "default") != 0 && strcmp(tier->str, "auto") != 0)))
+        BAD_REQUEST("invalid service_tier: expected \"priority\", \"default\" or \"auto\"");
+    if (!typed_model_ok(&cx, rerank ? "rerank" : "embed")) {
+        ret = chat_error(&cx, 404, "not_found", rerank ? "Model not found or not a rerank model"
+                                                       : "Model not found or not an embedding model", 0);
+        goto out;
+    }
+
+    /* the texts: input (embeddings) or query + documents (rerank) */
+    const jnode *query = NULL;
+    long dims = embed_native_dims(cx.model), top_n = -1;
+    int b64 = 0, return_documents = 0;
+    const jnode *list = jget(root, rerank ? "documents" : "input");
+    if (rerank) {
+        query = jget(root, "query");
+        if (!query || query->type != J_STR)
+            BAD_REQUEST("\"query\" is required and must be a string");
+        const jnode *tn = jget(root, "top_n");
+        if (tn && tn->type != J_NULL) {
+            if (!jis_int(tn, 1, 1e9))
+                BAD_REQUEST("top_n must be a positive integer");
+            top_n = (long)tn->num;
+        }
+        const jnode *rd = jget(root, "return_documents");
+        return_documents = rd && rd->type == J_TRUE;
+    } else {
+        const jnode *d = jget(root, "dimensions");
+        if (d && d->type != J_NULL) {
+            if (!jis_int(d, 1, (double)dims))
+                BAD_REQUEST("dimensions must be an integer between 1 and the model's dimensions");
+            dims = (long)d->num;
+        }
+        const jnode *ef = jget(root, "encoding_format");
+        if (ef && ef->type != J_NULL) {
+            if (ef->type != J_STR || (strcmp(ef->str, "float") != 0 && strcmp(ef->str, "base64") != 0))
+                BAD_REQUEST("encoding_format must be \"float\" or \"base64\"");
+            b64 = strcmp(ef->str, "base64") == 0;
+        }
+    }
+    if (list && list->type == J_STR && !rerank) {
+        items[nitems++] = list;
+    } else if (list && list->type == J_ARR && list->child) {
+        for (const jnode *e = list->child; e; e = e->next) {
+            if (e->type != J_STR)
+                BAD_REQUEST(rerank ? "documents must be strings" : "fwsim takes string inputs only");
+            if (nitems == TYPED_MAX_ITEMS)
+                BAD_REQUEST("at most 2048 items per request");
+            items[nitems++] = e;
+        }
+    } else {
+        BAD_REQUEST(rerank ? "\"documents\" is required and must be a non-empty array"
+                           : "\"input\" is required: a string or a non-empty array of strings");
+    }
+
+    /* tokens (words) and directives: in every input, or in the query */
+    for (long i = 0; i < nitems; i++)
+        cx.prompt += count_words(items[i]->str, items[i]->len);
+    if (rerank)
+        cx.prompt += count_words(query->str, query->len) * nitems;
+    for (long i = 0; i < (rerank ? 1 : nitems); i++) {
+        const jnode *t = rerank ? query : items[i];
+        clean.len = 0;
+        const char *derr = scan_directives(t->str, t->len, &clean, &f, errbuf, sizeof errbuf);
+        if (derr)
+            BAD_REQUEST(derr);
+    }
+    rules_apply(cx.model, cx.model_len, cx.path, &f);
+    if (f.slow_ms > 0 && sleep_watch(conn, (double)f.slow_ms) < 0) {
+        record(&cx, 499, OUT_OTHER);
+        ret = MHD_NO;
+        goto out;
+    }
+    if (answer_error_fault(&cx, &f, &ret))
+        goto out;
+
+    /* admission: rate limits, congestion (as chat, nothing generated) */
+    sim_config cfg = config_snapshot();
+    pthread_mutex_lock(&g_pool_lock);
+    model_pool *pool = pool_get_locked(cx.model, cx.model_len, 0);
+    pthread_mutex_unlock(&g_pool_lock);
+    if (!pool) {
+        ret = chat_error(&cx, 503, "service_unavailable", "Service Unavailable: fwsim model table full", 0);
+        goto out;
+    }
+    long retry_after = 0;
+    enum admit adm = pool_admit(pool, cx.path, &cfg, cx.prompt, 0, &retry_after);
+    if (adm != ADMIT_OK) {
+        if (adm == ADMIT_RATE_LIMITED)
+            ret = chat_error(&cx, 429, "rate_limit_exceeded",
+                             "Too many requests: account rate limit exceeded for this model "
+                             "(prompt tokens per minute)", retry_after);
+        else
+            ret = chat_error(&cx, 503, "service_overloaded", MSG_OVERLOADED, 0);
+        goto out;
+    }
+    if (cfg.time_scale > 0 && sleep_watch(conn, (double)cfg.ttft_ms * cfg.time_scale) < 0) {
+        pool_release(pool, cx.path, 0);
+        record(&cx, 499, OUT_OTHER);
+        ret = MHD_NO;
+        goto out;
+    }
+    pool_release(pool, cx.path, 0);
+
+    uint64_t seq = __atomic_add_fetch(&g_id_seq, 1, __ATOMIC_RELAXED);
+    uint64_t id = mix64(fnv1a(FNV_INIT, cx.model, cx.model_len) ^ mix64(seq));
+    const char *ctype = "application/json";
+    unsigned sh = f.shape;
+    long shown = nitems - ((sh & SH_DROP_ITEM) && nitems > 0 ? 1 : 0);
+
+    if (sh & SH_HTML200) {
+        sb_puts(&body, "<html><head><title>fwsim</title></head><body><h1>Welcome</h1>"
+                       "<p>This is not the API you are looking for.</p></body></html>");
+        ctype = "text/html";
+        goto send;
+    }
+    sb_puts(&body, "{\"object\":\"list\",\"model\":");
+    sb_json_str(&body, cx.model, cx.model_len);
+    sb_puts(&body, ",\"data\":[");
+    if (sh & SH_EMPTY_CHOICES)
+        shown = 0;
+    if (rerank) {
+        hash_words(&qwords, query->str, query->len);
+        hits = xmalloc(sizeof *hits * (size_t)nitems);
+        for (long i = 0; i < nitems; i++) {
+            /* token overlap: query words found in the document, over query words + 1 */
+            dwords.n = 0;
+            hash_words(&dwords, items[i]->str, items[i]->len);
+            long common = 0;
+            for (size_t q = 0; q < qwords.n; q++)
+                for (size_t d = 0; d < dwords.n; d++)
+                    if (qwords.v[q] == dwords.v[d]) {
+                        common++;
+                        break;
+                    }
+            hits[i].index = i;
+            hits[i].score = (double)common / (double)(qwords.n + 1);
+        }
+        qsort(hits, (size_t)nitems, sizeof *hits, hit_cmp);
+        if (top_n > 0 && top_n < shown)
+            shown = top_n;
+    } else {
+        vec = xmalloc(sizeof *vec * (size_t)dims);
+    }
+    for (long k = 0; k < shown; k++) {
+        long index = rerank ? hits[k].index : k;
+        if ((sh & SH_DUP_INDEX) && k == 1)
+            index = rerank ? hits[0].index : 0;
+        if ((sh & SH_BAD_INDEX) && k == 0)
+            index = nitems;
+        if (k)
+            sb_putc(&body, ',');
+        if (rerank) {
+            sb_printf(&body, "{\"index\":%ld,\"relevance_score\":", index);
+            if ((sh & SH_OVERFLOW) && k == 0)
+                sb_puts(&body, "1e999");
+            else
+                sb_printf(&body, "%.6f", hits[k].score);
+            if (return_documents) {
+                sb_puts(&body, ",\"document\":{\"text\":");
+                sb_json_str(&body, items[hits[k].index]->str, items[hits[k].index]->len);
+                sb_putc(&body, '}');
+            }
+            sb_putc(&body, '}');
+            continue;
+        }
+        long d = dims - ((sh & SH_RAGGED) && k == shown - 1 && dims > 1 ? 1 : 0);
+        unit_vector(vec, d, &cx, items[k]->str, items[k]->len);
+        sb_printf(&body, "{\"object\":\"embedding\",\"index\":%ld,\"embedding\":", index);
+        if (b64) {
+            sb_putc(&body, '"');
+            sb_base64(&body, (const unsigned char *)vec, sizeof *vec * (size_t)d);
+            sb_putc(&body, '"');
+        } else {
+            sb_putc(&body, '[');
+            for (long i = 0; i < d; i++) {
+                if (i)
+                    sb_putc(&body, ',');
+                if ((sh & SH_OVERFLOW) && k == 0 && i == 0)
+                    sb_puts(&body, "1e999");
+                else
+                    sb_unit(&body, vec[i]);
+            }
+            sb_putc(&body, ']');
+        }
+        sb_putc(&body, '}');
+    }
+    sb_putc(&body, ']');
+    if (!(sh & SH_NO_USAGE))
+        sb_printf(&body, ",\"usage\":{\"prompt_tokens\":%ld,\"total_tokens\":%ld}", cx.prompt, cx.prompt);
+    sb_putc(&body, '}');
+    if (sh & SH_MALFORMED) {
+        body.len = body.len / 2;
+        sb_puts(&body, ",,]} <fwsim malformed>");
+    }
+send:
+    ret = send_answer(&cx, &body, sh, ctype, id, &cfg);
+#undef BAD_REQUEST
+out:
+    free(clean.p);
+    free(body.p);
+    free(vec);
+    free(hits);
+    free(qwords.v);
+    free(dwords.v);
     jp_free(&jp);
     return ret;
 }
@@ -2292,6 +2677,10 @@ static enum route route_of(const char *url, const char *method, int *method_ok)
     static const struct { const char *url; enum route r; const char *method; } table[] = {
         {"/inference/v1/chat/completions", R_CHAT, "POST"},
         {"/v1/chat/completions", R_CHAT, "POST"},
+        {"/inference/v1/embeddings", R_EMBED, "POST"},
+        {"/v1/embeddings", R_EMBED, "POST"},
+        {"/inference/v1/rerank", R_RERANK, "POST"},
+        {"/v1/rerank", R_RERANK, "POST"},
         {"/control/reset", R_C_RESET, "POST"},
         {"/control/rules", R_C_RULES, "POST"},
         {"/control/load", R_C_LOAD, "POST"},
@@ -2352,7 +2741,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         error_body(&b, "method_not_allowed", "method not allowed");
         if (queue_owned(conn, 405, &b, "application/json", &r) != MHD_YES)
             return MHD_NO;
-        MHD_add_response_header(r, "Allow", rq->route == R_CHAT ? "POST" :
+        MHD_add_response_header(r, "Allow", rq->route <= R_RERANK ? "POST" :
                                 rq->route == R_C_CONFIG ? "GET, POST" :
                                 (rq->route == R_C_STATS || rq->route == R_C_LOG ||
                                  rq->route == R_C_HEALTH) ? "GET" : "POST");
@@ -2360,9 +2749,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         MHD_destroy_response(r);
         return ret;
     }
-    if (rq->route == R_CHAT) {
+    if (rq->route == R_CHAT || rq->route == R_EMBED || rq->route == R_RERANK) {
         in_flight_enter();
-        enum MHD_Result ret = handle_chat(conn, rq);
+        enum MHD_Result ret = rq->route == R_CHAT ? handle_chat(conn, rq) :
+                              handle_typed(conn, rq, rq->route == R_RERANK);
         __atomic_sub_fetch(&g_stats.in_flight, 1, __ATOMIC_RELAXED);
         return ret;
     }

@@ -116,3 +116,47 @@ test('wrong key surfaces as AuthenticationError', async () => {
     bad.chat.completions.create({ model: STD, messages: [{ role: 'user', content: 'x' }] }),
     (err) => err instanceof OpenAI.AuthenticationError && err.status === 401);
 });
+
+// Embeddings (issue 12): the SDK's embeddings.create, with its default
+// base64 encoding (decoded by the SDK) and with encoding_format float.
+const EMB = 'accounts/fireworks/models/qwen3-embedding-8b';
+
+function norm(v) { return Math.sqrt(v.reduce((s, x) => s + x * x, 0)); }
+
+test('embeddings.create: one vector per input, in order, unit length', async () => {
+  const r = await client.embeddings.create({ model: EMB, input: ['hello world', 'second input'] });
+  assert.equal(r.object, 'list');
+  assert.equal(r.model, EMB);
+  assert.equal(r.data.length, 2);
+  r.data.forEach((d, i) => {
+    assert.equal(d.object, 'embedding');
+    assert.equal(d.index, i);
+    assert.equal(d.embedding.length, 4096);
+    assert.ok(Math.abs(norm(d.embedding) - 1) < 1e-4);
+  });
+  assert.equal(r.usage.prompt_tokens, 4);
+  assert.equal(r.usage.total_tokens, 4);
+});
+
+test('embeddings.create: dimensions, float encoding, deterministic', async () => {
+  const a = await client.embeddings.create({ model: EMB, input: 'same text', dimensions: 16,
+                                             encoding_format: 'float' });
+  const b = await client.embeddings.create({ model: EMB, input: 'same text', dimensions: 16 });
+  assert.equal(a.data[0].embedding.length, 16);
+  assert.deepEqual(b.data[0].embedding.map(x => x.toFixed(5)), a.data[0].embedding.map(x => x.toFixed(5)));
+  const c = await client.embeddings.create({ model: EMB, input: 'other text', dimensions: 16 });
+  assert.notDeepEqual(c.data[0].embedding, b.data[0].embedding);
+});
+
+test('embeddings.create: Priority, shedding and errors as for chat', async () => {
+  const p = await client.embeddings.create({ model: EMB, input: 'x [fwsim:overload]', service_tier: 'priority' });
+  assert.equal(p.data.length, 1);
+  await assert.rejects(client.embeddings.create({ model: EMB, input: 'x [fwsim:overload]' }),
+    (err) => err instanceof APIError && err.status === 503 && /Service Overloaded/.test(err.message));
+  await assert.rejects(client.embeddings.create({ model: EMB, input: '[fwsim:ratelimit=2]' }),
+    (err) => err instanceof OpenAI.RateLimitError && err.headers.get('retry-after') === '2');
+  await assert.rejects(client.embeddings.create({ model: STD, input: 'x' }),
+    (err) => err instanceof OpenAI.NotFoundError);
+  await assert.rejects(client.embeddings.create({ model: EMB, input: 'x', dimensions: 5000 }),
+    (err) => err instanceof OpenAI.BadRequestError);
+});
