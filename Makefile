@@ -6,7 +6,10 @@ OBJS = \
 	src/escalation.o \
 	src/calllog.o \
 	src/spill.o \
-	src/worker.o \
+	src/launcher.o \
+	src/flusher.o \
+	src/winsync.o \
+	src/loginsert.o \
 	src/status.o \
 	src/http.o \
 	src/workloads.o \
