@@ -10,6 +10,7 @@ OBJS = \
 	src/flusher.o \
 	src/winsync.o \
 	src/loginsert.o \
+	src/prices.o \
 	src/status.o \
 	src/http.o \
 	src/workloads.o \

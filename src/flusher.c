@@ -83,6 +83,18 @@ static MemoryContext fw_batch_cxt = NULL;	/* reset per batch */
 static FwDrainedRecord *fw_batch = NULL;
 static int	fw_fail_count = 0;
 
+/*
+ * Which batches may hold rows already in fw_tier.calls (loginsert.c's
+ * header, "Duplicates", has the argument):
+ * fw_checked_below: ring positions below it were there when this flusher
+ * started, read by an earlier process that may have committed them
+ * without moving the tail; 0 once a batch of them inserted a row.
+ * fw_advance_pending: a COMMIT was tried and the tail has not moved since
+ * (an error in between leaves it set).
+ */
+static uint64 fw_checked_below = 0;
+static bool fw_advance_pending = false;
+
 static void
 fw_flusher_detach(int code, Datum arg)
 {
@@ -216,6 +228,8 @@ fw_flusher_drain_batch(void)
 				tail;
 	int			n;
 	bool		from_spill = false;
+	bool		may_repeat;
+	uint64		rows = 0;
 
 	fw_calllog_usage(&size, &used, &head, &tail);
 	if (used == 0)
@@ -239,6 +253,8 @@ fw_flusher_drain_batch(void)
 	if (from_spill ? n < 0 : end_pos == tail)
 		return -1;				/* the first record is still being written */
 
+	/* the spill's read position may lag: every spill batch may repeat */
+	may_repeat = from_spill || fw_advance_pending || tail < fw_checked_below;
 	if (n > 0)
 	{
 		SetCurrentStatementStartTimestamp();
@@ -248,10 +264,11 @@ fw_flusher_drain_batch(void)
 		pgstat_report_activity(STATE_RUNNING, "fw_tier: writing the call log");
 
 		/* the datums built there live in SPI's context, freed by SPI_finish */
-		fw_loginsert_batch(fw_batch, n);
+		rows = fw_loginsert_batch(fw_batch, n, may_repeat);
 
 		SPI_finish();
 		PopActiveSnapshot();
+		fw_advance_pending = true;
 		CommitTransactionCommand();
 		pgstat_report_activity(STATE_IDLE, NULL);
 		/*
@@ -267,6 +284,14 @@ fw_flusher_drain_batch(void)
 		fw_spill_advance(end_pos, n, spill_bytes);
 	else
 		fw_calllog_advance(end_pos, n);
+	fw_advance_pending = false;
+
+	/*
+	 * A record of this batch was not in the table yet: none after it is
+	 * (committed records are a prefix of the ring's order).
+	 */
+	if (!from_spill && may_repeat && rows > 0)
+		fw_checked_below = 0;
 	return n;
 }
 
@@ -361,6 +386,17 @@ fw_flusher_main(Datum main_arg)
 	BackgroundWorkerInitializeConnection(fw_database, NULL, 0);
 	fw_worker_pin_search_path();
 	fw_flusher_lock_timeout();
+
+	/* what the ring holds now was read by earlier flushers, if any */
+	{
+		uint64		size,
+					used,
+					head,
+					tail;
+
+		fw_calllog_usage(&size, &used, &head, &tail);
+		fw_checked_below = head;
+	}
 
 	fw_worker_cxt = AllocSetContextCreate(TopMemoryContext,
 										  "fw_tier flusher",

@@ -1,26 +1,82 @@
 /*-------------------------------------------------------------------------
  *
  * loginsert.c
- *		Rows of fw_tier.calls from drained call records: the batch insert,
- *		the row-by-row fallback and the dead letters.
+ *		Rows of fw_tier.calls from drained call records: the columns, the
+ *		multi-insert, the SQL insert it falls back to, the row-by-row
+ *		retry and the dead letters.
  *
  * The flusher (flusher.c) copies a batch of records out of the ring or the
  * spill, opens a transaction and hands the batch to fw_loginsert_batch();
- * it commits and moves the tail afterwards.  Here: one statement for the
- * batch; when it fails with an error that may be about a row, row by row
- * (a subtransaction each), and the rows that still fail go to
- * fw_tier.calls_dead_letter (or, if even that fails, the dead-letter file)
- * while the rest lands.  An error about the environment (or the same error
- * for every row: the table, not the rows) is raised again: the flusher
- * keeps the records and backs off.  A batch written again after a crash
- * between COMMIT and the tail moving on is absorbed by ON CONFLICT.
+ * it commits and moves the tail afterwards.
+ *
+ * Columns.  fw_call_columns[] below is the one list of fw_tier.calls'
+ * columns, in table order: name, type, and how the value comes from the
+ * record.  Both insert paths are driven by it.  Adding a column: add it at
+ * the end of the table (ALTER TABLE ... ADD COLUMN in the version's SQL
+ * script) and one line at the end of fw_call_columns (with its fill
+ * function); nothing else.
+ *
+ * Two ways into the table, chosen per batch:
+ *	- the multi-insert (fw_fast_insert), as COPY FROM does it: the rows are
+ *	  formed in C, NOT NULL and CHECK constraints enforced (ExecConstraints),
+ *	  heap_multi_insert through table_multi_insert, then every index's
+ *	  entries (ExecInsertIndexTuples; the primary key's uniqueness is
+ *	  checked there).  No SQL, no planner, no executor start-up per batch.
+ *	  Only for a table it cannot get wrong (fw_fast_refusal): a plain heap
+ *	  whose descriptor is exactly fw_call_columns, with no trigger (a
+ *	  user's trigger, a foreign key, a deferrable key all are triggers), no
+ *	  rule, and no row-level security that applies to the flusher (it runs
+ *	  as the bootstrap superuser, which bypasses RLS in SQL too, so the
+ *	  shipped SELECT policy does not stop it).
+ *	- the SQL insert (fw_sql_insert): one INSERT ... SELECT FROM ROWS FROM
+ *	  (unnest($1), ...) ON CONFLICT (call_id, attempt) DO NOTHING, built
+ *	  from fw_call_columns, with every function pinned to pg_catalog.
+ *	  Used where the multi-insert is not safe (the table changed: the
+ *	  SQL insert names its columns, so an added column takes its default
+ *	  and triggers fire as for any INSERT), and for every batch that may
+ *	  hold rows already written (below).
+ *
+ * Duplicates.  The primary key (call_id, attempt) is unique: a row written
+ * twice is a unique violation.  Where can a record already be in the
+ * table?  The flusher moves the ring's tail only after COMMIT, so a crash
+ * between the two leaves committed records in the ring; the next flusher
+ * reads them again from the same tail.  The flusher decides (flusher.c,
+ * fw_flusher_may_repeat) and passes may_repeat:
+ *	- records the ring held when this flusher process started (below the
+ *	  head it saw then) were read by earlier processes: they may be in the
+ *	  table, until a batch of them, written with the conflict check, has
+ *	  inserted a row.  Committed records are a prefix of the ring's order
+ *	  (batches are contiguous from the tail and commit in order), so after
+ *	  the first record not yet in the table none is.  After a process
+ *	  crash this is the first batch; after an operating-system crash the
+ *	  tail on disk may lag by more than a batch, hence the rule;
+ *	- records pushed after the flusher started were never read by another
+ *	  process; this one writes each once, unless an error hit between a
+ *	  COMMIT and the tail moving (fw_advance_pending in flusher.c): then
+ *	  the next batch is checked;
+ *	- the spill: its read position (spill.read) is written after the
+ *	  commit and may lag or be missing after a crash (the oldest segment
+ *	  is then read from its start): every spill batch is checked.
+ * A batch that may repeat takes the SQL insert, whose ON CONFLICT skips
+ * what is there.  Should the multi-insert still meet a unique violation
+ * (a row inserted by hand, a ring file set back by a restore), the batch
+ * is written again the SQL way: a duplicate costs a retry, never a dead
+ * letter or a lost row.
+ *
+ * Failures.  When a batch fails with an error that may be about a row, it
+ * is retried row by row (a subtransaction each), and the rows that still
+ * fail go to fw_tier.calls_dead_letter (or, if even that fails, the
+ * dead-letter file) while the rest lands.  An error about the environment
+ * (or the same error for every row: the table, not the rows) is raised
+ * again: the flusher keeps the records and backs off.
  *
  * Every value from the record is untrusted (another process wrote it, the
  * ring file may be damaged): strings are terminated, text in another
  * encoding is made safe, enums are checked.
  *
- * Locking: none of its own; called inside the flusher's transaction, with
- * SPI connected, holding no LWLock.
+ * Locking: RowExclusiveLock on fw_tier.calls (taken under the flusher's
+ * lock_timeout, held to COMMIT), which also keeps the table's definition
+ * from changing between the refusal check and the insert; no LWLock.
  *
  * Called by: flusher.c only (fw_loginsert_batch; fw_loginsert_reset after
  * an aborted transaction).
@@ -29,123 +85,88 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "common/string.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
+#include "nodes/makefuncs.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/rls.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "worker.h"
 
-static SPIPlanPtr fw_insert_plan = NULL;
-static FwDrainedRecord *fw_batch = NULL;	/* the batch being written */
-
-/*
- * The call-log insert: one statement per batch.  Each column of the batch
- * travels as one array parameter; unnest() turns them back into rows, so
- * executor start-up, the prices lookup plan and the ON CONFLICT machinery
- * are paid once per batch instead of once per record.
- */
-#define FW_INSERT_NARGS 22
-
-static const Oid fw_insert_elemtypes[FW_INSERT_NARGS] = {
-	INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
-	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
-	INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
-	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID
-};
-
-/*
- * Runs as the bootstrap superuser: every operator and function is pinned
- * to pg_catalog (OPERATOR(pg_catalog.x), pg_catalog.f), on top of the
- * search_path the worker pins at start, so that no operator a role defines
- * (an int4 * numeric in public, say) can be picked by an implicit cast.
- * OPERATOR() has the precedence of "any other operator": hence the
- * parentheses around every arithmetic step.
- */
-static const char *fw_insert_sql =
-"INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
-"  workload, path, model, service_tier, escalated, http_status, outcome,"
-"  prompt_tokens, cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"  cost_usd, request_id, error, prompt, answer, replayed)"
-" SELECT u.call_id, u.attempt, u.started_at, u.database, u.username,"
-"  u.workload, u.path, u.model, u.service_tier, u.escalated, u.http_status,"
-"  u.outcome, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,"
-"  u.latency_ms, u.ttfb_ms,"
-"  CASE WHEN u.replayed THEN 0::pg_catalog.numeric"
-"       WHEN u.prompt_tokens IS NULL AND u.completion_tokens IS NULL"
-"            AND u.outcome OPERATOR(pg_catalog.<>) 'ok'::pg_catalog.text"
-"         THEN 0::pg_catalog.numeric"
-"       WHEN p.model IS NULL THEN NULL::pg_catalog.numeric"
-"       ELSE ((((coalesce(u.prompt_tokens, 0) OPERATOR(pg_catalog.-)"
-"                coalesce(u.cached_prompt_tokens, 0))::pg_catalog.numeric"
-"               OPERATOR(pg_catalog.*) p.input_usd_per_mtok)"
-"             OPERATOR(pg_catalog.+)"
-"              (coalesce(u.cached_prompt_tokens, 0)::pg_catalog.numeric"
-"               OPERATOR(pg_catalog.*) p.cached_input_usd_per_mtok)"
-"             OPERATOR(pg_catalog.+)"
-"              (coalesce(u.completion_tokens, 0)::pg_catalog.numeric"
-"               OPERATOR(pg_catalog.*) p.output_usd_per_mtok))"
-"            OPERATOR(pg_catalog./) 1000000::pg_catalog.numeric) END,"
-"  u.request_id, u.error, u.prompt, u.answer, u.replayed"
-" FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
-"   pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
-"   pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
-"   pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),"
-"   pg_catalog.unnest($13), pg_catalog.unnest($14), pg_catalog.unnest($15),"
-"   pg_catalog.unnest($16), pg_catalog.unnest($17), pg_catalog.unnest($18),"
-"   pg_catalog.unnest($19), pg_catalog.unnest($20), pg_catalog.unnest($21),"
-"   pg_catalog.unnest($22))"
-"   AS u(call_id, attempt, started_at, database, username, workload, path,"
-"        model, service_tier, escalated, http_status, outcome, prompt_tokens,"
-"        cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"        request_id, error, prompt, answer, replayed)"
-" LEFT JOIN fw_tier.prices p ON p.model OPERATOR(pg_catalog.=) u.model"
-"   AND p.path OPERATOR(pg_catalog.=) u.path"
-" ON CONFLICT (call_id, attempt) DO NOTHING";
-
-/* The batch, column by column, before it becomes the array parameters. */
-typedef struct FwInsertColumns
+/* One record on its way to a row: what the fill functions read. */
+typedef struct FwRow
 {
-	Datum		values[FW_INSERT_NARGS][FW_BATCH_MAX];
-	bool		nulls[FW_INSERT_NARGS][FW_BATCH_MAX];
-} FwInsertColumns;
+	FwDrainedRecord *d;
+	FwCallRecord *r;
+	FwPath		path;			/* checked */
+	FwOutcome	outcome;		/* checked */
+	char	   *model;			/* the model column's text (cleaned) */
+} FwRow;
 
-static FwInsertColumns *fw_cols = NULL;
+typedef Datum (*FwColFill) (FwRow *row, bool *isnull);
+
+typedef struct FwCallColumn
+{
+	const char *name;			/* attribute of fw_tier.calls */
+	Oid			typid;			/* its type */
+	FwColFill	fill;			/* its value for a record */
+} FwCallColumn;
+
+static FwDrainedRecord *fw_batch = NULL;	/* the batch being written */
+static SPIPlanPtr fw_insert_plan = NULL;
+static Datum *fw_col_values = NULL; /* [column][row], for the SQL insert */
+static bool *fw_col_nulls = NULL;
+static char fw_refusal_said[FW_ERRLEN];	/* why the multi-insert is not
+										 * used, as last logged */
+
 
 /*
- * Text safe to store in this database: the writer's database may use
- * another encoding; non-ASCII bytes we cannot vouch for become '?'.
+ * Text for a column: the writer's database may use another encoding;
+ * non-ASCII bytes we cannot vouch for become '?'.  s itself when it can
+ * be stored as is, else a cleaned copy.
  */
+static char *
+fw_clean_text(const char *s, int encoding)
+{
+	char	   *copy;
+
+	if (pg_is_ascii(s) ||
+		(encoding == GetDatabaseEncoding() &&
+		 pg_verify_mbstr(encoding, s, strlen(s), true)))
+		return unconstify(char *, s);
+	copy = pstrdup(s);
+	for (char *p = copy; *p; p++)
+		if (IS_HIGHBIT_SET(*p))
+			*p = '?';
+	return copy;
+}
+
 static Datum
 fw_text_datum(const char *s, int encoding, bool empty_is_null, bool *isnull)
 {
-	int			len;
-	char	   *copy;
-
 	*isnull = false;
 	if (s == NULL || (empty_is_null && s[0] == '\0'))
 	{
 		*isnull = true;
 		return (Datum) 0;
 	}
-	len = strlen(s);
-	if (pg_is_ascii(s) ||
-		(encoding == GetDatabaseEncoding() &&
-		 pg_verify_mbstr(encoding, s, len, true)))
-		return CStringGetTextDatum(s);
-
-	copy = pstrdup(s);
-	for (char *p = copy; *p; p++)
-		if (IS_HIGHBIT_SET(*p))
-			*p = '?';
-	return CStringGetTextDatum(copy);
+	return CStringGetTextDatum(fw_clean_text(s, encoding));
 }
 
 /*
@@ -172,6 +193,7 @@ fw_name_datum(const NameData *src, int encoding)
 	return NameGetDatum(dst);
 }
 
+/* -1 (and any negative) is unknown: NULL */
 static Datum
 fw_int_datum(int32 v, bool *isnull)
 {
@@ -179,39 +201,176 @@ fw_int_datum(int32 v, bool *isnull)
 	return Int32GetDatum(v);
 }
 
-static void
-fw_worker_prepare_insert(void)
+/* microseconds as milliseconds; negative is unknown */
+static Datum
+fw_ms_datum(int32 us, bool *isnull)
 {
-	Oid			argtypes[FW_INSERT_NARGS];
-
-	if (fw_insert_plan != NULL)
-		return;
-	for (int i = 0; i < FW_INSERT_NARGS; i++)
-		argtypes[i] = get_array_type(fw_insert_elemtypes[i]);
-
-	/*
-	 * Generic plan at once: a custom plan would copy the batch's arrays into
-	 * the plan as constants, and replan, for every batch.
-	 */
-	fw_insert_plan = SPI_prepare_cursor(fw_insert_sql, FW_INSERT_NARGS, argtypes,
-										CURSOR_OPT_GENERIC_PLAN);
-	if (fw_insert_plan == NULL)
-		elog(ERROR, "SPI_prepare failed for the fw_tier call-log insert: %s",
-			 SPI_result_code_string(SPI_result));
-	SPI_keepplan(fw_insert_plan);
+	*isnull = (us < 0);
+	return Float8GetDatum(us / 1000.0);
 }
 
-/* Record d becomes row "row" of the batch's columns. */
+/* the fill functions, one per column */
+static Datum
+fw_col_call_id(FwRow *w, bool *isnull)
+{
+	return Int64GetDatum(w->r->call_id);
+}
+static Datum
+fw_col_attempt(FwRow *w, bool *isnull)
+{
+	return Int32GetDatum(w->r->attempt);
+}
+static Datum
+fw_col_started_at(FwRow *w, bool *isnull)
+{
+	return TimestampTzGetDatum(w->r->started_at);
+}
+static Datum
+fw_col_database(FwRow *w, bool *isnull)
+{
+	return fw_name_datum(&w->r->dbname, w->d->encoding);
+}
+static Datum
+fw_col_username(FwRow *w, bool *isnull)
+{
+	return fw_name_datum(&w->r->username, w->d->encoding);
+}
+static Datum
+fw_col_workload(FwRow *w, bool *isnull)
+{
+	return fw_text_datum(w->r->workload, w->d->encoding, false, isnull);
+}
+static Datum
+fw_col_path(FwRow *w, bool *isnull)
+{
+	return CStringGetTextDatum(fw_path_name(w->path));
+}
+static Datum
+fw_col_model(FwRow *w, bool *isnull)
+{
+	return CStringGetTextDatum(w->model);
+}
+static Datum
+fw_col_service_tier(FwRow *w, bool *isnull)
+{
+	*isnull = !w->r->priority_sent;
+	return *isnull ? (Datum) 0 : CStringGetTextDatum("priority");
+}
+static Datum
+fw_col_escalated(FwRow *w, bool *isnull)
+{
+	return BoolGetDatum(w->r->escalated);
+}
+static Datum
+fw_col_http_status(FwRow *w, bool *isnull)
+{
+	*isnull = (w->r->http_status <= 0);
+	return Int32GetDatum(w->r->http_status);
+}
+static Datum
+fw_col_outcome(FwRow *w, bool *isnull)
+{
+	return CStringGetTextDatum(fw_outcome_name(w->outcome));
+}
+static Datum
+fw_col_prompt_tokens(FwRow *w, bool *isnull)
+{
+	return fw_int_datum(w->r->prompt_tokens, isnull);
+}
+static Datum
+fw_col_cached_prompt_tokens(FwRow *w, bool *isnull)
+{
+	return fw_int_datum(w->r->cached_prompt_tokens, isnull);
+}
+static Datum
+fw_col_completion_tokens(FwRow *w, bool *isnull)
+{
+	return fw_int_datum(w->r->completion_tokens, isnull);
+}
+static Datum
+fw_col_latency_ms(FwRow *w, bool *isnull)
+{
+	return fw_ms_datum(w->r->latency_us, isnull);
+}
+static Datum
+fw_col_ttfb_ms(FwRow *w, bool *isnull)
+{
+	return fw_ms_datum(w->r->ttfb_us, isnull);
+}
+static Datum
+fw_col_cost_usd(FwRow *w, bool *isnull)
+{
+	FwCallRecord *r = w->r;
+
+	return fw_price_cost(w->path, w->model, w->outcome, r->replayed,
+						 r->prompt_tokens, r->cached_prompt_tokens,
+						 r->completion_tokens, isnull);
+}
+static Datum
+fw_col_request_id(FwRow *w, bool *isnull)
+{
+	return fw_text_datum(w->r->request_id, w->d->encoding, true, isnull);
+}
+static Datum
+fw_col_error(FwRow *w, bool *isnull)
+{
+	return fw_text_datum(w->r->error, w->d->encoding, true, isnull);
+}
+static Datum
+fw_col_prompt(FwRow *w, bool *isnull)
+{
+	return fw_text_datum(w->d->prompt, w->d->encoding, false, isnull);
+}
+static Datum
+fw_col_answer(FwRow *w, bool *isnull)
+{
+	return fw_text_datum(w->d->answer, w->d->encoding, false, isnull);
+}
+static Datum
+fw_col_replayed(FwRow *w, bool *isnull)
+{
+	return BoolGetDatum(w->r->replayed);
+}
+
+/*
+ * fw_tier.calls, column by column, in table order.  New columns go at the
+ * end, here and in the table (see the header comment).
+ */
+static const FwCallColumn fw_call_columns[] = {
+	{"call_id", INT8OID, fw_col_call_id},
+	{"attempt", INT4OID, fw_col_attempt},
+	{"started_at", TIMESTAMPTZOID, fw_col_started_at},
+	{"database", NAMEOID, fw_col_database},
+	{"username", NAMEOID, fw_col_username},
+	{"workload", TEXTOID, fw_col_workload},
+	{"path", TEXTOID, fw_col_path},
+	{"model", TEXTOID, fw_col_model},
+	{"service_tier", TEXTOID, fw_col_service_tier},
+	{"escalated", BOOLOID, fw_col_escalated},
+	{"http_status", INT4OID, fw_col_http_status},
+	{"outcome", TEXTOID, fw_col_outcome},
+	{"prompt_tokens", INT4OID, fw_col_prompt_tokens},
+	{"cached_prompt_tokens", INT4OID, fw_col_cached_prompt_tokens},
+	{"completion_tokens", INT4OID, fw_col_completion_tokens},
+	{"latency_ms", FLOAT8OID, fw_col_latency_ms},
+	{"ttfb_ms", FLOAT8OID, fw_col_ttfb_ms},
+	{"cost_usd", NUMERICOID, fw_col_cost_usd},
+	{"request_id", TEXTOID, fw_col_request_id},
+	{"error", TEXTOID, fw_col_error},
+	{"prompt", TEXTOID, fw_col_prompt},
+	{"answer", TEXTOID, fw_col_answer},
+	{"replayed", BOOLOID, fw_col_replayed},
+	/* issue 12, 13, 16: new columns here, in the order of the SQL script */
+};
+
+#define FW_NCOLS	lengthof(fw_call_columns)
+
+/* The values of record d's row, in fw_call_columns order. */
 static void
-fw_worker_fill_row(FwDrainedRecord *d, int row)
+fw_row_values(FwDrainedRecord *d, Datum *values, bool *isnull)
 {
 	FwCallRecord *r = &d->rec;
-	Datum		values[FW_INSERT_NARGS];
-	bool		isnull[FW_INSERT_NARGS];
-	FwPath		path = (r->path >= 0 && r->path < FW_NUM_PATHS) ?
-		(FwPath) r->path : FW_PATH_STANDARD;
-	FwOutcome	outcome = (r->outcome >= 0 && r->outcome < FW_NUM_OUTCOMES) ?
-		(FwOutcome) r->outcome : FW_BAD_RESPONSE;
+	FwRow		w;
 
 	/* fixed-size strings from another process: terminate them */
 	r->dbname.data[NAMEDATALEN - 1] = '\0';
@@ -221,85 +380,215 @@ fw_worker_fill_row(FwDrainedRecord *d, int row)
 	r->request_id[FW_REQIDLEN - 1] = '\0';
 	r->error[FW_ERRLEN - 1] = '\0';
 
-	memset(isnull, 0, sizeof(isnull));
-	values[0] = Int64GetDatum(r->call_id);
-	values[1] = Int32GetDatum(r->attempt);
-	values[2] = TimestampTzGetDatum(r->started_at);
-	values[3] = fw_name_datum(&r->dbname, d->encoding);
-	values[4] = fw_name_datum(&r->username, d->encoding);
-	values[5] = fw_text_datum(r->workload, d->encoding, false, &isnull[5]);
-	values[6] = CStringGetTextDatum(fw_path_name(path));
-	values[7] = fw_text_datum(r->model, d->encoding, false, &isnull[7]);
-	if (r->priority_sent)
-		values[8] = CStringGetTextDatum("priority");
-	else
-	{
-		values[8] = (Datum) 0;
-		isnull[8] = true;
-	}
-	values[9] = BoolGetDatum(r->escalated);
-	values[10] = Int32GetDatum(r->http_status);
-	isnull[10] = (r->http_status <= 0);
-	values[11] = CStringGetTextDatum(fw_outcome_name(outcome));
-	values[12] = fw_int_datum(r->prompt_tokens, &isnull[12]);
-	values[13] = fw_int_datum(r->cached_prompt_tokens, &isnull[13]);
-	values[14] = fw_int_datum(r->completion_tokens, &isnull[14]);
-	values[15] = Float8GetDatum(r->latency_us / 1000.0);
-	isnull[15] = (r->latency_us < 0);
-	values[16] = Float8GetDatum(r->ttfb_us / 1000.0);
-	isnull[16] = (r->ttfb_us < 0);
-	values[17] = fw_text_datum(r->request_id, d->encoding, true, &isnull[17]);
-	values[18] = fw_text_datum(r->error, d->encoding, true, &isnull[18]);
-	values[19] = fw_text_datum(d->prompt, d->encoding, false, &isnull[19]);
-	values[20] = fw_text_datum(d->answer, d->encoding, false, &isnull[20]);
-	values[21] = BoolGetDatum(r->replayed);
-	/* NOT NULL columns: never leave them empty-handed */
-	if (isnull[5])
-	{
-		values[5] = CStringGetTextDatum("");
-		isnull[5] = false;
-	}
-	if (isnull[7])
-	{
-		values[7] = CStringGetTextDatum("");
-		isnull[7] = false;
-	}
+	w.d = d;
+	w.r = r;
+	w.path = (r->path >= 0 && r->path < FW_NUM_PATHS) ?
+		(FwPath) r->path : FW_PATH_STANDARD;
+	w.outcome = (r->outcome >= 0 && r->outcome < FW_NUM_OUTCOMES) ?
+		(FwOutcome) r->outcome : FW_BAD_RESPONSE;
+	w.model = fw_clean_text(r->model, d->encoding);
 
-	for (int i = 0; i < FW_INSERT_NARGS; i++)
+	for (int c = 0; c < FW_NCOLS; c++)
 	{
-		fw_cols->values[i][row] = values[i];
-		fw_cols->nulls[i][row] = isnull[i];
+		isnull[c] = false;
+		values[c] = fw_call_columns[c].fill(&w, &isnull[c]);
 	}
 }
 
+/* ---- the multi-insert ---- */
+
 /*
- * Insert the n records of fw_batch with one statement.  Returns the rows
- * inserted; the others were already in the table (a batch written again
- * after a crash between COMMIT and the tail moving on).
+ * Why the multi-insert must not write into rel, or NULL when it may.
+ * Caller holds RowExclusiveLock on rel: none of this can change before
+ * COMMIT (triggers, rules, RLS and columns all need a stronger lock).
+ */
+static const char *
+fw_fast_refusal(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION ||
+		rel->rd_rel->relam != HEAP_TABLE_AM_OID)
+		return "it is not a plain heap table";
+	if (rel->trigdesc != NULL)
+		return "it has triggers (a trigger, a foreign key or a deferrable key)";
+	if (rel->rd_rules != NULL)
+		return "it has rules";
+	if (check_enable_rls(RelationGetRelid(rel), InvalidOid, true) == RLS_ENABLED)
+		return "row-level security applies to the flusher";
+	if (desc->natts != FW_NCOLS)
+		return "its columns are not the ones this library writes";
+	for (int c = 0; c < FW_NCOLS; c++)
+	{
+		Form_pg_attribute a = TupleDescAttr(desc, c);
+
+		if (a->attisdropped || a->attgenerated != '\0' ||
+			a->atttypid != fw_call_columns[c].typid ||
+			strcmp(NameStr(a->attname), fw_call_columns[c].name) != 0)
+			return "its columns are not the ones this library writes";
+	}
+	return NULL;
+}
+
+/* Says once (per flusher, per change) which way the rows go, and why. */
+static void
+fw_fast_report(const char *refusal)
+{
+	const char *now = refusal ? refusal : "";
+
+	if (strcmp(now, fw_refusal_said) == 0)
+		return;
+	if (refusal)
+		ereport(LOG,
+				(errmsg("fw_tier flusher: fw_tier.calls is written with SQL INSERT, not the multi-insert: %s",
+						refusal),
+				 errdetail("Triggers and rules fire as for any INSERT; the call log costs more CPU per row.")));
+	else if (fw_refusal_said[0] != '\0')
+		ereport(LOG,
+				(errmsg("fw_tier flusher: fw_tier.calls is written with the multi-insert again")));
+	strlcpy(fw_refusal_said, now, sizeof(fw_refusal_said));
+}
+
+/*
+ * Rows [first, first + n) of fw_batch into rel, COPY FROM's way: a
+ * ResultRelInfo of its own (no range table: nothing here checks
+ * permissions, the flusher is the bootstrap superuser), constraints,
+ * table_multi_insert, then the index entries.  Returns n.
  */
 static uint64
-fw_worker_insert_batch(int first, int n)
+fw_fast_insert(Oid relid, int first, int n)
 {
-	Datum		args[FW_INSERT_NARGS];
-	char		argnulls[FW_INSERT_NARGS];
+	Relation	rel = table_open(relid, NoLock);	/* locked by the caller */
+	EState	   *estate = CreateExecutorState();
+	ResultRelInfo *rri = makeNode(ResultRelInfo);
+	TupleTableSlot **slots = palloc(sizeof(TupleTableSlot *) * n);
+	bool		check = (RelationGetDescr(rel)->constr != NULL);
+
+	estate->es_snapshot = GetActiveSnapshot();
+	InitResultRelInfo(rri, rel, 0, NULL, 0);
+	CheckValidResultRel(rri, CMD_INSERT);
+	ExecOpenIndices(rri, false);
+
+	for (int i = 0; i < n; i++)
+	{
+		TupleTableSlot *slot = table_slot_create(rel, &estate->es_tupleTable);
+
+		fw_row_values(&fw_batch[first + i], slot->tts_values, slot->tts_isnull);
+		ExecStoreVirtualTuple(slot);
+		/* NOT NULL and CHECK: a violation is the row's error (23xxx) */
+		if (check)
+			ExecConstraints(rri, slot, estate);
+		slots[i] = slot;
+	}
+
+	table_multi_insert(rel, slots, n, GetCurrentCommandId(true), 0, NULL);
+
+	if (rri->ri_NumIndices > 0)
+	{
+		for (int i = 0; i < n; i++)
+		{
+			List	   *recheck;
+
+			/* the primary key's uniqueness is checked here (23505) */
+			recheck = ExecInsertIndexTuples(rri, slots[i], estate,
+											false, false, NULL, NIL);
+			/* only deferrable keys ask for a recheck: they are triggers */
+			Assert(recheck == NIL);
+			list_free(recheck);
+			ResetPerTupleExprContext(estate);
+		}
+	}
+
+	ExecCloseIndices(rri);
+	ExecResetTupleTable(estate->es_tupleTable, false);
+	FreeExecutorState(estate);
+	table_close(rel, NoLock);
+	return n;
+}
+
+/* ---- the SQL insert ---- */
+
+/*
+ * INSERT INTO fw_tier.calls (the columns) SELECT FROM ROWS FROM
+ * (pg_catalog.unnest($1), ...) ON CONFLICT (call_id, attempt) DO NOTHING,
+ * one array parameter per column.  Runs as the bootstrap superuser: the
+ * only functions are pg_catalog's (and the search_path is pinned too).  A
+ * generic plan at once: a custom plan would copy the batch's arrays into
+ * the plan as constants, and replan, for every batch.
+ */
+static void
+fw_sql_prepare(void)
+{
+	StringInfoData sql;
+	Oid			argtypes[FW_NCOLS];
+
+	if (fw_insert_plan != NULL)
+		return;
+	initStringInfo(&sql);
+	appendStringInfoString(&sql, "INSERT INTO fw_tier.calls (");
+	for (int c = 0; c < FW_NCOLS; c++)
+		appendStringInfo(&sql, "%s%s", c ? ", " : "",
+						 quote_identifier(fw_call_columns[c].name));
+	appendStringInfoString(&sql, ") SELECT * FROM ROWS FROM (");
+	for (int c = 0; c < FW_NCOLS; c++)
+	{
+		appendStringInfo(&sql, "%spg_catalog.unnest($%d)", c ? ", " : "", c + 1);
+		argtypes[c] = get_array_type(fw_call_columns[c].typid);
+	}
+	appendStringInfoString(&sql, ") ON CONFLICT (call_id, attempt) DO NOTHING");
+
+	fw_insert_plan = SPI_prepare_cursor(sql.data, FW_NCOLS, argtypes,
+										CURSOR_OPT_GENERIC_PLAN);
+	if (fw_insert_plan == NULL)
+		elog(ERROR, "SPI_prepare failed for the fw_tier call-log insert: %s",
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(fw_insert_plan);
+	pfree(sql.data);
+}
+
+/*
+ * Rows [first, first + n) of fw_batch with one statement.  Returns the
+ * rows inserted; the others were already in the table.
+ */
+static uint64
+fw_sql_insert(int first, int n)
+{
+	Datum		args[FW_NCOLS];
+	char		argnulls[FW_NCOLS];
+	Datum		values[FW_NCOLS];
+	bool		isnull[FW_NCOLS];
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
 	int			ret;
 
-	for (int i = 0; i < n; i++)
-		fw_worker_fill_row(&fw_batch[first + i], i);
-
-	for (int c = 0; c < FW_INSERT_NARGS; c++)
+	fw_sql_prepare();
+	if (fw_col_values == NULL)
 	{
+		fw_col_values = MemoryContextAlloc(TopMemoryContext,
+										   sizeof(Datum) * FW_NCOLS * FW_BATCH_MAX);
+		fw_col_nulls = MemoryContextAlloc(TopMemoryContext,
+										  sizeof(bool) * FW_NCOLS * FW_BATCH_MAX);
+	}
+	for (int i = 0; i < n; i++)
+	{
+		fw_row_values(&fw_batch[first + i], values, isnull);
+		for (int c = 0; c < FW_NCOLS; c++)
+		{
+			fw_col_values[c * FW_BATCH_MAX + i] = values[c];
+			fw_col_nulls[c * FW_BATCH_MAX + i] = isnull[c];
+		}
+	}
+	for (int c = 0; c < FW_NCOLS; c++)
+	{
+		Oid			typid = fw_call_columns[c].typid;
 		int16		elmlen;
 		bool		elmbyval;
 		char		elmalign;
 
-		get_typlenbyvalalign(fw_insert_elemtypes[c], &elmlen, &elmbyval, &elmalign);
-		args[c] = PointerGetDatum(construct_md_array(fw_cols->values[c],
-													 fw_cols->nulls[c],
-													 1, dims, lbs,
-													 fw_insert_elemtypes[c],
+		get_typlenbyvalalign(typid, &elmlen, &elmbyval, &elmalign);
+		args[c] = PointerGetDatum(construct_md_array(&fw_col_values[c * FW_BATCH_MAX],
+													 &fw_col_nulls[c * FW_BATCH_MAX],
+													 1, dims, lbs, typid,
 													 elmlen, elmbyval, elmalign));
 		argnulls[c] = ' ';
 	}
@@ -440,37 +729,53 @@ fw_worker_dead_letter(FwDrainedRecord *d, ErrorData *edata)
 	pg_atomic_fetch_add_u64(&fw_shared->dead_letters, 1);
 }
 
+/* ---- the batch ---- */
+
 /*
- * Insert rows [first, first + n) of fw_batch in a subtransaction; NULL on
- * success, else the error (the subtransaction rolled back).
+ * Rows [first, first + n) of fw_batch in a subtransaction, the SQL way
+ * when *sql, else by the multi-insert into relid; NULL on success (*rows
+ * grows by the rows inserted), else the error (the subtransaction rolled
+ * back).  A unique violation of the multi-insert is a row that is already
+ * there where none was expected: the rows are written again the SQL way,
+ * and *sql says so to the caller.
  */
 static ErrorData *
-fw_worker_try_insert(int first, int n)
+fw_try_insert(Oid relid, int first, int n, bool *sql, uint64 *rows)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *edata = NULL;
+	for (;;)
+	{
+		MemoryContext oldcontext = CurrentMemoryContext;
+		ResourceOwner oldowner = CurrentResourceOwner;
+		ErrorData  *edata = NULL;
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		(void) fw_worker_insert_batch(first, n);
-		ReleaseCurrentSubTransaction();
+		BeginInternalSubTransaction(NULL);
 		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
+		PG_TRY();
+		{
+			uint64		done;
+
+			done = *sql ? fw_sql_insert(first, n) : fw_fast_insert(relid, first, n);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
+			*rows += done;
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(oldcontext);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
+		}
+		PG_END_TRY();
+
+		if (edata == NULL || *sql || edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+			return edata;
+		FreeErrorData(edata);
+		*sql = true;
 	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_END_TRY();
-	return edata;
 }
 
 /*
@@ -479,27 +784,31 @@ fw_worker_try_insert(int first, int n)
  * a row, row by row (a subtransaction each), and the rows that still fail
  * go to the dead letters while the rest lands.  An error about the
  * environment (or the same error for every row: the table, not the rows)
- * is raised again: the caller keeps the records and backs off.
+ * is raised again: the caller keeps the records and backs off.  Returns
+ * the rows inserted into fw_tier.calls.
  */
-static void
-fw_worker_write_batch(int n)
+static uint64
+fw_write_batch(Oid relid, int n, bool sql)
 {
 	ErrorData  *edata;
 	ErrorData **row_err;
 	int			nfailed = 0;
 	int			first_fail = 0;
 	bool		same = true;
+	uint64		rows = 0;
 
-	edata = fw_worker_try_insert(0, n);
+	edata = fw_try_insert(relid, 0, n, &sql, &rows);
 	if (edata == NULL)
-		return;
+		return rows;
 	if (!fw_error_is_row_specific(edata->sqlerrcode))
 		ReThrowError(edata);
 
 	row_err = palloc0(sizeof(ErrorData *) * n);
 	for (int i = 0; i < n; i++)
 	{
-		row_err[i] = fw_worker_try_insert(i, 1);
+		bool		row_sql = sql;
+
+		row_err[i] = fw_try_insert(relid, i, 1, &row_sql, &rows);
 		if (row_err[i] != NULL)
 		{
 			if (nfailed == 0)
@@ -510,7 +819,7 @@ fw_worker_write_batch(int n)
 		}
 	}
 	if (nfailed == 0)
-		return;					/* the batch error did not come back */
+		return rows;			/* the batch error did not come back */
 	if (nfailed == n && n > 1 && same)
 		ReThrowError(row_err[first_fail]);	/* every row, the same way */
 
@@ -531,20 +840,31 @@ fw_worker_write_batch(int n)
 			 errdetail("The first refusal: %s",
 					   row_err[first_fail]->message ? row_err[first_fail]->message : ""),
 			 errhint("Inspect fw_tier.calls_dead_letter; a constraint or trigger on fw_tier.calls rejects these rows.")));
+	return rows;
 }
 
 /*
  * The flusher's entry: write the n records of batch in its transaction
- * (SPI connected).
+ * (SPI connected, a snapshot active).  may_repeat: some may be in the
+ * table already (header comment, "Duplicates"): the SQL insert's ON
+ * CONFLICT skips those.  Returns the rows inserted into fw_tier.calls.
  */
-void
-fw_loginsert_batch(FwDrainedRecord *batch, int n)
+uint64
+fw_loginsert_batch(FwDrainedRecord *batch, int n, bool may_repeat)
 {
-	if (fw_cols == NULL)
-		fw_cols = MemoryContextAllocZero(TopMemoryContext, sizeof(FwInsertColumns));
+	Oid			relid;
+	Relation	rel;
+	const char *refusal;
+
 	fw_batch = batch;
-	fw_worker_prepare_insert();
-	fw_worker_write_batch(n);
+	/* under lock_timeout; held to COMMIT */
+	relid = RangeVarGetRelid(makeRangeVar("fw_tier", "calls", -1),
+							 RowExclusiveLock, false);
+	rel = table_open(relid, NoLock);
+	refusal = fw_fast_refusal(rel);
+	table_close(rel, NoLock);
+	fw_fast_report(refusal);
+	return fw_write_batch(relid, n, may_repeat || refusal != NULL);
 }
 
 /* After an aborted transaction: the plan may refer to a dropped table. */

@@ -4,7 +4,7 @@
  *		What the background-worker files share: launcher.c (the static
  *		worker and what both workers use), flusher.c (the database work),
  *		winsync.c (fw_tier.escalations), loginsert.c (rows of
- *		fw_tier.calls).
+ *		fw_tier.calls), prices.c (their cost).
  *
  * Private to those four files; the rest of fw_tier sees only the entry
  * points declared in fw_tier.h.
@@ -37,7 +37,12 @@ extern long fw_ms_until(TimestampTz deadline, TimestampTz now);
 extern TimestampTz fw_winsync_windows(bool at_start, int *nsynced);
 
 /* loginsert.c: the batch's rows into fw_tier.calls, flusher only */
-extern void fw_loginsert_batch(FwDrainedRecord *batch, int n);
+extern uint64 fw_loginsert_batch(FwDrainedRecord *batch, int n, bool may_repeat);
 extern void fw_loginsert_reset(void);
+
+/* prices.c: cost_usd of an attempt, from the cache of fw_tier.prices */
+extern Datum fw_price_cost(FwPath path, const char *model, FwOutcome outcome,
+						   bool replayed, int32 prompt, int32 cached,
+						   int32 completion, bool *isnull);
 
 #endif							/* FW_WORKER_H */
