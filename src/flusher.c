@@ -89,10 +89,14 @@ static int	fw_fail_count = 0;
  * fw_checked_below: ring positions below it were there when this flusher
  * started, read by an earlier process that may have committed them
  * without moving the tail; 0 once a batch of them inserted a row.
+ * fw_spill_checked: the same for the spill, whose read position after a
+ * restart (spill.read) may lag behind what was committed; false once a
+ * spill batch inserted a row.
  * fw_advance_pending: a COMMIT was tried and the tail has not moved since
  * (an error in between leaves it set).
  */
 static uint64 fw_checked_below = 0;
+static bool fw_spill_checked = true;
 static bool fw_advance_pending = false;
 
 static void
@@ -253,8 +257,8 @@ fw_flusher_drain_batch(void)
 	if (from_spill ? n < 0 : end_pos == tail)
 		return -1;				/* the first record is still being written */
 
-	/* the spill's read position may lag: every spill batch may repeat */
-	may_repeat = from_spill || fw_advance_pending || tail < fw_checked_below;
+	may_repeat = fw_advance_pending ||
+		(from_spill ? fw_spill_checked : tail < fw_checked_below);
 	if (n > 0)
 	{
 		SetCurrentStatementStartTimestamp();
@@ -288,10 +292,16 @@ fw_flusher_drain_batch(void)
 
 	/*
 	 * A record of this batch was not in the table yet: none after it is
-	 * (committed records are a prefix of the ring's order).
+	 * (committed records are a prefix of the ring's, or the spill's,
+	 * order).
 	 */
-	if (!from_spill && may_repeat && rows > 0)
-		fw_checked_below = 0;
+	if (may_repeat && rows > 0)
+	{
+		if (from_spill)
+			fw_spill_checked = false;
+		else
+			fw_checked_below = 0;
+	}
 	return n;
 }
 

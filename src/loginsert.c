@@ -56,7 +56,8 @@
  *	  the next batch is checked;
  *	- the spill: its read position (spill.read) is written after the
  *	  commit and may lag or be missing after a crash (the oldest segment
- *	  is then read from its start): every spill batch is checked.
+ *	  is then read from its start): spill batches are checked, by the
+ *	  same prefix rule, until one has inserted a row.
  * A batch that may repeat takes the SQL insert, whose ON CONFLICT skips
  * what is there.  Should the multi-insert still meet a unique violation
  * (a row inserted by hand, a ring file set back by a restore), the batch

@@ -145,13 +145,12 @@ sub after_crash
 		"$how: nothing in the dead letters");
 }
 
-# (1) SIGKILL the flusher: stopped first, so the kill lands mid-drain
+# (1) SIGKILL the flusher.  (Not SIGSTOP first: stopped inside the
+# multi-insert it holds a buffer lock, and a query of the table would wait.)
 fill('w2');
 my ($h, $count) = drain_started('w2');
 my $fpid = flusher_pid();
-kill 'STOP', $fpid if $fpid;
-$count = $node->safe_psql('postgres', "SELECT count(*) FROM fw_tier.calls WHERE workload = 'w2'");
-cmp_ok($count, '<', $n, "flusher stopped with $count of $n rows in");
+cmp_ok($count, '<', $n, "the drain is under way ($count of $n rows in)");
 kill 'KILL', $fpid if $fpid;
 $h->finish;
 after_crash('w2', 'flusher SIGKILL', $count);
