@@ -136,6 +136,16 @@ static bool *fw_col_nulls = NULL;
 static char fw_refusal_said[FW_ERRLEN];	/* why the multi-insert is not
 										 * used, as last logged */
 
+/*
+ * The multi-insert's slots, made once: a slot of the relation's own
+ * descriptor pins it in the transaction's resource owner, a thousand pins
+ * and releases per batch.  Their descriptor is a copy (not reference
+ * counted) of the table's, which fw_fast_refusal has found to be exactly
+ * fw_call_columns (names, types, no typmod), so any copy is the same.
+ */
+static TupleDesc fw_slot_desc = NULL;
+static TupleTableSlot *fw_slots[FW_BATCH_MAX];
+
 
 /*
  * Text for a column: the writer's database may use another encoding;
@@ -424,7 +434,7 @@ fw_fast_refusal(Relation rel)
 		Form_pg_attribute a = TupleDescAttr(desc, c);
 
 		if (a->attisdropped || a->attgenerated != '\0' ||
-			a->atttypid != fw_call_columns[c].typid ||
+			a->atttypid != fw_call_columns[c].typid || a->atttypmod != -1 ||
 			strcmp(NameStr(a->attname), fw_call_columns[c].name) != 0)
 			return "its columns are not the ones this library writes";
 	}
@@ -462,8 +472,18 @@ fw_fast_insert(Oid relid, int first, int n)
 	Relation	rel = table_open(relid, NoLock);	/* locked by the caller */
 	EState	   *estate = CreateExecutorState();
 	ResultRelInfo *rri = makeNode(ResultRelInfo);
-	TupleTableSlot **slots = palloc(sizeof(TupleTableSlot *) * n);
+	TupleTableSlot **slots = fw_slots;
 	bool		check = (RelationGetDescr(rel)->constr != NULL);
+
+	if (fw_slot_desc == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		fw_slot_desc = CreateTupleDescCopy(RelationGetDescr(rel));
+		for (int i = 0; i < FW_BATCH_MAX; i++)
+			fw_slots[i] = MakeSingleTupleTableSlot(fw_slot_desc, &TTSOpsHeapTuple);
+		MemoryContextSwitchTo(old);
+	}
 
 	estate->es_snapshot = GetActiveSnapshot();
 	InitResultRelInfo(rri, rel, 0, NULL, 0);
@@ -472,14 +492,14 @@ fw_fast_insert(Oid relid, int first, int n)
 
 	for (int i = 0; i < n; i++)
 	{
-		TupleTableSlot *slot = table_slot_create(rel, &estate->es_tupleTable);
+		TupleTableSlot *slot = slots[i];
 
+		ExecClearTuple(slot);
 		fw_row_values(&fw_batch[first + i], slot->tts_values, slot->tts_isnull);
 		ExecStoreVirtualTuple(slot);
 		/* NOT NULL and CHECK: a violation is the row's error (23xxx) */
 		if (check)
 			ExecConstraints(rri, slot, estate);
-		slots[i] = slot;
 	}
 
 	table_multi_insert(rel, slots, n, GetCurrentCommandId(true), 0, NULL);
@@ -500,8 +520,10 @@ fw_fast_insert(Oid relid, int first, int n)
 		}
 	}
 
+	/* the formed tuples live in TopMemoryContext: free them now */
+	for (int i = 0; i < n; i++)
+		ExecClearTuple(slots[i]);
 	ExecCloseIndices(rri);
-	ExecResetTupleTable(estate->es_tupleTable, false);
 	FreeExecutorState(estate);
 	table_close(rel, NoLock);
 	return n;
