@@ -52,36 +52,23 @@ proc_cpu() { awk -v c="$clk" '{printf "%.3f", ($14 + $15) / c}' "/proc/$1/stat";
 # cpu_round: "backend flusher" seconds for $N calls, on the cluster that
 # BINDIR / PGPORT_BENCH name
 cpu_round() {
-	local bpid="" b0 b1 f fpid sqlpid
+	local b f fpid
 	pause_drain
+	# the backend reads its own /proc/self/stat before and after the calls
 	cat > "$BENCH_WORK/cpu.sql" <<SQL
 SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000);
-SELECT 'B0 ' || pg_backend_pid();
+SELECT 'B0 ' || (split_part(s, ' ', 14)::bigint + split_part(s, ' ', 15)::bigint) FROM pg_read_file('/proc/self/stat') s;
 SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, $N);
-SELECT 'B1 ' || pg_backend_pid();
+SELECT 'B1 ' || (split_part(s, ' ', 14)::bigint + split_part(s, ' ', 15)::bigint) FROM pg_read_file('/proc/self/stat') s;
 SQL
 	chmod 644 "$BENCH_WORK/cpu.sql"
-	: > "$BENCH_WORK/cpu.out"
-	bpsql -f "$BENCH_WORK/cpu.sql" > "$BENCH_WORK/cpu.out" &
-	sqlpid=$!
-	for _ in $(seq 1 1200); do
-		bpid=$(sed -n 's/^B0 //p' "$BENCH_WORK/cpu.out")
-		[ -n "$bpid" ] && break
-		sleep 0.05
-	done
-	b0=$(proc_cpu "$bpid")
-	for _ in $(seq 1 12000); do
-		grep -q '^B1 ' "$BENCH_WORK/cpu.out" && break
-		sleep 0.05
-	done
-	b1=$(proc_cpu "$bpid")
-	wait $sqlpid
+	b=$(bpsql -f "$BENCH_WORK/cpu.sql" | awk -v c="$clk" '/^B0 / {b0 = $2} /^B1 / {b1 = $2} END {printf "%.3f", (b1 - b0) / c}')
 	resume_drain
 	bpsql -c "SET statement_timeout = '300s'; SELECT fw_flush()" >/dev/null
 	fpid=$(fw_worker_pid flusher)
-	f=$([ -n "$fpid" ] && proc_cpu "$fpid" || echo 0)
+	f=$([ -n "$fpid" ] && proc_cpu "$fpid" 2>/dev/null || echo 0)
 	# the flusher drained the warm-up's 1,000 records too
-	echo "$b0 $b1 $f $N" | awk '{printf "%.3f %.3f", $2 - $1, $3 * $4 / ($4 + 1000)}'
+	echo "$b $f $N" | awk '{printf "%.3f %.3f\n", $1, $2 * $3 / ($3 + 1000)}'
 }
 NEW_BIN=$BINDIR; NEW_PORT=$PGPORT_BENCH
 if [ -n "${OLD_REV:-}" ]; then
