@@ -6,7 +6,11 @@ OBJS = \
 	src/escalation.o \
 	src/calllog.o \
 	src/spill.o \
-	src/worker.o \
+	src/launcher.o \
+	src/flusher.o \
+	src/winsync.o \
+	src/loginsert.o \
+	src/prices.o \
 	src/status.o \
 	src/http.o \
 	src/workloads.o \

@@ -103,3 +103,46 @@ pause_drain() {
 	exit 1
 }
 resume_drain() { [ -n "${LAUNCHER_PID:-}" ] && kill -CONT "$LAUNCHER_PID" 2>/dev/null || true; }
+
+# build_copy (bench/overhead/compare.sh, bench/calllog OLD_REV): revisions
+# side by side, each in a private relocated PostgreSQL copy
+BENCH_ROOT=$(pwd)
+# build_copy NAME REV: PostgreSQL copy with fw_tier of REV installed;
+# prints its bindir
+build_copy() {
+	local name=$1 rev=$2 pg="$BENCH_WORK/pg-$1" src="$BENCH_WORK/src-$1"
+	mkdir -p "$pg/usr/lib" "$pg/usr/share" "$pg/usr/include"
+	cp -a /usr/lib/postgresql "$pg/usr/lib/"
+	cp -a /usr/share/postgresql "$pg/usr/share/"
+	cp -a /usr/include/postgresql "$pg/usr/include/"
+	mkdir -p "$src"
+	if [ -n "$rev" ]; then
+		git -C "$BENCH_ROOT" archive "$rev" | tar -x -C "$src"
+	else
+		(cd "$BENCH_ROOT" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$src")
+	fi
+	local bin="$pg/usr/lib/postgresql/15/bin"
+	(cd "$src" && PATH="$bin:$PATH" make -s >/dev/null && PATH="$bin:$PATH" make -s install >/dev/null)
+	echo "$bin"
+}
+
+# cluster NAME BINDIR PORT [EXTRA_CONF]: start a cluster of that copy, fw_tier
+# created in postgres, pointed at $URL (start_reference first)
+cluster() {
+	local name=$1 bin=$2 port=$3 data="$BENCH_WORK/data-$1"
+	su fwtest -s /bin/bash -c "'$bin/initdb' -D '$data' -A trust -U postgres" >/dev/null
+	cat >> "$data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$BENCH_WORK'
+shared_preload_libraries = 'fw_tier'
+fw_tier.base_url = '$URL/inference/v1'
+fw_tier.api_key = 'bench'
+${4:-}
+CONF
+	BENCH_CLUSTERS="$BENCH_CLUSTERS
+$bin $data"
+	su fwtest -s /bin/bash -c "'$bin/pg_ctl' -D '$data' -l '$BENCH_WORK/pg-$name.log' -w start" >/dev/null
+	su fwtest -s /bin/bash -c "'$bin/psql' -X -q -h '$BENCH_WORK' -p $port -U postgres -d postgres -c 'CREATE EXTENSION fw_tier'" >/dev/null
+}
+

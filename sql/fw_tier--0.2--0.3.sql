@@ -13,7 +13,23 @@
 -- ---------------------------------------------------------------------
 -- Section A: issue 15, the call log's insert path (BRIN on started_at, ...)
 -- ---------------------------------------------------------------------
--- (section A)
+-- The flusher writes fw_tier.calls by a multi-insert (src/loginsert.c).
+-- started_at grows with the table (rows arrive in about the order the
+-- calls were made): a BRIN index serves the time-range queries of the
+-- views and purge_calls at a fraction of a btree's cost per row.
+DROP INDEX fw_tier.calls_started_at_idx;
+CREATE INDEX calls_started_at_idx ON fw_tier.calls USING brin (started_at);
+
+-- The flusher prices rows from a cache of fw_tier.prices (src/prices.c);
+-- row changes do not invalidate it by themselves, this trigger does (the
+-- same C function as workloads_changed).  ENABLE ALWAYS: a replication
+-- apply (session_replication_role = replica) changes prices too.
+CREATE FUNCTION fw_tier.prices_changed() RETURNS trigger
+AS 'MODULE_PATHNAME', 'fw_workloads_changed' LANGUAGE C;
+CREATE TRIGGER prices_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON fw_tier.prices
+	FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.prices_changed();
+ALTER TABLE fw_tier.prices ENABLE ALWAYS TRIGGER prices_changed;
 
 -- ---------------------------------------------------------------------
 -- Section B: issue 12, typed answers (JSON schema, embeddings, rerank)
@@ -133,11 +149,9 @@ GRANT SELECT ON fw_tier.budgets TO PUBLIC;
 -- Backends keep budgets and prices in a cache (src/spend.c): a statement
 -- trigger invalidates it in every session, as for fw_tier.workloads (the
 -- C function only invalidates the relcache of the table it fires on).
+-- fw_tier.prices already has its trigger, prices_changed (section A).
 CREATE TRIGGER budgets_changed
 	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON fw_tier.budgets
-	FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.workloads_changed();
-CREATE TRIGGER prices_changed
-	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON fw_tier.prices
 	FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.workloads_changed();
 
 -- fw_tier.calls.outcome has no CHECK: a refused call is logged with

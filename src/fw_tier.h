@@ -183,10 +183,10 @@ typedef struct FwSharedState
 									 * flusher, else the launcher); 0 = none */
 	Latch	   *worker_latch;	/* the launcher's; read racily (a stale
 								 * latch only costs a spurious wakeup) */
-	/* worker.c: launcher and flusher coordination (see worker.c) */
+	/* launcher and flusher coordination (launcher.c, flusher.c) */
 	Latch	   *flusher_latch;	/* the running flusher's, or NULL */
 	pg_atomic_uint32 launcher_pid;	/* 0 = launcher not running */
-	pg_atomic_uint32 worker_flags;	/* FW_WF_* bits, worker.c */
+	pg_atomic_uint32 worker_flags;	/* FW_WF_* bits, worker.h */
 	ConditionVariable ring_space_cv;	/* broadcast when the tail moves */
 	ConditionVariable ring_flushed_cv;	/* idem, for fw_flush() */
 	pg_atomic_uint64 ring_waits;	/* writers that had to wait for space */
@@ -195,7 +195,7 @@ typedef struct FwSharedState
 	pg_atomic_uint64 records_skipped;	/* unpublished after a crash, or
 										 * rejected by the table */
 	/*
-	 * calllog.c / spill.c / worker.c: damaged records, the spill and why
+	 * calllog.c / spill.c / flusher.c: damaged records, the spill and why
 	 * the log does not drain.  Initialized by the postmaster in
 	 * fw_calllog_startup(); the plain fields are under ring_lock.
 	 */
@@ -368,7 +368,7 @@ extern void fw_spill_advance(uint64 end_pos, int nrecords, uint64 bytes);
 extern void fw_spill_usage(uint64 *bytes, uint64 *records);
 extern void fw_dead_letter_file(const char *line);
 
-/* ---- worker.c: the launcher (no database) and the flusher (fw_tier.database) ---- */
+/* ---- launcher.c (no database) and flusher.c (fw_tier.database): the workers ---- */
 extern void fw_register_worker(void);
 extern PGDLLEXPORT void fw_launcher_main(Datum arg);
 extern PGDLLEXPORT void fw_flusher_main(Datum arg);

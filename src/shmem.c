@@ -40,7 +40,7 @@
  * launcher's) and flusher_latch are written by their owner only and read
  * without a lock; a stale pointer costs a spurious wakeup of some other
  * process at worst.  worker_pid, launcher_pid and worker_flags are atomics
- * written by the launcher and the flusher (worker.c).
+ * written by the launcher and the flusher (launcher.c, flusher.c).
  *
  * The ring's bytes and its head/tail live in a file mapped MAP_SHARED
  * (calllog.c), not in the main shared memory segment, so that they survive

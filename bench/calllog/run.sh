@@ -11,6 +11,8 @@
 #     while one backend calls: the share of CPU time spent in the push
 #     (fw_log_attempt and what it calls) and in the worker, of all the CPU
 #     the calls cost (backend + worker).  Target: logging < 5%.
+# (c) CPU per logged call, BEFORE (OLD_REV) and AFTER in one run (first;
+#     CPU_ONLY=1 stops after it): see below.
 # (b) ring + worker throughput.  CLIENTS backends call fw_complete at once;
 #     rows/s landing in fw_tier.calls and count(*) = attempts (no loss).
 #     Then the worker alone: stopped, the ring filled with DRAIN_N records,
@@ -33,6 +35,76 @@ fw_tier.log_buffer = '128MB'
 max_connections = 50"
 
 trap 'resume_drain; _bench_cleanup' EXIT
+
+# ---- (c) CPU per logged call: getrusage of the backend and the flusher ----
+# The backend makes $N calls with the drain paused (its CPU: the call and
+# the push), then the flusher drains exactly those records (its CPU: the
+# insert, start-up included).  Both from /proc/PID/stat (utime + stime,
+# what getrusage reports), the libcurl loop's from the shell's `times`.
+# logging share = flusher / (backend + flusher), the push being in the
+# backend's part (perf in (a) shows it); total = (backend + flusher) / N
+# against the loop's CPU per call.  Lowest of $ROUNDS rounds.  With
+# OLD_REV (e.g. OLD_REV=ba360a5) that revision is built into a private
+# PostgreSQL copy (as bench/overhead/compare.sh does) and measured in the
+# same rounds, the order alternating: BEFORE and AFTER in one run.
+clk=$(getconf CLK_TCK)
+proc_cpu() { awk -v c="$clk" '{printf "%.3f", ($14 + $15) / c}' "/proc/$1/stat"; }
+# cpu_round: "backend flusher" seconds for $N calls, on the cluster that
+# BINDIR / PGPORT_BENCH name
+cpu_round() {
+	local b f fpid
+	pause_drain
+	# the backend reads its own /proc/self/stat before and after the calls
+	cat > "$BENCH_WORK/cpu.sql" <<SQL
+SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000);
+SELECT 'B0 ' || (split_part(s, ' ', 14)::bigint + split_part(s, ' ', 15)::bigint) FROM pg_read_file('/proc/self/stat') s;
+SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, $N);
+SELECT 'B1 ' || (split_part(s, ' ', 14)::bigint + split_part(s, ' ', 15)::bigint) FROM pg_read_file('/proc/self/stat') s;
+SQL
+	chmod 644 "$BENCH_WORK/cpu.sql"
+	b=$(bpsql -f "$BENCH_WORK/cpu.sql" | awk -v c="$clk" '/^B0 / {b0 = $2} /^B1 / {b1 = $2} END {printf "%.3f", (b1 - b0) / c}')
+	resume_drain
+	bpsql -c "SET statement_timeout = '300s'; SELECT fw_flush()" >/dev/null
+	fpid=$(fw_worker_pid flusher)
+	f=$([ -n "$fpid" ] && proc_cpu "$fpid" 2>/dev/null || echo 0)
+	# the flusher drained the warm-up's 1,000 records too
+	echo "$b $f $N" | awk '{printf "%.3f %.3f\n", $1, $2 * $3 / ($3 + 1000)}'
+}
+NEW_BIN=$BINDIR; NEW_PORT=$PGPORT_BENCH
+if [ -n "${OLD_REV:-}" ]; then
+	OLD_BIN=$(build_copy old "$OLD_REV")
+	OLD_PORT=$((PGPORT_BENCH + 2))
+	cluster old "$OLD_BIN" "$OLD_PORT" "fw_tier.log_buffer = '128MB'"
+	SIDES="new old"
+else
+	SIDES="new"
+fi
+declare -A best_b best_f
+best_l=""
+for r in $(seq 1 "$ROUNDS"); do
+	l=$( { bash -c "'$BENCH_WORK/curl_loop' '$URL/inference/v1/chat/completions' $N >/dev/null; times" | tail -1; } |
+		awk '{split($1, u, "m"); split($2, s, "m"); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2]}')
+	best_l=$(echo "$l ${best_l:-$l}" | awk '{print ($1 < $2) ? $1 : $2}')
+	order=$SIDES
+	[ $((r % 2)) -eq 0 ] && order=$(echo "$SIDES" | awk '{for (i = NF; i > 0; i--) printf "%s ", $i}')
+	line="round $r: libcurl loop ${l} s CPU for $N calls"
+	for side in $order; do
+		if [ "$side" = new ]; then BINDIR=$NEW_BIN; PGPORT_BENCH=$NEW_PORT; else BINDIR=$OLD_BIN; PGPORT_BENCH=$OLD_PORT; fi
+		read -r b f < <(cpu_round)
+		line="$line; $side: backend ${b} s, flusher ${f} s"
+		best_b[$side]=$(echo "$b ${best_b[$side]:-$b}" | awk '{print ($1 < $2) ? $1 : $2}')
+		best_f[$side]=$(echo "$f ${best_f[$side]:-$f}" | awk '{print ($1 < $2) ? $1 : $2}')
+	done
+	echo "$line"
+done
+BINDIR=$NEW_BIN; PGPORT_BENCH=$NEW_PORT
+for side in $SIDES; do
+	label=$side; [ "$side" = new ] && label="after (working tree)"; [ "$side" = old ] && label="before ($OLD_REV)"
+	echo "${best_b[$side]} ${best_f[$side]} $best_l $N" | awk -v who="$label" '{
+		printf "RESULT calllog-cpu %s: %.1f us CPU per logged call (backend %.1f, flusher %.1f); libcurl loop %.1f us; flusher share %.1f%% of a call'"'"'s CPU (with the push: target <= 5%%); total/loop %.2f (target <= 1.10)\n",
+			who, 1e6 * ($1 + $2) / $4, 1e6 * $1 / $4, 1e6 * $2 / $4, 1e6 * $3 / $4, 100 * $2 / ($1 + $2), ($1 + $2) / $3}'
+done
+[ -n "${CPU_ONLY:-}" ] && exit 0
 
 # ---- (a) logging cost ----
 best_ref=0; best_on=0; best_off=0
