@@ -227,6 +227,50 @@ SELECT fw_flush();
 SELECT replayed, attempt, outcome, error
   FROM fw_tier.calls WHERE workload = 'js_rec' ORDER BY call_id, attempt;
 
+-- a hostile answer against a large schema: the work grows with the
+-- answer alone, not answer x schema (items + a 4,000-value enum over
+-- 200,000 elements; 2,000 properties against 200,000 empty objects),
+-- memory per element is freed, and a statement_timeout cancels a long
+-- check (57014, well within the bound).  Before the fix the first took
+-- over 20 GB and never finished.
+SELECT jsonb_build_object('items', jsonb_build_object('enum', jsonb_agg(i))) AS big_enum
+  FROM generate_series(0, 3999) i \gset
+SELECT jsonb_build_object('items', jsonb_build_object('properties', jsonb_object_agg('p' || i, '{}'::jsonb))) AS big_props
+  FROM generate_series(1, 2000) i \gset
+SELECT count(*) AS fixtures FROM (
+  SELECT sim.answer('hostile enum', :'big_enum', '[' || string_agg('3999', ',') || ']') FROM generate_series(1, 200000)
+  UNION ALL
+  SELECT sim.answer('hostile enum miss', :'big_enum', '[' || string_agg('3999', ',') || ', 4000]') FROM generate_series(1, 200000)
+  UNION ALL
+  SELECT sim.answer('hostile props', :'big_props', '[' || string_agg('{}', ',') || ']') FROM generate_series(1, 200000)
+  UNION ALL
+  SELECT sim.answer('hostile long', :'big_enum', '[' || string_agg('3999', ',') || ']') FROM generate_series(1, 1000000)) f;
+SET fw_tier.mode = 'replay';
+SET fw_tier.max_attempts = 1;
+SET statement_timeout = '20s';
+SELECT jsonb_array_length(fw_complete_json('hostile enum', :'big_enum', 'js_hand')) AS enum_elements,
+       jsonb_array_length(fw_complete_json('hostile props', :'big_props', 'js_hand')) AS props_elements;
+SELECT sim.jtry(format('SELECT fw_complete_json(%L, %L, %L)', 'hostile enum miss', :'big_enum', 'js_hand')) AS enum_miss;
+SET statement_timeout = '100ms';
+CREATE FUNCTION sim.cancel_time(schema jsonb) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+  t0 timestamptz := clock_timestamp();
+BEGIN
+  PERFORM fw_complete_json('hostile long', schema, 'js_hand');
+  RETURN 'finished';
+EXCEPTION WHEN query_canceled THEN
+  RETURN 'cancelled, ' || CASE WHEN clock_timestamp() - t0 < interval '10 s' THEN 'within 10 s' ELSE 'late' END;
+END $$;
+SELECT sim.cancel_time(:'big_enum') AS long_check;
+RESET statement_timeout;
+RESET fw_tier.max_attempts;
+RESET fw_tier.mode;
+-- a "type" or "required" array naming something twice is refused
+-- (JSON Schema's rule; a repeat would multiply the work per value)
+SELECT s AS schema, sim.jtry(format('SELECT fw_complete_json(%L, %L, %L)', 'x', s, 'js_live')) AS result
+  FROM unnest(ARRAY['{"type": ["string", "null", "string"]}', '{"required": ["a", "b", "a"]}',
+                    '{"type": ["string", "null"], "required": ["a", "b"]}']) s;
+
 -- a LATIN1 database: the answer is read in the database encoding (keys,
 -- strings and paths in DETAIL included)
 CREATE DATABASE js_latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;

@@ -13,10 +13,10 @@
  * bounded by fwjson.c); check_stack_depth() guards both recursions anyway.
  * Paths in messages are clipped (keys to FW_PATH_KEY_BYTES) and escaped.
  *
- * Keywords checked: type (a name or an array of names; "integer" is a
- * number without a fractional part, 1.0 included), enum, required,
- * properties, additionalProperties (true, false or a schema) and items
- * (one schema).  true and false are schemas too, below the root.
+ * Keywords checked: type (a name or an array of distinct names; "integer" is a
+ * number without a fractional part, 1.0 included), enum, required
+ * (distinct names), properties, additionalProperties (true, false or a
+ * schema) and items (one schema).  true and false are schemas too, below the root.
  * Annotations (title, description, default, examples, $schema, $id,
  * $comment, deprecated, readOnly, writeOnly) are ignored.  Any other
  * keyword is refused (22023) before anything is sent: a schema fw_tier
@@ -32,8 +32,10 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/hsearch.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
 #include "utils/numeric.h"
 
 #include "jsonschema.h"
@@ -104,6 +106,8 @@ fw_schema_invalid(StringInfo path, const char *what)
 			 errdetail("At %s: %s.", path->data, what)));
 }
 
+static int	fw_json_cmp(const void *pa, const void *pb);
+
 static bool
 fw_is_container(const JsonbValue *v, bool object)
 {
@@ -120,6 +124,7 @@ fw_schema_check_type(JsonbValue *v, StringInfo path)
 	JsonbValue	e;
 	JsonbIteratorToken tok;
 	int			n = 0;
+	int			seen = 0;
 
 	if (v->type == jbvString)
 	{
@@ -132,11 +137,19 @@ fw_schema_check_type(JsonbValue *v, StringInfo path)
 	it = JsonbIteratorInit(v->val.binary.data);
 	while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
 	{
+		int			i;
+
 		if (tok != WJB_ELEM)
 			continue;
 		if (e.type != jbvString ||
 			!fw_str_in(e.val.string.val, e.val.string.len, fw_type_names))
 			fw_schema_invalid(path, "\"type\" must be a type name or an array of type names");
+		/* no repeats (JSON Schema's rule): each answer value is tried on few names */
+		for (i = 0; !fw_str_is(e.val.string.val, e.val.string.len, fw_type_names[i]); i++)
+			;
+		if (seen & (1 << i))
+			fw_schema_invalid(path, "\"type\" must not name a type twice");
+		seen |= 1 << i;
 		n++;
 	}
 	if (n == 0)
@@ -202,13 +215,32 @@ fw_schema_check_node(JsonbValue *node, StringInfo path, int depth)
 		{
 			JsonbIterator *ai;
 			JsonbValue	e;
+			JsonbValue *names;
+			int			n = 0;
 
 			if (!fw_is_container(&v, false))
 				fw_schema_invalid(path, "\"required\" must be an array of property names");
+			names = palloc(sizeof(JsonbValue) * (JsonContainerSize(v.val.binary.data) + 1));
 			ai = JsonbIteratorInit(v.val.binary.data);
 			while ((tok = JsonbIteratorNext(&ai, &e, true)) != WJB_DONE)
-				if (tok == WJB_ELEM && e.type != jbvString)
+			{
+				if (tok != WJB_ELEM)
+					continue;
+				if (e.type != jbvString)
 					fw_schema_invalid(path, "\"required\" must be an array of property names");
+				names[n++] = e;
+			}
+
+			/*
+			 * No repeats (JSON Schema's rule): then an object the answer
+			 * passes has as many keys as there are names, and checking
+			 * them costs what the answer's size allows.
+			 */
+			qsort(names, n, sizeof(JsonbValue), fw_json_cmp);
+			for (int i = 1; i < n; i++)
+				if (fw_json_cmp(&names[i - 1], &names[i]) == 0)
+					fw_schema_invalid(path, "\"required\" must not name a property twice");
+			pfree(names);
 		}
 		else if (fw_str_is(kw, len, "properties"))
 		{
@@ -281,21 +313,43 @@ fw_schema_check(Jsonb *schema)
 
 /* ---------------------------------------------------------------------
  * The answer, against a checked schema
+ *
+ * The answer can be 64 MB of network input and the schema 64 kB: no
+ * work may grow with their product, nor memory with the answer's size.
+ * Each answer value meets at most one schema node; at that node the work
+ * is bounded by the schema's keywords (an "enum" is sorted once per check
+ * and searched, "type" arrays and "required" repeat no name) plus the
+ * value's own size (an object's keys, each looked up in "properties").
+ * What one element allocates lives in a context reset after it, and
+ * every node checks for interrupts, so a cancel or statement_timeout
+ * stops a long check.
  * ---------------------------------------------------------------------
  */
+
+/* An "enum" array, its values sorted by fw_json_cmp. */
+typedef struct FwEnumSet
+{
+	JsonbContainer *array;		/* hash key: the enum in the schema */
+	int			n;
+	JsonbValue *values;			/* shallow: they point into the schema */
+} FwEnumSet;
+
+/* One fw_answer_check: what outlives an element's temporary context. */
+typedef struct FwValidation
+{
+	MemoryContext cxt;			/* the problem and the enum sets live here */
+	HTAB	   *enums;			/* FwEnumSet by container, built on demand */
+	char	   *problem;
+} FwValidation;
 
 static bool
 fw_numeric_integral(Numeric n)
 {
-	char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out,
-														NumericGetDatum(n)));
-	char	   *dot = strchr(s, '.');
-
-	if (dot)
-		for (char *p = dot + 1; *p; p++)
-			if (*p != '0')
-				return false;
-	return true;
+	/* the smallest scale that keeps the value: no text, O(digits) */
+	if (numeric_is_nan(n) || numeric_is_inf(n))
+		return false;
+	return DatumGetInt32(DirectFunctionCall1(numeric_min_scale,
+											 NumericGetDatum(n))) == 0;
 }
 
 /* The JSON type of a value, as the schema names it ("integer" aside). */
@@ -327,12 +381,93 @@ fw_type_matches(const char *name, int len, const JsonbValue *v)
 	return fw_str_is(name, len, fw_value_type(v));
 }
 
-static bool
-fw_json_equal(JsonbValue *a, JsonbValue *b)
+static int
+fw_json_rank(const JsonbValue *v)
 {
-	return DatumGetBool(DirectFunctionCall2(jsonb_eq,
-											JsonbPGetDatum(JsonbValueToJsonb(a)),
-											JsonbPGetDatum(JsonbValueToJsonb(b))));
+	switch (v->type)
+	{
+		case jbvNull:
+			return 0;
+		case jbvBool:
+			return 1;
+		case jbvNumeric:
+			return 2;
+		case jbvString:
+			return 3;
+		default:
+			return JsonContainerIsArray(v->val.binary.data) ? 4 : 5;
+	}
+}
+
+/*
+ * A total order on iterator values that is 0 exactly when jsonb's "="
+ * says equal (1 = 1.0; strings byte for byte, as under the database's
+ * deterministic default collation), without copying either side:
+ * scalars compared in place, containers by compareJsonbContainers,
+ * which stops at the first difference.
+ */
+static int
+fw_json_cmp(const void *pa, const void *pb)
+{
+	const JsonbValue *a = pa;
+	const JsonbValue *b = pb;
+	int			ra = fw_json_rank(a);
+	int			rb = fw_json_rank(b);
+
+	if (ra != rb)
+		return ra < rb ? -1 : 1;
+	switch (a->type)
+	{
+		case jbvNull:
+			return 0;
+		case jbvBool:
+			return (int) a->val.boolean - (int) b->val.boolean;
+		case jbvNumeric:
+			return DatumGetInt32(DirectFunctionCall2(numeric_cmp,
+													 NumericGetDatum(a->val.numeric),
+													 NumericGetDatum(b->val.numeric)));
+		case jbvString:
+			if (a->val.string.len != b->val.string.len)
+				return a->val.string.len < b->val.string.len ? -1 : 1;
+			return memcmp(a->val.string.val, b->val.string.val, a->val.string.len);
+		default:
+			return compareJsonbContainers(a->val.binary.data, b->val.binary.data);
+	}
+}
+
+/* Is value one of the enum's?  Sorts the enum at its first use. */
+static bool
+fw_enum_has(FwValidation *st, JsonbContainer *array, const JsonbValue *value)
+{
+	FwEnumSet  *set;
+	bool		found;
+
+	if (st->enums == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(JsonbContainer *);
+		ctl.entrysize = sizeof(FwEnumSet);
+		ctl.hcxt = st->cxt;
+		st->enums = hash_create("fw_tier enum sets", 16, &ctl,
+								HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	set = hash_search(st->enums, &array, HASH_ENTER, &found);
+	if (!found)
+	{
+		JsonbIterator *it = JsonbIteratorInit(array);
+		JsonbValue	e;
+		JsonbIteratorToken tok;
+
+		set->n = 0;
+		set->values = MemoryContextAlloc(st->cxt,
+										 sizeof(JsonbValue) * JsonContainerSize(array));
+		while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
+			if (tok == WJB_ELEM)
+				set->values[set->n++] = e;
+		qsort(set->values, set->n, sizeof(JsonbValue), fw_json_cmp);
+	}
+	return bsearch(value, set->values, set->n, sizeof(JsonbValue), fw_json_cmp) != NULL;
 }
 
 /* The schema's "type" as JSON text, for a message. */
@@ -352,34 +487,50 @@ fw_type_text(JsonbValue *t)
 	return buf.data;
 }
 
-static bool fw_validate(JsonbValue *schema, JsonbValue *value, StringInfo path,
-						char **problem);
+static bool fw_validate(FwValidation *st, JsonbValue *schema, JsonbValue *value,
+						StringInfo path);
 
-/* Validate value against the subschema sub, found at path + key/index. */
+/* A context for what one element's check allocates, reset after it. */
+static MemoryContext
+fw_element_context(void)
+{
+	return AllocSetContextCreate(CurrentMemoryContext, "fw_tier answer element",
+								 ALLOCSET_SMALL_SIZES);
+}
+
+/*
+ * Validate value against the subschema sub, found at path + key/index,
+ * allocating in elem (then reset).
+ */
 static bool
-fw_validate_at(JsonbValue *sub, JsonbValue *value, StringInfo path,
-			   const char *key, int keylen, int index, char **problem)
+fw_validate_at(FwValidation *st, MemoryContext elem, JsonbValue *sub,
+			   JsonbValue *value, StringInfo path,
+			   const char *key, int keylen, int index)
 {
 	int			save = path->len;
+	MemoryContext old = MemoryContextSwitchTo(elem);
 	bool		ok;
 
 	if (key)
 		fw_path_key(path, key, keylen);
 	else
 		appendStringInfo(path, "[%d]", index);
-	ok = fw_validate(sub, value, path, problem);
+	ok = fw_validate(st, sub, value, path);
 	path->len = save;
 	path->data[save] = '\0';
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(elem);
 	return ok;
 }
 
 /* Say where and how the answer fails; returns false for the caller. */
-static bool fw_mismatch(char **problem, StringInfo path, const char *fmt,...)
+static bool fw_mismatch(FwValidation *st, StringInfo path, const char *fmt,...)
 			pg_attribute_printf(3, 4);
 
 static bool
-fw_mismatch(char **problem, StringInfo path, const char *fmt,...)
+fw_mismatch(FwValidation *st, StringInfo path, const char *fmt,...)
 {
+	MemoryContext old = MemoryContextSwitchTo(st->cxt);
 	StringInfoData buf;
 
 	initStringInfo(&buf);
@@ -396,7 +547,8 @@ fw_mismatch(char **problem, StringInfo path, const char *fmt,...)
 			break;
 		enlargeStringInfo(&buf, needed);
 	}
-	*problem = buf.data;
+	st->problem = buf.data;
+	MemoryContextSwitchTo(old);
 	return false;
 }
 
@@ -413,20 +565,32 @@ fw_type_phrase(const JsonbValue *v)
 	return psprintf("a %s", t);
 }
 
+/*
+ * "properties" and "additionalProperties" walk the object's keys, each
+ * looked up in "properties": the object's keys, not the schema's, set
+ * the count (an empty object against 5,000 properties is 0 lookups).
+ * Both key lists are in jsonb's key order, so the first failure is the
+ * one a walk over "properties" would find.
+ */
 static bool
-fw_validate_object(JsonbContainer *schema, JsonbContainer *obj, StringInfo path,
-				   char **problem)
+fw_validate_object(FwValidation *st, JsonbContainer *schema, JsonbContainer *obj,
+				   StringInfo path)
 {
 	JsonbValue	kw;
 	JsonbValue	props;
 	bool		has_props;
+	bool		has_extra;
 	JsonbIterator *it;
 	JsonbValue	k;
 	JsonbValue	v;
+	JsonbValue	sub;
 	JsonbIteratorToken tok;
+	MemoryContext elem;
+	bool		ok = true;
 
 	if (getKeyJsonValueFromContainer(schema, "required", 8, &kw))
 	{
+		/* distinct names (fw_schema_check): at most one more than obj's keys */
 		it = JsonbIteratorInit(kw.val.binary.data);
 		while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 		{
@@ -437,68 +601,62 @@ fw_validate_object(JsonbContainer *schema, JsonbContainer *obj, StringInfo path,
 				int			n = pg_mbcliplen(k.val.string.val, k.val.string.len,
 											 FW_PATH_KEY_BYTES);
 
-				return fw_mismatch(problem, path, "required property \"%.*s\" is missing",
+				return fw_mismatch(st, path, "required property \"%.*s\" is missing",
 								   n, k.val.string.val);
 			}
 		}
 	}
 
-	has_props = getKeyJsonValueFromContainer(schema, "properties", 10, &props);
-	if (has_props)
-	{
-		JsonbValue	sub;
+	has_props = getKeyJsonValueFromContainer(schema, "properties", 10, &props) &&
+		JsonContainerSize(props.val.binary.data) > 0;
+	has_extra = getKeyJsonValueFromContainer(schema, "additionalProperties", 20, &kw) &&
+		!(kw.type == jbvBool && kw.val.boolean);
+	if (!has_props && !has_extra)
+		return true;
 
-		it = JsonbIteratorInit(props.val.binary.data);
-		(void) JsonbIteratorNext(&it, &k, true);
-		while ((tok = JsonbIteratorNext(&it, &k, true)) == WJB_KEY)
-		{
-			(void) JsonbIteratorNext(&it, &sub, true);
-			if (getKeyJsonValueFromContainer(obj, k.val.string.val, k.val.string.len, &v) &&
-				!fw_validate_at(&sub, &v, path, k.val.string.val, k.val.string.len,
-								0, problem))
-				return false;
-		}
-	}
-
-	if (getKeyJsonValueFromContainer(schema, "additionalProperties", 20, &kw) &&
-		!(kw.type == jbvBool && kw.val.boolean))
+	elem = fw_element_context();
+	for (int pass = has_props ? 0 : 1; ok && pass < (has_extra ? 2 : 1); pass++)
 	{
 		it = JsonbIteratorInit(obj);
 		(void) JsonbIteratorNext(&it, &k, true);
-		while ((tok = JsonbIteratorNext(&it, &k, true)) == WJB_KEY)
+		while (ok && (tok = JsonbIteratorNext(&it, &k, true)) == WJB_KEY)
 		{
-			JsonbValue	dummy;
+			bool		declared;
 
 			(void) JsonbIteratorNext(&it, &v, true);
-			if (has_props &&
+			declared = has_props &&
 				getKeyJsonValueFromContainer(props.val.binary.data, k.val.string.val,
-											 k.val.string.len, &dummy))
+											 k.val.string.len, &sub);
+			/* pass 0: the declared properties; pass 1: the others */
+			if (declared != (pass == 0))
 				continue;
-			if (kw.type == jbvBool)
+			if (pass == 1 && kw.type == jbvBool)
 			{
 				fw_path_key(path, k.val.string.val, k.val.string.len);
-				return fw_mismatch(problem, path, "property not allowed by \"additionalProperties\": false");
+				ok = fw_mismatch(st, path, "property not allowed by \"additionalProperties\": false");
 			}
-			if (!fw_validate_at(&kw, &v, path, k.val.string.val, k.val.string.len,
-								0, problem))
-				return false;
+			else
+				ok = fw_validate_at(st, elem, pass == 0 ? &sub : &kw, &v, path,
+									k.val.string.val, k.val.string.len, 0);
 		}
 	}
-	return true;
+	MemoryContextDelete(elem);
+	return ok;
 }
 
 static bool
-fw_validate(JsonbValue *schema, JsonbValue *value, StringInfo path, char **problem)
+fw_validate(FwValidation *st, JsonbValue *schema, JsonbValue *value, StringInfo path)
 {
 	JsonbContainer *sc;
 	JsonbValue	kw;
 
 	check_stack_depth();
+	CHECK_FOR_INTERRUPTS();
 	if (schema->type == jbvBool)
 	{
 		if (schema->val.boolean)
 			return true;
-		return fw_mismatch(problem, path, "the schema is false: no value is allowed");
+		return fw_mismatch(st, path, "the schema is false: no value is allowed");
 	}
 	sc = schema->val.binary.data;
 
@@ -510,6 +668,7 @@ fw_validate(JsonbValue *schema, JsonbValue *value, StringInfo path, char **probl
 			ok = fw_type_matches(kw.val.string.val, kw.val.string.len, value);
 		else
 		{
+			/* at most seven names: fw_schema_check refuses repeats */
 			JsonbIterator *it = JsonbIteratorInit(kw.val.binary.data);
 			JsonbValue	e;
 			JsonbIteratorToken tok;
@@ -519,43 +678,32 @@ fw_validate(JsonbValue *schema, JsonbValue *value, StringInfo path, char **probl
 					ok = fw_type_matches(e.val.string.val, e.val.string.len, value);
 		}
 		if (!ok)
-			return fw_mismatch(problem, path, "\"type\" is %s, the answer has %s",
+			return fw_mismatch(st, path, "\"type\" is %s, the answer has %s",
 							   fw_type_text(&kw), fw_type_phrase(value));
 	}
 
-	if (getKeyJsonValueFromContainer(sc, "enum", 4, &kw))
-	{
-		JsonbIterator *it = JsonbIteratorInit(kw.val.binary.data);
-		JsonbValue	e;
-		JsonbIteratorToken tok;
-		bool		found = false;
-
-		while (!found && (tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
-			if (tok == WJB_ELEM)
-				found = fw_json_equal(&e, value);
-		if (!found)
-			return fw_mismatch(problem, path, "the value is not one of the %d values of \"enum\"",
-							   (int) JsonContainerSize(kw.val.binary.data));
-	}
+	if (getKeyJsonValueFromContainer(sc, "enum", 4, &kw) &&
+		!fw_enum_has(st, kw.val.binary.data, value))
+		return fw_mismatch(st, path, "the value is not one of the %d values of \"enum\"",
+						   (int) JsonContainerSize(kw.val.binary.data));
 
 	if (value->type == jbvBinary && JsonContainerIsObject(value->val.binary.data))
-		return fw_validate_object(sc, value->val.binary.data, path, problem);
+		return fw_validate_object(st, sc, value->val.binary.data, path);
 
 	if (value->type == jbvBinary && getKeyJsonValueFromContainer(sc, "items", 5, &kw))
 	{
 		JsonbIterator *it = JsonbIteratorInit(value->val.binary.data);
+		MemoryContext elem = fw_element_context();
 		JsonbValue	e;
 		JsonbIteratorToken tok;
 		int			i = 0;
+		bool		ok = true;
 
-		while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
-		{
-			if (tok != WJB_ELEM)
-				continue;
-			if (!fw_validate_at(&kw, &e, path, NULL, 0, i, problem))
-				return false;
-			i++;
-		}
+		while (ok && (tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
+			if (tok == WJB_ELEM)
+				ok = fw_validate_at(st, elem, &kw, &e, path, NULL, 0, i++);
+		MemoryContextDelete(elem);
+		return ok;
 	}
 	return true;
 }
@@ -586,7 +734,8 @@ FwOutputCheck
 fw_answer_check(Jsonb *schema, FwParsed *parsed)
 {
 	const char *problem;
-	char	   *mismatch = NULL;
+	FwValidation st;
+	bool		ok;
 	Jsonb	   *answer;
 	JsonbValue	sv;
 	JsonbValue	av;
@@ -619,11 +768,17 @@ fw_answer_check(Jsonb *schema, FwParsed *parsed)
 		av.val.binary.data = &answer->root;
 		av.val.binary.len = VARSIZE(answer) - VARHDRSZ;
 	}
+	st.cxt = CurrentMemoryContext;
+	st.enums = NULL;
+	st.problem = NULL;
 	initStringInfo(&path);
 	appendStringInfoChar(&path, '$');
-	if (!fw_validate(&sv, &av, &path, &mismatch))
+	ok = fw_validate(&st, &sv, &av, &path);
+	if (st.enums)
+		hash_destroy(st.enums);
+	if (!ok)
 	{
-		parsed->problem = mismatch;
+		parsed->problem = st.problem;
 		return FW_OUTPUT_MISMATCH;
 	}
 	parsed->output = answer;
