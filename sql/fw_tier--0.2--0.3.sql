@@ -136,8 +136,12 @@ CREATE TABLE fw_tier.budgets (
 	role				regrole,
 	period				text NOT NULL DEFAULT 'day'
 						CHECK (period OPERATOR(pg_catalog.=) ANY (ARRAY['hour', 'day', 'month']::pg_catalog.text[])),
-	limit_usd			numeric NOT NULL CHECK (limit_usd OPERATOR(pg_catalog.>=) 0::numeric),
-	premium_limit_usd	numeric CHECK (premium_limit_usd OPERATOR(pg_catalog.>=) 0::numeric),
+	-- finite and at most $1e9 (spend.c counts nano-USD in int8); 'NaN'
+	-- sorts above every number, so the upper bound refuses it too
+	limit_usd			numeric NOT NULL CHECK (limit_usd OPERATOR(pg_catalog.>=) 0::numeric
+											AND limit_usd OPERATOR(pg_catalog.<=) 1000000000::numeric),
+	premium_limit_usd	numeric CHECK (premium_limit_usd OPERATOR(pg_catalog.>=) 0::numeric
+									   AND premium_limit_usd OPERATOR(pg_catalog.<=) 1000000000::numeric),
 	action				text NOT NULL DEFAULT 'refuse'
 						CHECK (action OPERATOR(pg_catalog.=) ANY (ARRAY['refuse', 'standard_only', 'warn']::pg_catalog.text[]))
 );
@@ -158,7 +162,17 @@ CREATE TRIGGER budgets_changed
 -- outcome 'refused', no HTTP status, no tokens and cost_usd 0 (the
 -- flusher's rule for an attempt without tokens that is not 'ok').
 COMMENT ON COLUMN fw_tier.calls.outcome IS
-	'ok, rate_limited, overloaded, unavailable, client_error, timeout, transport, cancelled, bad_response, or refused (a budget refused it before anything was sent)';
+	'ok, rate_limited, overloaded, unavailable, client_error, timeout, transport, cancelled, bad_response, bad_output (an answer that fails its JSON schema), or refused (a budget refused it before anything was sent)';
+
+-- A price is a finite number below $1e9 per million tokens: 'NaN' (which
+-- sorts above every number) or 'Infinity' would make a budgeted call
+-- free or its cost undefined.  NOT VALID: a database updated from 0.2
+-- with such a row still updates; spend.c treats that row as no price.
+ALTER TABLE fw_tier.prices
+	ADD CONSTRAINT prices_finite CHECK (
+		input_usd_per_mtok OPERATOR(pg_catalog.<) 1000000000::numeric
+		AND cached_input_usd_per_mtok OPERATOR(pg_catalog.<) 1000000000::numeric
+		AND output_usd_per_mtok OPERATOR(pg_catalog.<) 1000000000::numeric) NOT VALID;
 
 -- A price row, inserted or replaced (the caller needs INSERT and UPDATE
 -- on fw_tier.prices: it runs with the caller's rights).
@@ -184,16 +198,18 @@ CREATE FUNCTION fw_tier.budget_period(period text, at timestamptz,
 									  OUT period_end timestamptz)
 RETURNS record
 AS 'MODULE_PATHNAME', 'fw_tier_budget_period'
-LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
 
 -- The shared-memory state of this database's budgets.
-CREATE FUNCTION fw_tier_budget_state(
+CREATE FUNCTION fw_tier.budget_state(
 	OUT budget text, OUT period_start timestamptz, OUT period_end timestamptz,
 	OUT restored boolean, OUT spent_usd numeric, OUT reserved_usd numeric,
 	OUT premium_spent_usd numeric, OUT refusals bigint)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'fw_tier_budget_state'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
 
 -- Like pg_stat views: everyone reads.  A budget not used since the server
 -- started has no state yet (spent NULL until its first call restores it
@@ -213,7 +229,7 @@ SELECT b.budget, b.workload, b.role, b.period,
 	   b.action
 FROM fw_tier.budgets b
 	 CROSS JOIN LATERAL fw_tier.budget_period(b.period, pg_catalog.now()) p
-	 LEFT JOIN fw_tier_budget_state() s
+	 LEFT JOIN fw_tier.budget_state() s
 	 ON s.budget OPERATOR(pg_catalog.=) b.budget AND s.restored
 		AND s.period_start OPERATOR(pg_catalog.=) p.period_start;
 GRANT SELECT ON fw_tier.budget_status TO PUBLIC;

@@ -317,7 +317,32 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 					fw_log_content ? call->content : NULL);
 }
 
-/* Build (or reuse) the body for the path this attempt takes. */
+/* The attempt goes on path: build (or reuse) its body. */
+static void
+fw_prepare_body(FwCall *call, FwPath path)
+{
+	call->path_sent = path;
+	if (call->body_path != path)
+	{
+		const char *model = (path == FW_PATH_FAST) ? call->wl.fast_model : call->model;
+
+		if (call->body)
+			pfree(call->body);
+		/*
+		 * A budget's max_tokens cap is sent, not stored in call->options.
+		 * Embeddings and rerank generate nothing: no cap (issue 12).
+		 */
+		call->body = call->kind == FW_KIND_CHAT ?
+			fw_build_request(model, call->messages,
+							 fw_spend_send_options(call),
+							 path == FW_PATH_PRIORITY, &call->body_len) :
+			fw_build_fields_request(model, call->fields, call->options,
+									path == FW_PATH_PRIORITY, &call->body_len);
+		call->body_path = path;
+	}
+}
+
+/* Decide the path of this attempt, and build (or reuse) its body. */
 static void
 fw_prepare_attempt(FwCall *call)
 {
@@ -338,25 +363,11 @@ fw_prepare_attempt(FwCall *call)
 		call->escalated = false;
 		call->premium_capped = true;
 	}
-	call->path_sent = path;
 	call->attempt++;
 	call->attempt_start = now;
 	if (call->call_id == 0)
 		call->call_id = fw_next_call_id();
-
-	if (call->body_path != path)
-	{
-		const char *model = (path == FW_PATH_FAST) ? call->wl.fast_model : call->model;
-
-		if (call->body)
-			pfree(call->body);
-		call->body = call->kind == FW_KIND_CHAT ?
-			fw_build_request(model, call->messages, call->options,
-							 path == FW_PATH_PRIORITY, &call->body_len) :
-			fw_build_fields_request(model, call->fields, call->options,
-									path == FW_PATH_PRIORITY, &call->body_len);
-		call->body_path = path;
-	}
+	fw_prepare_body(call, path);
 }
 
 /*
@@ -546,16 +557,34 @@ fw_launch(FwCall *c, const char *url, const char *key, TimestampTz deadline,
 
 		return fw_after_attempt(c, r, o, &parsed, deadline);
 	}
-	if (c->spend && !fw_spend_reserve(c, c->attempt_start))
+	if (c->spend)
 	{
-		FwParsed	none;
+		FwSpendResult sr = fw_spend_reserve(c, c->attempt_start);
 
-		/* refused before sending: give the rate budget its tokens back */
-		fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt, 0, 0,
-						 0, 0, c->attempt_start);
-		memset(&none, 0, sizeof(none));
-		none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
-		return fw_after_attempt(c, NULL, FW_REFUSED, &none, deadline);
+		if (sr == FW_SPEND_STANDARD)
+		{
+			/*
+			 * Another backend took the premium since fw_prepare_attempt
+			 * looked: a standard_only budget keeps the call on Standard
+			 * (README "Spend limits"), it is not refused.
+			 */
+			c->premium_capped = true;
+			c->escalated = false;
+			fw_prepare_body(c, FW_PATH_STANDARD);
+			sr = fw_spend_reserve(c, c->attempt_start);
+			Assert(sr != FW_SPEND_STANDARD);	/* nothing escalated left */
+		}
+		if (sr != FW_SPEND_OK)
+		{
+			FwParsed	none;
+
+			/* refused before sending: give the rate budget its tokens back */
+			fw_budget_settle(c->budget_model, c->budget_key, c->est_prompt, 0, 0,
+							 0, 0, c->attempt_start);
+			memset(&none, 0, sizeof(none));
+			none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
+			return fw_after_attempt(c, NULL, FW_REFUSED, &none, deadline);
+		}
 	}
 	fw_start_attempt(c, url, key);
 	(*in_flight)++;
@@ -575,18 +604,23 @@ fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 	/* No allocation before this: nothing may stop the release. */
 	fw_http_abort_all();
 
+	/*
+	 * Then every reservation, still without allocating: logging below may
+	 * raise, and a hold left behind would keep its slot from ever being
+	 * reused.  An attempt in flight (xfer set) was sent: it keeps its
+	 * worst case; one reserved but never started releases it.
+	 */
+	for (int i = 0; i < ncalls; i++)
+		fw_spend_settle_aborted(&calls[i], calls[i].xfer != NULL);
+
 	memset(&none, 0, sizeof(none));
 	none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
 	for (int i = 0; i < ncalls; i++)
 	{
 		/* xfer is only a marker now: its handle is back in the pool */
 		if (calls[i].xfer == NULL)
-		{
-			fw_spend_settle_aborted(&calls[i], false);
 			continue;
-		}
 		calls[i].xfer = NULL;
-		fw_spend_settle_aborted(&calls[i], true);
 		calls[i].detail = pstrdup(why);
 		fw_count_attempt(&calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
 		fw_log_attempt(&calls[i], NULL, FW_CANCELLED, &none);

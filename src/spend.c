@@ -73,6 +73,7 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "commands/async.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
@@ -202,6 +203,7 @@ static FwBudgetDef *fw_bd = NULL;
 static int	fw_nbd = 0;
 static HTAB *fw_prices = NULL;
 static bool fw_sc_valid = false;
+static uint64 fw_sc_invals = 0;	/* invalidations seen, for fw_sc_load */
 static bool fw_sc_callback = false;
 static Oid	fw_budgets_relid = InvalidOid;
 static Oid	fw_prices_relid = InvalidOid;
@@ -248,6 +250,7 @@ typedef struct FwSpendCall
 	FwSpendSet *set;
 	int64		est_prompt;
 	int64		max_out;
+	Jsonb	   *send_options;	/* c->options plus the max_tokens cap */
 	bool		held;
 	FwPath		held_path;
 	bool		held_escalated;
@@ -360,7 +363,10 @@ static void
 fw_sc_invalidate(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == fw_budgets_relid || relid == fw_prices_relid)
+	{
 		fw_sc_valid = false;
+		fw_sc_invals++;
+	}
 }
 
 static int64
@@ -372,12 +378,15 @@ fw_datum_int8(HeapTuple tup, TupleDesc desc, int col, int64 isnull_value)
 	return isnull ? isnull_value : DatumGetInt64(d);
 }
 
+/* *usable is cleared by a NULL */
 static double
-fw_datum_float8(HeapTuple tup, TupleDesc desc, int col)
+fw_datum_float8(HeapTuple tup, TupleDesc desc, int col, bool *usable)
 {
 	bool		isnull;
 	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
 
+	if (isnull)
+		*usable = false;
 	return isnull ? 0.0 : DatumGetFloat8(d);
 }
 
@@ -396,7 +405,14 @@ fw_sc_load(void)
 	FwBudgetDef *defs;
 	int			ndefs;
 	int			ret;
+	uint64		invals_at;
 
+	/*
+	 * Not valid until the read has completed: a read that raises (cancel,
+	 * lock_timeout, statement_timeout) leaves no budgets, and the next call
+	 * must read again rather than run without them.
+	 */
+	fw_sc_valid = false;
 	if (!fw_sc_callback)
 	{
 		CacheRegisterRelcacheCallback(fw_sc_invalidate, (Datum) 0);
@@ -417,7 +433,7 @@ fw_sc_load(void)
 	if (!OidIsValid(fw_budgets_relid) || !OidIsValid(fw_prices_relid))
 		return;					/* not valid: looked up again next time */
 
-	fw_sc_valid = true;			/* an invalidation during the read clears it */
+	invals_at = fw_sc_invals;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute("SELECT budget, coalesce(workload, ''::pg_catalog.text),"
@@ -463,9 +479,19 @@ fw_sc_load(void)
 	h = hash_create("fw_tier prices", 16, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	if (ndefs > 0)
 	{
-		ret = SPI_execute("SELECT model, path, input_usd_per_mtok::pg_catalog.float8,"
-						  " cached_input_usd_per_mtok::pg_catalog.float8,"
-						  " output_usd_per_mtok::pg_catalog.float8 FROM fw_tier.prices",
+		/*
+		 * A price that is not a finite number below $1e9 per million tokens
+		 * (NaN, Infinity, or too large for float8: rows older than the CHECK
+		 * of 0.3) reads as NULL: the model is unpriced, never free.
+		 */
+		ret = SPI_execute("SELECT model, path,"
+						  " CASE WHEN input_usd_per_mtok OPERATOR(pg_catalog.<) 1000000000::pg_catalog.numeric"
+						  "  THEN input_usd_per_mtok::pg_catalog.float8 END,"
+						  " CASE WHEN cached_input_usd_per_mtok OPERATOR(pg_catalog.<) 1000000000::pg_catalog.numeric"
+						  "  THEN cached_input_usd_per_mtok::pg_catalog.float8 END,"
+						  " CASE WHEN output_usd_per_mtok OPERATOR(pg_catalog.<) 1000000000::pg_catalog.numeric"
+						  "  THEN output_usd_per_mtok::pg_catalog.float8 END"
+						  " FROM fw_tier.prices",
 						  true, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "could not read fw_tier.prices: %s", SPI_result_code_string(ret));
@@ -478,20 +504,30 @@ fw_sc_load(void)
 			FwPath		p;
 			char		key[FW_MODELLEN + 2];
 			FwPriceEntry *e;
+			double		price[3];
+			bool		usable = true;
 
 			if (strlen(model) >= FW_MODELLEN || !fw_parse_path(path, &p))
 				continue;		/* no call can use it */
+			for (int k = 0; k < 3; k++)
+			{
+				/* USD per million tokens -> nano-USD per token */
+				price[k] = fw_datum_float8(tup, desc, 3 + k, &usable) * 1000.0;
+				usable = usable && isfinite(price[k]) && price[k] >= 0;
+			}
+			if (!usable)
+				continue;		/* unpriced: refused under a budget */
 			snprintf(key, sizeof(key), "%d%s", (int) p, model);
 			e = hash_search(h, key, HASH_ENTER, NULL);
-			for (int k = 0; k < 3; k++)
-				/* USD per million tokens -> nano-USD per token */
-				e->price[k] = fw_datum_float8(tup, desc, 3 + k) * 1000.0;
+			memcpy(e->price, price, sizeof(price));
 		}
 	}
 	SPI_finish();
 	fw_bd = defs;
 	fw_nbd = ndefs;
 	fw_prices = h;
+	/* an invalidation that arrived during the read: read again next time */
+	fw_sc_valid = (fw_sc_invals == invals_at);
 }
 
 static bool
@@ -702,19 +738,33 @@ fw_spend_slot_get(const FwBudgetDef *d, int *idx, uint32 *gen)
 
 /* ---- per run ---- */
 
-/* A top-level number in options, or -1. */
+/*
+ * A top-level number in options, or -1 when the key is absent.  Under a
+ * budget anything else is refused: "n": "8" would be reserved as one
+ * completion, and a server that coerces it returns eight.
+ */
 static double
 fw_option_number(Jsonb *options, const char *key)
 {
 	JsonbValue	v;
+	double		d;
 
 	if (options == NULL || !JB_ROOT_IS_OBJECT(options))
 		return -1;
-	if (!getKeyJsonValueFromContainer(&options->root, key, strlen(key), &v) ||
-		v.type != jbvNumeric)
+	if (!getKeyJsonValueFromContainer(&options->root, key, strlen(key), &v))
 		return -1;
-	return DatumGetFloat8(DirectFunctionCall1(numeric_float8,
-											  NumericGetDatum(v.val.numeric)));
+	if (v.type != jbvNumeric)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" must be a JSON number when a fw_tier budget applies", key),
+				 errhint("The budget reserves its value: write it without quotes.")));
+	d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow,
+										   NumericGetDatum(v.val.numeric)));
+	if (isnan(d) || d < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" must not be negative when a fw_tier budget applies", key)));
+	return d;
 }
 
 /*
@@ -781,8 +831,13 @@ fw_spend_make_set(FwCall *c, Oid user)
 				fw_spend_slot_get(&e->set->def[j], &e->set->slot[j], &e->set->gen[j]);
 		return e->set;
 	}
-	if (strlen(c->wl.name) >= FW_NAMELEN || strlen(c->model) >= FW_MODELLEN ||
-		strlen(fast) >= FW_MODELLEN)
+	/*
+	 * c->wl.name is a char[FW_NAMELEN]: a longer workload name never gets
+	 * here (fw_workload_get refuses it as unknown), so only model ids can
+	 * be too long.
+	 */
+	StaticAssertStmt(sizeof(c->wl.name) == FW_NAMELEN, "workload name fits a budget slot");
+	if (strlen(c->model) >= FW_MODELLEN || strlen(fast) >= FW_MODELLEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("model id too long for a budgeted call")));
@@ -892,10 +947,31 @@ fw_spend_begin(FwCall *calls, int ncalls)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("option \"max_completion_tokens\" is not accepted when a fw_tier budget applies"),
 					 errhint("Use \"max_tokens\": the budget reserves it at the output price.")));
+		sc = palloc0(sizeof(FwSpendCall));
+		sc->set = set;
+		sc->send_options = c->options;
+		if (c->kind != FW_KIND_CHAT)
+		{
+			/*
+			 * Embeddings and rerank (issue 12) generate nothing: the worst
+			 * case is the input alone (counted from the body when it is
+			 * built), and no max_tokens is sent.
+			 */
+			sc->max_out = 0;
+			sc->est_prompt = (int64) (c->fields ? VARSIZE(c->fields) : 0) +
+				(int64) (c->options ? VARSIZE(c->options) : 0) +
+				FW_SPEND_TEMPLATE_TOKENS;
+			c->spend = sc;
+			continue;
+		}
 		max_tokens = fw_option_number(c->options, "max_tokens");
 		if (max_tokens < 0)
 		{
-			/* sent with the cap, so the completion is bounded */
+			/*
+			 * Sent with the cap, so the completion is bounded.  Only the
+			 * request gets it: c->options stays the caller's, which the
+			 * fixture fingerprint (record mode) and fw_tier.fixture_key use.
+			 */
 			if (c->options != opts_in || opts_out == NULL)
 			{
 				opts_in = c->options;
@@ -904,18 +980,17 @@ fw_spend_begin(FwCall *calls, int ncalls)
 													   JsonbPGetDatum(c->options),
 													   JsonbPGetDatum(fw_cap_options())));
 			}
-			c->options = opts_out;
+			sc->send_options = opts_out;
 			max_tokens = fw_max_output_tokens;
 		}
 		n = fw_option_number(c->options, "n");
 		max_tokens = Min(max_tokens, 1e9);
 		n = Min(n, 1e6);
 
-		sc = palloc0(sizeof(FwSpendCall));
-		sc->set = set;
 		sc->max_out = (int64) ceil(max_tokens) * (n > 1 ? (int64) ceil(n) : 1);
+		/* until the body is built (fw_spend_reserve counts its bytes) */
 		sc->est_prompt = (int64) VARSIZE(c->messages) +
-			(c->options ? (int64) VARSIZE(c->options) : 0) + FW_SPEND_TEMPLATE_TOKENS;
+			(int64) VARSIZE(sc->send_options) + FW_SPEND_TEMPLATE_TOKENS;
 		c->spend = sc;
 	}
 }
@@ -945,6 +1020,31 @@ static char *
 fw_usd(int64 nusd)
 {
 	return psprintf("$%.6f", (double) nusd / FW_NUSD_PER_USD);
+}
+
+/* Saturating: a warn budget adds worst cases without a limit. */
+static inline int64
+fw_sat_add(int64 a, int64 b)
+{
+	int64		r;
+
+	if (pg_add_s64_overflow(a, b, &r))
+		return (b > 0) ? PG_INT64_MAX : PG_INT64_MIN;
+	return r;
+}
+
+/* The once-per-period WARNING that budget j's premium is spent. */
+static void
+fw_spend_premium_warn(FwCall *c, int j)
+{
+	FwSpendSet *set = c->spend->set;
+
+	ereport(WARNING,
+			(errmsg("fw_tier budget \"%s\": the premium limit of %s is spent; workload \"%s\" stays on Standard",
+					set->def[j].name, fw_usd(set->def[j].premium_limit), c->wl.name),
+			 errdetail("Escalation to Priority resumes when the period ends, at %s.",
+					   timestamptz_to_str(set->pend[j]))));
+	fw_spend_call_worker();
 }
 
 /*
@@ -982,7 +1082,7 @@ fw_spend_premium_blocked(FwCall *c)
 		if (s == NULL || s->state != FW_SS_READY)
 			continue;
 		fw_spend_roll(s, set->pstart[j], set->pend[j]);
-		if (s->premium_spent + s->premium_reserved + premium > d->premium_limit)
+		if (fw_sat_add(s->premium_spent, s->premium_reserved) + premium > d->premium_limit)
 		{
 			blocked = true;
 			if (!(s->alerted & FW_AL_PREMIUM))
@@ -998,22 +1098,19 @@ fw_spend_premium_blocked(FwCall *c)
 	SpinLockRelease(&fw_spend->mutex);
 
 	if (first >= 0)
-	{
-		ereport(WARNING,
-				(errmsg("fw_tier budget \"%s\": the premium limit of %s is spent; workload \"%s\" stays on Standard",
-						set->def[first].name, fw_usd(set->def[first].premium_limit), c->wl.name),
-				 errdetail("Escalation to Priority resumes when the period ends, at %s.",
-						   timestamptz_to_str(set->pend[first]))));
-		fw_spend_call_worker();
-	}
+		fw_spend_premium_warn(c, first);
 	return blocked;
 }
 
 /*
  * Reserve the attempt's worst case against every budget, or refuse it
- * (false, c->detail says why).  Nothing has been sent yet.
+ * (FW_SPEND_REFUSED, c->detail says why).  Nothing has been sent yet.
+ * FW_SPEND_STANDARD: an escalated attempt's premium does not fit a
+ * standard_only budget (another backend took it since
+ * fw_spend_premium_blocked looked): nothing is reserved, and the caller
+ * prepares the attempt on Standard and reserves again.
  */
-bool
+FwSpendResult
 fw_spend_reserve(FwCall *c, TimestampTz now)
 {
 	FwSpendCall *sc = c->spend;
@@ -1022,6 +1119,8 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 	int64		cost;
 	int64		premium = 0;
 	int			refused = -1;
+	int			downgrade = -1;
+	bool		warn_premium = false;
 	bool		lost = false;
 	bool		over_premium = false;
 	bool		notify = false;
@@ -1029,7 +1128,7 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 				fig_reserved = 0;
 
 	if (sc == NULL)
-		return true;
+		return FW_SPEND_OK;
 	set = sc->set;
 	Assert(!sc->held);
 	sc->hint = NULL;
@@ -1043,8 +1142,15 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 							 set->model[missing],
 							 fw_path_name(missing), set->def[0].name);
 		sc->hint = "Add the price with fw_tier.set_price(model, path, input, cached_input, output), in USD per million tokens.";
-		return false;
+		return FW_SPEND_REFUSED;
 	}
+
+	/*
+	 * The body is built (fw_prepare_attempt): its bytes, as sent (UTF-8,
+	 * whatever the database encoding), bound the prompt tokens.
+	 */
+	Assert(c->body != NULL);
+	sc->est_prompt = (int64) c->body_len + FW_SPEND_TEMPLATE_TOKENS;
 	cost = fw_worst(sc, path);
 	if (c->escalated)
 		premium = Max(cost - fw_worst(sc, FW_PATH_STANDARD), 0);
@@ -1055,6 +1161,7 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 	{
 		FwBudgetDef *d = &set->def[j];
 		FwSpendSlot *s = fw_slot_checked(set->slot[j], set->gen[j]);
+		bool		premium_over;
 
 		if (s == NULL || s->state != FW_SS_READY)
 		{
@@ -1066,37 +1173,61 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 		s->last_used = now;
 		if (d->action == FW_ACTION_WARN)
 			continue;
-		if (s->spent + s->reserved + cost > d->limit)
+		premium_over = premium > 0 && d->premium_limit >= 0 &&
+			fw_sat_add(fw_sat_add(s->premium_spent, s->premium_reserved), premium) > d->premium_limit;
+		if (premium_over && d->action == FW_ACTION_STANDARD_ONLY)
+		{
+			/* README: standard_only keeps the call on Standard */
+			downgrade = j;
+			if (!(s->alerted & FW_AL_PREMIUM))
+			{
+				s->alerted |= FW_AL_PREMIUM;
+				s->notify_pending |= FW_AL_PREMIUM;
+				s->limit_seen = d->premium_limit;
+				warn_premium = true;
+			}
+			break;
+		}
+		if (fw_sat_add(fw_sat_add(s->spent, s->reserved), cost) > d->limit)
 			refused = j;
-		else if (premium > 0 && d->premium_limit >= 0 &&
-				 s->premium_spent + s->premium_reserved + premium > d->premium_limit)
+		else if (premium_over)
 		{
 			refused = j;
 			over_premium = true;
 		}
 		if (refused >= 0)
 		{
+			uint32		bit;
+
 			s->refusals++;
 			fig_spent = over_premium ? s->premium_spent : s->spent;
 			fig_reserved = over_premium ? s->premium_reserved : s->reserved;
-			if (!(s->alerted & FW_AL_100))
+
+			/*
+			 * Alert only when the budget is really used up: one attempt
+			 * too large for what is left is no "100%".
+			 */
+			bit = over_premium ? FW_AL_PREMIUM : FW_AL_100;
+			if (!(s->alerted & bit) &&
+				fw_sat_add(fig_spent, fig_reserved) >=
+				(over_premium ? d->premium_limit : d->limit))
 			{
-				s->alerted |= FW_AL_100;
-				s->notify_pending |= FW_AL_100;
-				s->limit_seen = d->limit;
+				s->alerted |= bit;
+				s->notify_pending |= bit;
+				s->limit_seen = over_premium ? d->premium_limit : d->limit;
 				notify = true;
 			}
 			break;
 		}
 	}
-	if (refused < 0)
+	if (refused < 0 && downgrade < 0)
 	{
 		for (int j = 0; j < set->n; j++)
 		{
 			FwSpendSlot *s = &fw_spend->slots[set->slot[j]];
 
-			s->reserved += cost;
-			s->premium_reserved += premium;
+			s->reserved = fw_sat_add(s->reserved, cost);
+			s->premium_reserved = fw_sat_add(s->premium_reserved, premium);
 			sc->held_pstart[j] = s->period_start;
 		}
 	}
@@ -1104,6 +1235,12 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 
 	if (notify)
 		fw_spend_call_worker();
+	if (downgrade >= 0)
+	{
+		if (warn_premium)
+			fw_spend_premium_warn(c, downgrade);
+		return FW_SPEND_STANDARD;
+	}
 	if (refused >= 0)
 	{
 		FwBudgetDef *d = &set->def[refused];
@@ -1122,14 +1259,21 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 		sc->hint = over_premium ?
 			"Escalation's premium is capped by premium_limit_usd in fw_tier.budgets (action standard_only keeps the workload on Standard instead)." :
 			"Raise limit_usd in fw_tier.budgets, lower max_tokens, or wait for the period to end.";
-		return false;
+		return FW_SPEND_REFUSED;
 	}
 	sc->held = true;
 	sc->held_path = path;
 	sc->held_escalated = c->escalated;
 	sc->amount = cost;
 	sc->premium = premium;
-	return true;
+	return FW_SPEND_OK;
+}
+
+/* The options the request is built with (engine.c, fw_prepare_attempt). */
+Jsonb *
+fw_spend_send_options(FwCall *c)
+{
+	return c->spend ? c->spend->send_options : c->options;
 }
 
 const char *
@@ -1138,9 +1282,12 @@ fw_spend_refusal_hint(FwCall *c)
 	return c->spend ? c->spend->hint : NULL;
 }
 
-/* Replace the hold by real and real_premium (nano-USD). */
+/*
+ * Replace the hold by real and real_premium (nano-USD).  quiet: no
+ * WARNING, so no allocation (fw_spend_settle_aborted).
+ */
 static void
-fw_spend_apply(FwCall *c, int64 real, int64 real_premium)
+fw_spend_apply(FwCall *c, int64 real, int64 real_premium, bool quiet)
 {
 	FwSpendCall *sc = c->spend;
 	FwSpendSet *set = sc->set;
@@ -1156,11 +1303,16 @@ fw_spend_apply(FwCall *c, int64 real, int64 real_premium)
 		/* a period that ended meanwhile keeps the cost (fw_tier.calls) */
 		if (s == NULL || s->period_start != sc->held_pstart[j])
 			continue;
-		s->reserved -= sc->amount;
-		s->premium_reserved -= sc->premium;
-		s->spent += real;
-		s->premium_spent += real_premium;
-		if (d->limit > 0 && s->spent * 5 >= d->limit * 4 && !(s->alerted & FW_AL_80))
+		/*
+		 * Saturating: a warn budget's worst cases (up to 4e18 each) have
+		 * no limit.  A saturated reserved is then understated as holds
+		 * leave; never below 0.
+		 */
+		s->reserved = Max(s->reserved - sc->amount, 0);
+		s->premium_reserved = Max(s->premium_reserved - sc->premium, 0);
+		s->spent = fw_sat_add(s->spent, real);
+		s->premium_spent = fw_sat_add(s->premium_spent, real_premium);
+		if (d->limit > 0 && s->spent >= d->limit - d->limit / 5 && !(s->alerted & FW_AL_80))
 		{
 			s->alerted |= FW_AL_80;
 			s->notify_pending |= FW_AL_80;
@@ -1181,7 +1333,7 @@ fw_spend_apply(FwCall *c, int64 real, int64 real_premium)
 	sc->held = false;
 	if (notify)
 		fw_spend_call_worker();
-	if (warn_over >= 0)
+	if (warn_over >= 0 && !quiet)
 		ereport(WARNING,
 				(errmsg("fw_tier budget \"%s\" is exceeded", set->def[warn_over].name),
 				 errdetail("Its action is warn: calls go on.  Limit %s in the %s ending %s.",
@@ -1235,7 +1387,7 @@ fw_spend_settle(FwCall *c, const FwHttpResult *r, FwOutcome outcome,
 	}
 	else
 		real = real_premium = 0;	/* never reached the provider */
-	fw_spend_apply(c, real, real_premium);
+	fw_spend_apply(c, real, real_premium, false);
 }
 
 /*
@@ -1249,9 +1401,9 @@ fw_spend_settle_aborted(FwCall *c, bool sent)
 	if (c->spend == NULL || !c->spend->held)
 		return;
 	if (sent)
-		fw_spend_apply(c, c->spend->amount, c->spend->premium);
+		fw_spend_apply(c, c->spend->amount, c->spend->premium, true);
 	else
-		fw_spend_apply(c, 0, 0);
+		fw_spend_apply(c, 0, 0, true);
 }
 
 /* ---- the flusher's side ---- */
@@ -1362,9 +1514,13 @@ fw_spend_worker_run(void)
 	uint64		head,
 				tail,
 				spill_read;
+	bool		spill_active;
 	bool		any = false;
 
 	fw_log_positions(&head, &tail, NULL, &spill_read);
+	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
+	spill_active = fw_shared->spill_active;
+	LWLockRelease(fw_shared->ring_lock);
 
 	SpinLockAcquire(&fw_spend->mutex);
 	for (int i = 0; i < FW_SPEND_SLOTS; i++)
@@ -1374,12 +1530,18 @@ fw_spend_worker_run(void)
 
 		if (s->state == FW_SS_EMPTY)
 			continue;
+		/*
+		 * fw_flush's condition (calllog.c): a damaged ring header resets
+		 * head and tail to 0, and what was below the noted head is gone
+		 * (records_corrupt); nothing is left to wait for then.
+		 */
 		j->restore = s->state == FW_SS_RESTORING &&
-			tail >= s->ring_head_at && spill_read >= s->spill_write_at;
+			(tail >= s->ring_head_at || head < s->ring_head_at) &&
+			(spill_read >= s->spill_write_at || !spill_active);
+		/* cleared once the NOTIFYs are committed, below */
 		j->notify = s->state == FW_SS_READY ? s->notify_pending : 0;
 		if (!j->restore && j->notify == 0)
 			continue;
-		s->notify_pending &= ~j->notify;
 		j->idx = i;
 		j->gen = s->generation;
 		j->dbname = s->dbname;
@@ -1455,7 +1617,11 @@ fw_spend_worker_run(void)
 		FwSpendJob *j = &jobs[k];
 		FwSpendSlot *s = &fw_spend->slots[j->idx];
 
-		if (!j->restore || s->generation != j->gen || s->state != FW_SS_RESTORING)
+		if (s->generation != j->gen)
+			continue;
+		if (j->notify != 0 && s->period_start == j->start)
+			s->notify_pending &= ~j->notify;
+		if (!j->restore || s->state != FW_SS_RESTORING)
 			continue;
 		/* nobody reserves while RESTORING: these are the whole figures */
 		s->spent = j->spent;

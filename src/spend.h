@@ -10,6 +10,7 @@
 #define FW_SPEND_H
 
 #include "fw_tier.h"
+#include "utils/jsonb.h"
 
 struct FwCall;
 struct FwHttpResult;
@@ -22,7 +23,15 @@ extern void fw_spend_shmem_init(void);
 /* engine.c, around each run and each attempt */
 extern void fw_spend_begin(struct FwCall *calls, int ncalls);
 extern bool fw_spend_premium_blocked(struct FwCall *c);
-extern bool fw_spend_reserve(struct FwCall *c, TimestampTz now);
+typedef enum FwSpendResult
+{
+	FW_SPEND_OK,				/* reserved */
+	FW_SPEND_REFUSED,			/* refused: c->detail says why */
+	FW_SPEND_STANDARD			/* premium spent (standard_only): go on Standard */
+} FwSpendResult;
+
+extern FwSpendResult fw_spend_reserve(struct FwCall *c, TimestampTz now);
+extern Jsonb *fw_spend_send_options(struct FwCall *c);
 extern void fw_spend_settle(struct FwCall *c, const struct FwHttpResult *r,
 							FwOutcome outcome, const struct FwParsed *parsed);
 extern void fw_spend_settle_aborted(struct FwCall *c, bool sent);

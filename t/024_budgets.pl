@@ -362,5 +362,139 @@ cmp_ok($shop_now, '>', $shop_logged, 'the call after the restart is logged');
 cmp_ok(abs($shop_status - $shop_now), '<', 0.000002,
 	"database shop's budget is restored from shop's rows only (\$$shop_status; postgres' calls to 'default' are not counted)");
 
+# ---- review fixes (review1.md) ------------------------------------------
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.workloads (workload, on_overload) VALUES
+	('locked', 'retry'), ('rec', 'retry'), ('huge', 'retry'), ('strn', 'retry'), ('oversized', 'retry');
+INSERT INTO fw_tier.workloads (workload, model, on_overload) VALUES
+	('nanpriced', 'accounts/fireworks/models/nan-price', 'retry');
+});
+
+# 1: a read of the budgets that fails (lock_timeout behind a lock on
+# fw_tier.prices) leaves the cache invalid: the next call reads again and
+# is refused, instead of running with no budget for the session.
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('locked_zero', 'locked', 'day', 0);
+});
+my $locker = $node->background_psql('postgres', on_error_stop => 0);
+$locker->query_safe('BEGIN; LOCK TABLE fw_tier.prices IN ACCESS EXCLUSIVE MODE');
+my $bsess = $node->background_psql('postgres', on_error_stop => 0);
+$bsess->query_safe("SET lock_timeout = '200ms'");
+my $lt_out = $bsess->query(q{SELECT fw_complete('while locked', 'locked')});
+my $lt_err = $bsess->{stderr};
+like($lt_err, qr/lock timeout/, 'the budget read behind a lock times out');
+$locker->query_safe('COMMIT');
+my $sent_before_lock = $sim->stats->{total};
+$lt_out = $bsess->query(q{SELECT fw_complete('after the lock', 'locked')});
+$lt_err = $bsess->{stderr};
+like($lt_err, qr/fw_tier budget refused the call/, 'the same session reads the budgets again and refuses');
+unlike($lt_out // '', qr/Echo/, 'no answer without the budget');
+is($sim->stats->{total}, $sent_before_lock, 'nothing sent after the failed read');
+$bsess->quit;
+$locker->quit;
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'locked_zero'});
+
+# 3: record mode under a budget: the fixture is keyed by the caller's
+# options (not the injected max_tokens cap), so replay finds it.
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('rec_budget', 'rec', 'day', 10);
+});
+$node->safe_psql('postgres', q{SET fw_tier.mode = 'record'; SELECT fw_complete('recorded under a budget', 'rec')});
+is($node->safe_psql('postgres', q{SELECT count(*) FROM fw_tier.fixtures
+  WHERE fingerprint = fw_fingerprint('[{"role": "user", "content": "recorded under a budget"}]', 'rec')}),
+	'1', 'the fixture recorded under a budget has the key fw_fingerprint computes');
+($ret, $out, $err) = $node->psql('postgres', q{SET fw_tier.mode = 'replay'; SELECT fw_complete('recorded under a budget', 'rec')});
+is($out, 'Echo: recorded under a budget', 'and replay finds it');
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'rec_budget'});
+
+# 4: the reservation counts the bytes sent: UTF-8 of a LATIN1 database.
+# 10000 x 'é' are ~10 kB of jsonb but 20 kB on the wire: at $1 per million
+# prompt tokens the worst case is above $0.02, over a $0.015 limit.
+$node->safe_psql('postgres', q{CREATE DATABASE lat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0});
+$node->safe_psql('lat1', qq{
+CREATE EXTENSION fw_tier;
+SELECT fw_tier.set_price('$model', 'standard', 1, 1, 0);
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('latin1', 'default', 'day', 0.015);
+});
+my $sent_before_lat = $sim->stats->{total};
+($ret, $out, $err) = $node->psql('lat1', q{SELECT length(fw_chat(jsonb_build_array(jsonb_build_object('role', 'user', 'content', repeat(chr(233), 10000))), 'default', '{"max_tokens": 1}')::text)});
+like($err, qr/fw_tier budget refused the call/, 'LATIN1: the prompt is reserved at its UTF-8 size and refused');
+is($sim->stats->{total}, $sent_before_lat, 'LATIN1: nothing sent');
+
+# 8: one attempt too large for what is left is refused without a "100%"
+# alert: the budget is not used up.
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('not_full', 'oversized', 'day', 0.5);
+});
+($lout, $lerr) = ('', '');
+$listener = IPC::Run::start(
+	[ 'psql', '-X', '-A', '-t', '-d', $node->connstr('postgres'), '-c',
+	  'LISTEN fw_tier_alert', '-c', 'SELECT pg_sleep(3)' ],
+	'>', \$lout, '2>', \$lerr);
+usleep(500_000);
+($ret, $out, $err) = $node->psql('postgres', q{SELECT fw_chat('[{"role":"user","content":"x"}]', 'oversized', '{"max_tokens": 1000000}')});
+like($err, qr/fw_tier budget refused the call/, 'an attempt of up to $40 is refused by a $0.50 budget');
+usleep(500_000);
+flush();
+$listener->finish;
+@notes = ($lout =~ /Asynchronous notification "fw_tier_alert" with payload "([^\n]*)" received/g);
+is(scalar(grep { /"budget": "not_full"/ } @notes), 0, 'and no "100%" alert: nothing is spent');
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'not_full'});
+
+# 9: a warn budget adds worst cases without limit: three timeouts of
+# $4e9 each saturate instead of overflowing.
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd, action) VALUES ('huge_warn', 'huge', 'day', 1, 'warn');
+});
+$node->psql('postgres', q{SET fw_tier.request_timeout = '300ms';
+SELECT fw_chat('[{"role":"user","content":"[fwsim:hang] h1"}]', 'huge', '{"max_tokens": 1000000000, "n": 1000000}');
+SELECT fw_chat('[{"role":"user","content":"[fwsim:hang] h2"}]', 'huge', '{"max_tokens": 1000000000, "n": 1000000}');
+SELECT fw_chat('[{"role":"user","content":"[fwsim:hang] h3"}]', 'huge', '{"max_tokens": 1000000000, "n": 1000000}');}, on_error_stop => 0);
+is($node->safe_psql('postgres', q{SELECT spent_usd >= 9e9 AND reserved_usd = 0 FROM fw_tier.budget_status WHERE budget = 'huge_warn'}),
+	't', 'three $4e9 worst cases settled: spent saturates (no int8 overflow), nothing stays reserved');
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'huge_warn'});
+
+# 10: under a budget n and max_tokens must be JSON numbers
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('strn_budget', 'strn', 'day', 10);
+});
+my $sent_before_strn = $sim->stats->{total};
+($ret, $out, $err) = $node->psql('postgres', q{\set VERBOSITY verbose
+SELECT fw_chat('[{"role":"user","content":"x"}]', 'strn', '{"n": "8"}')});
+like($err, qr/22023: option "n" must be a JSON number when a fw_tier budget applies/, '"n": "8" is refused under a budget');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT fw_chat('[{"role":"user","content":"x"}]', 'strn', '{"max_tokens": "100"}')});
+like($err, qr/option "max_tokens" must be a JSON number/, 'so is "max_tokens": "100"');
+is($sim->stats->{total}, $sent_before_strn, 'nothing sent');
+$node->safe_psql('postgres', q{DELETE FROM fw_tier.budgets WHERE budget = 'strn_budget'});
+
+# 12: NaN and unbounded limits and prices are refused by the tables; a
+# NaN price left from before (no CHECK then) is no price.
+($ret, $out, $err) = $node->psql('postgres', q{INSERT INTO fw_tier.budgets (budget, period, limit_usd) VALUES ('nan', 'day', 'NaN')});
+like($err, qr/violates check constraint/, 'limit_usd NaN is refused');
+($ret, $out, $err) = $node->psql('postgres', q{INSERT INTO fw_tier.budgets (budget, period, limit_usd, premium_limit_usd) VALUES ('nanp', 'day', 1, 'NaN')});
+like($err, qr/violates check constraint/, 'premium_limit_usd NaN is refused');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT fw_tier.set_price('m/nan', 'standard', 'NaN', 1, 1)});
+like($err, qr/violates check constraint "prices_finite"/, 'a NaN price is refused');
+$node->safe_psql('postgres', q{
+ALTER TABLE fw_tier.prices DROP CONSTRAINT prices_finite;
+INSERT INTO fw_tier.prices VALUES ('accounts/fireworks/models/nan-price', 'standard', 'NaN', 1, 1);
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('nan_priced', 'nanpriced', 'day', 10);
+});
+($ret, $out, $err) = $node->psql('postgres', q{SELECT fw_complete('nan price', 'nanpriced')});
+like($err, qr/no price for model "accounts\/fireworks\/models\/nan-price"/, 'a NaN price row from before the CHECK is no price');
+$node->safe_psql('postgres', q{
+DELETE FROM fw_tier.budgets WHERE budget = 'nan_priced';
+DELETE FROM fw_tier.prices WHERE model = 'accounts/fireworks/models/nan-price';
+ALTER TABLE fw_tier.prices ADD CONSTRAINT prices_finite CHECK (
+	input_usd_per_mtok < 1000000000 AND cached_input_usd_per_mtok < 1000000000
+	AND output_usd_per_mtok < 1000000000) NOT VALID;
+});
+
+# 13: the SQL functions pin search_path and live in schema fw_tier
+is($node->safe_psql('postgres', q{SELECT string_agg(p.proname || ' ' || n.nspname || ' ' || array_to_string(p.proconfig, ','), '; ' ORDER BY p.proname)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname IN ('budget_period', 'budget_state', 'fw_tier_budget_state')}),
+	'budget_period fw_tier search_path=pg_catalog, pg_temp; budget_state fw_tier search_path=pg_catalog, pg_temp',
+	'budget_period and budget_state: schema fw_tier, search_path pinned');
+
 $node->stop;
 done_testing();
