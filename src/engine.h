@@ -51,6 +51,9 @@ typedef struct FwCall
 	const char *budget_model;	/* the model id the rate budget is kept for */
 	uint64		budget_key;		/* fingerprint of the API key it bills */
 	int			est_prompt;		/* prompt tokens taken from the budget */
+	bool		probe;			/* issue 16: this attempt is a Standard probe */
+	bool		no_probe;		/* issue 16: a probe of this call was shed:
+								 * its retries stay on Priority */
 } FwCall;
 
 extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,

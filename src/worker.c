@@ -140,13 +140,14 @@ static int	fw_fail_count = 0;
  * executor start-up, the prices lookup plan and the ON CONFLICT machinery
  * are paid once per batch instead of once per record.
  */
-#define FW_INSERT_NARGS 22
+#define FW_INSERT_NARGS 23
 
 static const Oid fw_insert_elemtypes[FW_INSERT_NARGS] = {
 	INT8OID, INT4OID, TIMESTAMPTZOID, NAMEOID, NAMEOID,
 	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID, INT4OID, TEXTOID,
 	INT4OID, INT4OID, INT4OID, FLOAT8OID, FLOAT8OID,
-	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID,
+	BOOLOID						/* probe (issue 16) */
 };
 
 /*
@@ -161,7 +162,7 @@ static const char *fw_insert_sql =
 "INSERT INTO fw_tier.calls (call_id, attempt, started_at, database, username,"
 "  workload, path, model, service_tier, escalated, http_status, outcome,"
 "  prompt_tokens, cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"  cost_usd, request_id, error, prompt, answer, replayed)"
+"  cost_usd, request_id, error, prompt, answer, replayed, probe)"
 " SELECT u.call_id, u.attempt, u.started_at, u.database, u.username,"
 "  u.workload, u.path, u.model, u.service_tier, u.escalated, u.http_status,"
 "  u.outcome, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,"
@@ -181,7 +182,7 @@ static const char *fw_insert_sql =
 "              (coalesce(u.completion_tokens, 0)::pg_catalog.numeric"
 "               OPERATOR(pg_catalog.*) p.output_usd_per_mtok))"
 "            OPERATOR(pg_catalog./) 1000000::pg_catalog.numeric) END,"
-"  u.request_id, u.error, u.prompt, u.answer, u.replayed"
+"  u.request_id, u.error, u.prompt, u.answer, u.replayed, u.probe"
 " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
 "   pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
 "   pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
@@ -189,11 +190,11 @@ static const char *fw_insert_sql =
 "   pg_catalog.unnest($13), pg_catalog.unnest($14), pg_catalog.unnest($15),"
 "   pg_catalog.unnest($16), pg_catalog.unnest($17), pg_catalog.unnest($18),"
 "   pg_catalog.unnest($19), pg_catalog.unnest($20), pg_catalog.unnest($21),"
-"   pg_catalog.unnest($22))"
+"   pg_catalog.unnest($22), pg_catalog.unnest($23))"
 "   AS u(call_id, attempt, started_at, database, username, workload, path,"
 "        model, service_tier, escalated, http_status, outcome, prompt_tokens,"
 "        cached_prompt_tokens, completion_tokens, latency_ms, ttfb_ms,"
-"        request_id, error, prompt, answer, replayed)"
+"        request_id, error, prompt, answer, replayed, probe)"
 " LEFT JOIN fw_tier.prices p ON p.model OPERATOR(pg_catalog.=) u.model"
 "   AND p.path OPERATOR(pg_catalog.=) u.path"
 " ON CONFLICT (call_id, attempt) DO NOTHING";
@@ -659,6 +660,7 @@ fw_worker_fill_row(FwDrainedRecord *d, int row)
 	values[19] = fw_text_datum(d->prompt, d->encoding, false, &isnull[19]);
 	values[20] = fw_text_datum(d->answer, d->encoding, false, &isnull[20]);
 	values[21] = BoolGetDatum(r->replayed);
+	values[22] = BoolGetDatum(r->probe);	/* issue 16 */
 	/* NOT NULL columns: never leave them empty-handed */
 	if (isnull[5])
 	{
@@ -1036,10 +1038,11 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 	for (int i = 0; i < n; i++)
 	{
 		FwWindowSync *w = &ws[i];
-		Datum		args[7];
-		char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-		Oid			types[7] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, TEXTOID, INT4OID, NAMEOID};
+		Datum		args[10];
+		char		nulls[10] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+		Oid			types[10] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+			TIMESTAMPTZOID, TEXTOID, INT4OID, NAMEOID,
+		TEXTOID, INT8OID, INT8OID}; /* $8..$10: issue 16 */
 		int			ret;
 		char	   *dbname = get_database_name(w->dboid);
 		NameData	dbn;
@@ -1057,24 +1060,30 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 		args[4] = CStringGetTextDatum(w->manual ? "manual" : "overloaded");
 		args[5] = Int32GetDatum(w->windows_in_row);
 		args[6] = NameGetDatum(&dbn);
+		args[7] = w->ended_by ? CStringGetTextDatum(w->ended_by) : (Datum) 0;
+		if (!w->ended_by)
+			nulls[7] = 'n';
+		args[8] = Int64GetDatum(w->probes);
+		args[9] = Int64GetDatum(w->probes_shed);
 
-		/* every statement gets all 7 (fixed parameters may go unused) */
+		/* every statement gets all 10 (fixed parameters may go unused) */
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET ended = LEAST(priority_until, $2)"
 									" WHERE database OPERATOR(pg_catalog.=) $7"
 									" AND workload OPERATOR(pg_catalog.=) $1 AND ended IS NULL"
 									" AND started OPERATOR(pg_catalog.<>) $2",
-									7, types, args, nulls, false, 0);
+									10, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: closing old windows failed: %s",
 				 SPI_result_code_string(ret));
 
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
-									" SET priority_until = $3, ended = $4"
+									" SET priority_until = $3, ended = $4,"
+									" ended_by = $8, probes = $9, probes_shed = $10"
 									" WHERE database OPERATOR(pg_catalog.=) $7"
 									" AND workload OPERATOR(pg_catalog.=) $1"
 									" AND started OPERATOR(pg_catalog.=) $2",
-									7, types, args, nulls, false, 0);
+									10, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: updating a window failed: %s",
 				 SPI_result_code_string(ret));
@@ -1082,9 +1091,10 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 		if (SPI_processed == 0)
 		{
 			ret = SPI_execute_with_args("INSERT INTO fw_tier.escalations"
-										" (database, workload, started, priority_until, ended, trigger, windows_in_row)"
-										" VALUES ($7, $1, $2, $3, $4, $5, $6)",
-										7, types, args, nulls, false, 0);
+										 " (database, workload, started, priority_until, ended, trigger, windows_in_row,"
+										" ended_by, probes, probes_shed)"
+										" VALUES ($7, $1, $2, $3, $4, $5, $6, $8, $9, $10)",
+										10, types, args, nulls, false, 0);
 			if (ret != SPI_OK_INSERT)
 				elog(ERROR, "fw_tier: recording a window failed: %s",
 					 SPI_result_code_string(ret));
@@ -1182,7 +1192,8 @@ fw_worker_restore(void)
 						timestamptz_to_str(rows[i].until))));
 	}
 
-	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until"
+	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until,"
+					  " ended_by = 'expired'"
 					  " WHERE ended IS NULL"
 					  " AND priority_until OPERATOR(pg_catalog.<=) pg_catalog.now()",
 					  false, 0);

@@ -71,6 +71,7 @@ fw_wl_load(void)
 	HTAB	   *h;
 	Oid			nsp;
 	int			ret;
+	bool		has_policy;
 
 	if (!fw_wl_callback_registered)
 	{
@@ -103,8 +104,19 @@ fw_wl_load(void)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute("SELECT workload, path, model, fast_model, on_overload,"
-					  " extract(epoch FROM priority_window)::pg_catalog.int8"
+	/*
+	 * window_policy came with 0.3 (issue 16): a new library over older SQL
+	 * (before ALTER EXTENSION UPDATE) still calls, with 'fixed' windows.
+	 */
+	has_policy = (get_attnum(fw_wl_relid, "window_policy") != InvalidAttrNumber);
+	ret = SPI_execute(has_policy ?
+					  "SELECT workload, path, model, fast_model, on_overload,"
+					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
+					  " window_policy"
+					  " FROM fw_tier.workloads" :
+					  "SELECT workload, path, model, fast_model, on_overload,"
+					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
+					  " 'fixed'::pg_catalog.text"
 					  " FROM fw_tier.workloads", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read fw_tier.workloads: %s", SPI_result_code_string(ret));
@@ -122,6 +134,7 @@ fw_wl_load(void)
 		char	   *fast = SPI_getvalue(tup, desc, 4);
 		char	   *policy = SPI_getvalue(tup, desc, 5);
 		char	   *window = SPI_getvalue(tup, desc, 6);
+		char	   *wpolicy = SPI_getvalue(tup, desc, 7);
 		FwWorkloadConf *wl;
 		bool		found;
 
@@ -135,6 +148,9 @@ fw_wl_load(void)
 		wl->model = model ? MemoryContextStrdup(fw_wl_cxt, model) : NULL;
 		wl->fast_model = fast ? MemoryContextStrdup(fw_wl_cxt, fast) : NULL;
 		wl->window_s = window ? (int) Min(strtol(window, NULL, 10), INT_MAX) : 0;
+		/* the table's CHECK allows these two only; anything else: fixed */
+		wl->window_policy = (wpolicy && strcmp(wpolicy, "probe") == 0) ?
+			FW_WINDOW_PROBE : FW_WINDOW_FIXED;
 	}
 	SPI_finish();
 	/* Published only when complete: an error above leaves no half cache. */

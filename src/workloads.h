@@ -19,6 +19,7 @@ typedef struct FwWorkloadConf
 	FwOnOverload on_overload;
 	int			window_s;		/* 0: fw_tier.priority_window */
 	int64		slot;			/* shared-memory slot (fw_workload_slot) */
+	FwWindowPolicy window_policy;	/* issue 16: fixed or probe */
 } FwWorkloadConf;
 
 extern void fw_workload_get(const char *name, FwWorkloadConf *out);
