@@ -765,7 +765,6 @@ typedef struct model_pool {
     struct { long slots; int64_t until; } loads[MAX_LOADS];
     int64_t win_start;          /* fixed rate-limit window */
     long used_prompt, used_uncached, used_generated;
-    double sched_acc;           /* congestion schedule: shed credit (below) */
 } model_pool;
 
 static pthread_mutex_t g_pool_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -827,9 +826,11 @@ static long pool_load_locked(model_pool *p, int64_t now)
  * (re)starts: at startup, /control/reset and POST /control/schedule.  So
  * --time-scale 0.001 plays a 24-hour trace in 86.4 s with every simulated
  * latency shrunk alike.
- * Shedding is deterministic: each model pool earns FRACTION of a shed per
- * Standard arrival and sheds when it holds a whole one (error diffusion),
- * so a run shed exactly round(n * FRACTION) of n arrivals.
+ * Each Standard arrival is shed with probability FRACTION, drawn from a
+ * PRNG seeded with --seed at every clock (re)start: the same arrivals in
+ * the same order get the same sheds, and a retry can be shed again, as on
+ * a congested fleet (an even spreading would never shed two in a row).
+ * FRACTION 0 and 1 are exact.
  */
 #define MAX_SCHEDULE 100000
 
@@ -843,6 +844,8 @@ static sched_entry *g_sched;
 static long g_sched_n;
 static int64_t g_sched_start;     /* now_ms() of the clock's start */
 static double g_sched_scale = 1;  /* real seconds per trace second */
+static uint64_t g_sched_seed = 1; /* --seed */
+static uint64_t g_sched_rng;      /* splitmix64 state; g_pool_lock */
 
 static void sched_restart(void)
 {
@@ -850,6 +853,7 @@ static void sched_restart(void)
     pthread_mutex_lock(&g_pool_lock);
     g_sched_start = now_ms();
     g_sched_scale = c.time_scale > 0 ? c.time_scale : 1;
+    g_sched_rng = g_sched_seed;
     pthread_mutex_unlock(&g_pool_lock);
 }
 
@@ -948,14 +952,10 @@ static int sched_sheds_locked(model_pool *p, int64_t now)
     double fr = sched_frac_locked(p->id, p->idlen, sched_now_locked(now));
     if (fr <= 0)
         return 0;
-    p->sched_acc += fr;
-    if (p->sched_acc >= 1 - 1e-9) {
-        p->sched_acc -= 1;
-        if (p->sched_acc < 0)
-            p->sched_acc = 0;
+    if (fr >= 1)
         return 1;
-    }
-    return 0;
+    g_sched_rng += 0x9E3779B97F4A7C15ULL;
+    return (double)(mix64(g_sched_rng) >> 11) * 0x1.0p-53 < fr;
 }
 
 static int64_t window_ms(const sim_config *c)
@@ -1049,7 +1049,6 @@ static void pools_reset(void)
         memset(p->loads, 0, sizeof p->loads);
         p->win_start = 0;
         p->used_prompt = p->used_uncached = p->used_generated = 0;
-        p->sched_acc = 0;
     }
     pthread_mutex_unlock(&g_pool_lock);
 }
@@ -2356,6 +2355,7 @@ static void usage(FILE *out)
           "  --max-body BYTES         largest accepted request body (default 1048576)\n"
           "  --port-file F            write the bound port to F (atomically)\n"
           "  --schedule FILE          congestion schedule: lines TIME_S MODEL FRACTION\n"
+          "  --seed N                 seed of the schedule's shedding (default 1)\n"
           "  --quiet                  no per-request log lines on stderr\n"
           "  --help                   this text\n",
           out);
@@ -2435,7 +2435,7 @@ static void parse_args(int argc, char **argv, options *o)
         static const char *const with_value[] = {
             "--port", "--host", "--api-key", "--time-scale", "--ttft-ms", "--tps", "--capacity",
             "--fast-capacity", "--prompt-tpm", "--uncached-prompt-tpm", "--generated-tpm",
-            "--max-body", "--port-file", "--schedule"};
+            "--max-body", "--port-file", "--schedule", "--seed"};
         int known = 0;
         for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++)
             known |= strcmp(arg, with_value[k]) == 0;
@@ -2474,6 +2474,8 @@ static void parse_args(int argc, char **argv, options *o)
             g_max_body = parse_long_opt(arg, val, 1, 1L << 30);
         else if (strcmp(arg, "--schedule") == 0)
             sched_load(val);
+        else if (strcmp(arg, "--seed") == 0)
+            g_sched_seed = (uint64_t)parse_long_opt(arg, val, 0, 1000000000000L);
         else if (strcmp(arg, "--port-file") == 0) {
             if (!*val)
                 die_usage("--port-file: expected a file name");
