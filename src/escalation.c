@@ -363,7 +363,8 @@ fw_workload_slot_valid(int64 slot)
  * ------
  * Under window_policy "probe" a window need not last its whole length:
  * while it is open, one new attempt per probe interval (of every backend
- * together) is sent on Standard instead of Priority.  The interval is
+ * together), and a share fw_tier.probe_share of the others, is sent on
+ * Standard instead of Priority.  The interval is
  * claimed without a lock (fw_claim_probe: one compare-and-swap of
  * probe_next), so the hot path stays two atomic reads outside a probe.
  * Each probe's outcome is recorded under wl_lock (fw_probe_result; there
@@ -371,8 +372,8 @@ fw_workload_slot_valid(int64 slot)
  * fw_tier.probe_successes successes in a row close the window for every
  * backend at once, as fw_deescalate does (window_us = 0: no per-backend
  * jitter); a probe shed with 503 Overloaded resets the streak and doubles
- * the interval (at most FW_PROBE_BACKOFF_MAX times fw_tier.probe_interval),
- * and its call is retried at once on Priority.  Probes never extend a
+ * the interval (at most FW_PROBE_BACKOFF_MAX times fw_tier.probe_interval)
+ * and halves the share, and its call is retried at once on Priority.  Probes never extend a
  * window: it still ends at its configured length at the latest.  A manual
  * window (fw_escalate) never probes: the operator chose its length.  Which
  * calls may probe is the caller's business (engine.c): workloads whose
@@ -404,7 +405,9 @@ fw_probe_reset_locked(FwWorkload *w, TimestampTz now, bool manual)
  *
  * windows_in_row counts windows that follow each other: a window opened
  * less than one window length after the previous one ended continues the
- * run.  The alert flag is raised once per run.
+ * run (a window closed by probes does not add to the count).  The alert
+ * flag is raised once per run.  end_reason is still the previous
+ * window's until fw_probe_reset_locked() below.
  */
 static void
 fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
@@ -412,8 +415,17 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 {
 	TimestampTz prev_end = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
 
+	/*
+	 * A window the probes closed early does not count as one more in a
+	 * row (the run goes on, its count stays): Standard came back within
+	 * it, so a run of short windows is a spike that flaps, not the
+	 * capacity problem the alert is for.
+	 */
 	if (prev_end != 0 && now - prev_end < window_us)
-		w->windows_in_row++;
+	{
+		if (w->end_reason != FW_END_PROBES)
+			w->windows_in_row++;
+	}
 	else
 	{
 		w->windows_in_row = 1;
@@ -582,8 +594,11 @@ fw_count_attempt(int64 *slot, FwPath path, FwOutcome outcome)
 
 /*
  * May the attempt starting now be a probe?  Only while the window is open
- * (its jitter tail does not probe), once per interval for every backend
- * together.  HOT PATH: atomic reads, one compare-and-swap when due.
+ * (its jitter tail does not probe): the first attempt once the interval
+ * is due (for every backend together), and besides, each attempt with
+ * probability fw_tier.probe_share, scaled down as the interval backs off.
+ * HOT PATH: atomic reads, one compare-and-swap when due, one PRNG draw
+ * when probe_share is set.
  */
 bool
 fw_claim_probe(int64 *slot, TimestampTz now)
@@ -599,14 +614,22 @@ fw_claim_probe(int64 *slot, TimestampTz now)
 		return false;
 	pg_read_barrier();
 	next = pg_atomic_read_u64(&w->probe_next);
-	if (next == PG_UINT64_MAX || now < (TimestampTz) next)
-		return false;
+	if (next == PG_UINT64_MAX)
+		return false;			/* a manual window */
 	interval = pg_atomic_read_u64(&w->probe_interval_us);
 	if (interval == 0)
 		interval = (uint64) fw_probe_base_us();
-	/* the winner of the swap probes; the others stay on Priority */
-	return pg_atomic_compare_exchange_u64(&w->probe_next, &next,
-										  (uint64) now + interval);
+	/* the interval's probe: the winner of the swap probes */
+	if (now >= (TimestampTz) next &&
+		pg_atomic_compare_exchange_u64(&w->probe_next, &next,
+									   (uint64) now + interval))
+		return true;
+	/* the share's, backed off as the interval is: halved per doubling */
+	if (fw_probe_share > 0 &&
+		pg_prng_double(&pg_global_prng_state) <
+		fw_probe_share * (double) fw_probe_base_us() / (double) interval)
+		return true;
+	return false;
 }
 
 /*

@@ -57,7 +57,8 @@ int			fw_max_concurrency = 16;
 int			fw_max_concurrency_cap = 64;
 int			fw_log_spill_limit_kb = 256 * 1024;
 int			fw_probe_interval_ms = 10000;	/* issue 16 */
-int			fw_probe_successes = 3; /* issue 16 */
+int			fw_probe_successes = 2; /* issue 16 */
+double		fw_probe_share = 0.5;	/* issue 16 */
 
 bool		fw_preloaded = false;
 
@@ -338,10 +339,16 @@ _PG_init(void)
 							&fw_probe_interval_ms, 10000, 1, 3600000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
+	DefineCustomRealVariable("fw_tier.probe_share",
+							 "Under window_policy probe, the share of a window's other calls also sent on Standard as probes.",
+							 "Halved each time probe_interval doubles; 0: only the interval's probes.",
+							 &fw_probe_share, 0.5, 0.0, 1.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
 	DefineCustomIntVariable("fw_tier.probe_successes",
 							"Under window_policy probe, this many Standard probes answered in a row end the Priority window early.",
 							NULL,
-							&fw_probe_successes, 3, 1, 1000,
+							&fw_probe_successes, 2, 1, 1000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("fw_tier.alert_windows",

@@ -118,6 +118,7 @@ extern int	fw_max_concurrency_cap;
 extern int	fw_log_spill_limit_kb;
 extern int	fw_probe_interval_ms;	/* issue 16 */
 extern int	fw_probe_successes;	/* issue 16 */
+extern double fw_probe_share;	/* issue 16 */
 
 extern bool fw_preloaded;
 

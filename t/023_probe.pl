@@ -9,7 +9,8 @@
 # all shed still ends at its configured length, never later; 'fixed'
 # (the default) never probes, whatever the probe settings; a manual window
 # never probes; replay never probes; a batch sends at most one probe per
-# interval.
+# interval (probe_share 0); probe_share 1 makes every call of a window a
+# probe.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -33,6 +34,7 @@ fw_tier.max_attempts = 4
 fw_tier.alert_windows = 100
 fw_tier.probe_interval = '200ms'
 fw_tier.probe_successes = 3
+fw_tier.probe_share = 0
 });
 $node->start;
 $node->safe_psql('postgres', q{
@@ -45,7 +47,8 @@ INSERT INTO fw_tier.workloads (workload, on_overload, priority_window, window_po
 	('pdefault', 'priority', '60 seconds', DEFAULT),
 	('pmanual', 'priority', '60 seconds', 'probe'),
 	('pbatch', 'priority', '60 seconds', 'probe'),
-	('preplay', 'priority', '60 seconds', 'probe');
+	('preplay', 'priority', '60 seconds', 'probe'),
+	('pshare', 'priority', '60 seconds', 'probe');
 });
 
 is( $node->safe_psql('postgres', "SELECT window_policy FROM fw_tier.workloads WHERE workload = 'pdefault'"),
@@ -111,6 +114,13 @@ ok( $node->poll_query_until('postgres', q{
 	       AND ended = priority_until AND probes >= 3 AND probes_shed = 0
 	FROM fw_tier.escalations WHERE workload = 'pclose'}),
 	'escalations: ended_by probes, long before its 60 s');
+
+# a window reopened after the probes closed one is not one more "in a row"
+$sim->rule(fault => 'overload', path => 'standard', count => 1);
+$node->safe_psql('postgres', "SELECT fw_complete('again', 'pclose')");
+is( $node->safe_psql('postgres',
+		"SELECT path, escalations, windows_in_row FROM fw_tier.status WHERE workload = 'pclose'"),
+	'priority|2|1', 're-escalated: a second window, still 1 in a row');
 
 # ---- a shed probe is retried on Priority within the same call --------------
 open_window('pshed');
@@ -221,6 +231,18 @@ my $bp = $node->safe_psql('postgres', q{
 my ($bprobes, $bok) = split /\|/, $bp;
 is($bok, 51, 'the batch is answered');
 ok($bprobes >= 1 && $bprobes <= 3, "a batch of 50 sends one probe per interval ($bprobes)");
+
+# ---- probe_share: a share of the window's calls probe too -----------------------
+$node->safe_psql('postgres', 'ALTER SYSTEM SET fw_tier.probe_share = 1');
+$node->reload;
+$node->poll_query_until('postgres', "SELECT current_setting('fw_tier.probe_share') = '1'");
+open_window('pshare');
+$node->safe_psql('postgres', "SELECT fw_complete('share ' || i, 'pshare') FROM generate_series(1, 3) i");
+is( $node->safe_psql('postgres',
+		"SELECT path, closed_by_probes, probes FROM fw_tier.status WHERE workload = 'pshare'"),
+	'standard|1|3', 'probe_share 1: the next 3 calls probe and close the window');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET fw_tier.probe_share');
+$node->reload;
 
 $node->stop;
 done_testing();

@@ -22,24 +22,29 @@
 # point) and costs at most 1.03x always-standard per answered call.
 #
 # Run as root from the repository root:  bash bench/economics/run.sh
-# TRACES="burst day" limits the traces; RATE, CLIENTS change the load.
+# TRACES="burst day" limits the traces; RATE, CLIENTS change the load;
+# POLICIES="always-standard probe" limits the policies (always-standard
+# first: it is the reference); PROBE_SHARE=0.5 and PROBE_SUCCESSES=2 set
+# fw_tier.probe_share and fw_tier.probe_successes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TRACES=${TRACES:-burst plateau flapping day}
 RATE=${RATE:-100}
 CLIENTS=${CLIENTS:-4}
 MODEL=accounts/fireworks/models/kimi-k2p6
-POLICIES="always-standard always-priority fixed probe"
+POLICIES=${POLICIES:-always-standard always-priority fixed probe}
+PROBE_SHARE=${PROBE_SHARE:-}    # empty: fw_tier.probe_share's default
+PROBE_SUCCESSES=${PROBE_SUCCESSES:-}    # empty: fw_tier.probe_successes's
 . bench/lib.sh
 
-# the real seconds a trace second lasts: each trace runs 30 to 48 s, and
+# the real seconds a trace second lasts: each trace runs 30 to 96 s, and
 # its 30-minute window is a whole number of seconds
 scale_of() {
 	case $1 in
 		burst) echo "1/120" ;;      # 1 h   -> 30 s, window 15 s
 		plateau) echo "1/360" ;;    # 3 h   -> 30 s, window 5 s
 		flapping) echo "1/225" ;;   # 2 h   -> 32 s, window 8 s
-		day) echo "1/1800" ;;       # 24 h  -> 48 s, window 1 s
+		day) echo "1/900" ;;        # 24 h  -> 96 s, window 2 s
 		*) echo "1/600" ;;
 	esac
 }
@@ -80,6 +85,8 @@ for trace in $TRACES; do
 	window_s=$(awk "BEGIN {print int(1800 * $scale + 0.5)}")
 	start_sim "$file" "$scale"
 	bpsql -c "ALTER SYSTEM SET fw_tier.probe_interval = '$(ms "10000 * $scale")ms'" >/dev/null
+	[ -n "$PROBE_SHARE" ] && bpsql -c "ALTER SYSTEM SET fw_tier.probe_share = $PROBE_SHARE" >/dev/null
+	[ -n "$PROBE_SUCCESSES" ] && bpsql -c "ALTER SYSTEM SET fw_tier.probe_successes = $PROBE_SUCCESSES" >/dev/null
 	bpsql -c "ALTER SYSTEM SET fw_tier.backoff_base = '$(ms "250 * $scale")ms'" >/dev/null
 	bpsql -c "ALTER SYSTEM SET fw_tier.backoff_cap = '$(ms "8000 * $scale")ms'" >/dev/null
 	bpsql -c "SELECT pg_reload_conf()" >/dev/null
@@ -134,6 +141,7 @@ done
 status=0
 for trace in $TRACES; do
 	sp=$(awk -v t="$trace" '$1 == t && $2 == "always-priority" {print $3}' <<<"$RESULTS")
+	sp=${sp:-100}
 	read -r s r < <(awk -v t="$trace" '$1 == t && $2 == "probe" {print $3, $4}' <<<"$RESULTS")
 	verdict=$(awk "BEGIN {print ($s >= $sp - 0.1 && $r <= 1.03) ? \"met\" : \"MISSED\"}")
 	[ "$verdict" = met ] || status=1
