@@ -298,6 +298,7 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.escalated = call->escalated;
 	rec.replayed = (fw_mode == FW_MODE_REPLAY);
 	rec.kind = (int8) call->kind;
+	rec.probe = call->probe;
 	rec.http_status = r ? (int32) r->status : 0;
 	rec.prompt_tokens = parsed->prompt_tokens >= 0 ? parsed->prompt_tokens :
 		(r ? r->hdr_prompt_tokens : -1);
@@ -354,6 +355,22 @@ fw_prepare_attempt(FwCall *call)
 		path = fw_route(&call->wl.slot, FW_PATH_STANDARD, now);
 		if (fw_mode == FW_MODE_REPLAY)
 			path = fw_replay_route(call->wl.name, path, now);
+	}
+	/*
+	 * window_policy probe: now and then a call of an escalated workload
+	 * goes to Standard to see whether it is back (escalation.c, "Probes").
+	 * Replay never probes: a replayed run takes the paths its fixtures
+	 * were recorded on, and its windows are the session's own.
+	 */
+	call->probe = false;
+	if (path == FW_PATH_PRIORITY && call->configured == FW_PATH_STANDARD &&
+		!call->forced && !call->no_probe &&
+		call->wl.window_policy == FW_WINDOW_PROBE &&
+		fw_mode != FW_MODE_REPLAY &&
+		fw_claim_probe(&call->wl.slot, now))
+	{
+		path = FW_PATH_STANDARD;
+		call->probe = true;
 	}
 	call->escalated = (call->configured == FW_PATH_STANDARD && path == FW_PATH_PRIORITY);
 	/* a budget's premium is spent: escalation is off (README "Spend limits") */
@@ -418,6 +435,14 @@ fw_after_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	if (fw_mode != FW_MODE_REPLAY)
 		fw_count_attempt(&call->wl.slot, call->path_sent, outcome);
 	fw_log_attempt(call, r, outcome, parsed);
+
+	/* a probe's outcome moves the window; a shed one retries on Priority */
+	if (call->probe)
+	{
+		fw_probe_result(&call->wl.slot, outcome, call->attempt_start, now);
+		if (outcome == FW_OVERLOADED)
+			call->no_probe = true;
+	}
 
 	switch (outcome)
 	{
@@ -623,6 +648,9 @@ fw_cancel_in_flight(FwCall *calls, int ncalls, const char *why)
 		calls[i].xfer = NULL;
 		calls[i].detail = pstrdup(why);
 		fw_count_attempt(&calls[i].wl.slot, calls[i].path_sent, FW_CANCELLED);
+		if (calls[i].probe)
+			fw_probe_result(&calls[i].wl.slot, FW_CANCELLED,
+							calls[i].attempt_start, GetCurrentTimestamp());
 		fw_log_attempt(&calls[i], NULL, FW_CANCELLED, &none);
 	}
 }

@@ -67,6 +67,9 @@ typedef struct FwCall
 	int			est_prompt;		/* prompt tokens taken from the budget */
 	struct FwSpendCall *spend;	/* spend limits that apply (spend.c), or NULL */
 	bool		premium_capped; /* a budget's premium is spent: no escalation */
+	bool		probe;			/* issue 16: this attempt is a Standard probe */
+	bool		no_probe;		/* issue 16: a probe of this call was shed:
+								 * its retries stay on Priority */
 } FwCall;
 
 extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,

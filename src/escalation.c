@@ -14,6 +14,9 @@
  * per window however many backends see the 503 at once: the window is
  * opened under wl_lock held exclusively, after re-checking it is not open.
  *
+ * Under the workload's window_policy "probe" (issue 16), a window can also
+ * end early: see "Probes" below.
+ *
  * Contracts: functions ending in _locked expect the caller to hold
  * fw_shared->wl_lock exclusively (fw_find_slot_locked: in any mode).
  * fw_route() and fw_count_attempt() take no lock at all (see shmem.c for
@@ -234,6 +237,16 @@ fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
 		w->mirrored_started = 0;
 		w->mirrored_until = 0;
 		w->mirrored_closed = false;
+		pg_atomic_write_u64(&w->probe_next, 0);
+		pg_atomic_write_u64(&w->probe_interval_us, 0);
+		w->probe_streak = 0;
+		w->end_reason = FW_END_NONE;
+		w->window_probes = 0;
+		w->window_probes_shed = 0;
+		w->probes = 0;
+		w->probes_shed = 0;
+		w->closed_by_probes = 0;
+		w->priority_us_done = 0;
 		w->in_use = true;
 		handle = fw_slot_handle(i, gen);
 	}
@@ -346,11 +359,55 @@ fw_workload_slot_valid(int64 slot)
 }
 
 /*
+ * Probes
+ * ------
+ * Under window_policy "probe" a window need not last its whole length:
+ * while it is open, one new attempt per probe interval (of every backend
+ * together), and a share fw_tier.probe_share of the others, is sent on
+ * Standard instead of Priority.  The interval is
+ * claimed without a lock (fw_claim_probe: one compare-and-swap of
+ * probe_next), so the hot path stays two atomic reads outside a probe.
+ * Each probe's outcome is recorded under wl_lock (fw_probe_result; there
+ * is at most one per interval): a success extends the streak, and
+ * fw_tier.probe_successes successes in a row close the window for every
+ * backend at once, as fw_deescalate does (window_us = 0: no per-backend
+ * jitter); a probe shed with 503 Overloaded resets the streak and doubles
+ * the interval (at most FW_PROBE_BACKOFF_MAX times fw_tier.probe_interval)
+ * and halves the share, and its call is retried at once on Priority.  Probes never extend a
+ * window: it still ends at its configured length at the latest.  A manual
+ * window (fw_escalate) never probes: the operator chose its length.  Which
+ * calls may probe is the caller's business (engine.c): workloads whose
+ * window_policy is "probe", live mode only.
+ */
+#define FW_PROBE_BACKOFF_MAX	16
+
+static int64
+fw_probe_base_us(void)
+{
+	return (int64) Max(fw_probe_interval_ms, 1) * 1000;
+}
+
+/* A window opens (or is restored): fresh probe state.  wl_lock exclusive. */
+static void
+fw_probe_reset_locked(FwWorkload *w, TimestampTz now, bool manual)
+{
+	w->probe_streak = 0;
+	w->end_reason = FW_END_NONE;
+	w->window_probes = 0;
+	w->window_probes_shed = 0;
+	pg_atomic_write_u64(&w->probe_interval_us, (uint64) fw_probe_base_us());
+	pg_atomic_write_u64(&w->probe_next,
+						manual ? PG_UINT64_MAX : (uint64) (now + fw_probe_base_us()));
+}
+
+/*
  * Open a new window at now.  Caller holds wl_lock exclusively.
  *
  * windows_in_row counts windows that follow each other: a window opened
  * less than one window length after the previous one ended continues the
- * run.  The alert flag is raised once per run.
+ * run (a window closed by probes does not add to the count).  The alert
+ * flag is raised once per run.  end_reason is still the previous
+ * window's until fw_probe_reset_locked() below.
  */
 static void
 fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
@@ -358,8 +415,17 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 {
 	TimestampTz prev_end = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
 
+	/*
+	 * A window the probes closed early does not count as one more in a
+	 * row (the run goes on, its count stays): Standard came back within
+	 * it, so a run of short windows is a spike that flaps, not the
+	 * capacity problem the alert is for.
+	 */
 	if (prev_end != 0 && now - prev_end < window_us)
-		w->windows_in_row++;
+	{
+		if (w->end_reason != FW_END_PROBES)
+			w->windows_in_row++;
+	}
 	else
 	{
 		w->windows_in_row = 1;
@@ -369,9 +435,14 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 	if (w->windows_in_row >= fw_alert_windows)
 		w->alerted = true;
 
+	/* the previous window's time, for fw_tier.status.priority_seconds */
+	if (w->window_started != 0 && prev_end > w->window_started)
+		w->priority_us_done += prev_end - w->window_started;
+
 	w->escalations++;
 	w->window_started = now;
 	w->manual = manual;
+	fw_probe_reset_locked(w, now, manual);
 
 	w->run_window_us = window_us;
 	pg_atomic_write_u64(&w->window_us, (uint64) window_us);
@@ -522,6 +593,112 @@ fw_count_attempt(int64 *slot, FwPath path, FwOutcome outcome)
 }
 
 /*
+ * May the attempt starting now be a probe?  Only while the window is open
+ * (its jitter tail does not probe): the first attempt once the interval
+ * is due (for every backend together), and besides, each attempt with
+ * probability fw_tier.probe_share, scaled down as the interval backs off.
+ * HOT PATH: atomic reads, one compare-and-swap when due, one PRNG draw
+ * when probe_share is set.
+ */
+bool
+fw_claim_probe(int64 *slot, TimestampTz now)
+{
+	FwWorkload *w;
+	uint64		next;
+	uint64		interval;
+
+	w = fw_resolve(slot, now);
+	if (w == NULL)
+		return false;
+	if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) <= now)
+		return false;
+	pg_read_barrier();
+	next = pg_atomic_read_u64(&w->probe_next);
+	if (next == PG_UINT64_MAX)
+		return false;			/* a manual window */
+	interval = pg_atomic_read_u64(&w->probe_interval_us);
+	if (interval == 0)
+		interval = (uint64) fw_probe_base_us();
+	/* the interval's probe: the winner of the swap probes */
+	if (now >= (TimestampTz) next &&
+		pg_atomic_compare_exchange_u64(&w->probe_next, &next,
+									   (uint64) now + interval))
+		return true;
+	/* the share's, backed off as the interval is: halved per doubling */
+	if (fw_probe_share > 0 &&
+		pg_prng_double(&pg_global_prng_state) <
+		fw_probe_share * (double) fw_probe_base_us() / (double) interval)
+		return true;
+	return false;
+}
+
+/*
+ * A probe sent at sent_at finished with outcome (see "Probes").  A probe
+ * of an earlier window, or one finishing after its window ended, is
+ * counted but moves no streak.  429, 503 Unavailable, timeouts and the
+ * like say nothing about congestion: they neither extend nor reset it.
+ */
+void
+fw_probe_result(int64 *slot, FwOutcome outcome, TimestampTz sent_at,
+				TimestampTz now)
+{
+	FwWorkload *w;
+	bool		closed = false;
+	bool		current;
+
+	w = fw_resolve(slot, now);
+	if (w == NULL)
+		return;
+
+	LWLockAcquire(fw_shared->wl_lock, LW_EXCLUSIVE);
+	if (fw_slot_handle(fw_slot_index(*slot),
+					   pg_atomic_read_u32(&w->generation)) != *slot)
+	{
+		LWLockRelease(fw_shared->wl_lock);
+		return;
+	}
+	current = (sent_at >= w->window_started &&
+			   (TimestampTz) pg_atomic_read_u64(&w->priority_until) > now);
+	w->probes++;
+	if (sent_at >= w->window_started)
+		w->window_probes++;
+	if (outcome == FW_OVERLOADED)
+	{
+		w->probes_shed++;
+		if (sent_at >= w->window_started)
+			w->window_probes_shed++;
+		if (current)
+		{
+			uint64		interval = pg_atomic_read_u64(&w->probe_interval_us);
+			uint64		cap = (uint64) (fw_probe_base_us() * FW_PROBE_BACKOFF_MAX);
+
+			w->probe_streak = 0;
+			interval = Min(Max(interval, 1) * 2, cap);
+			pg_atomic_write_u64(&w->probe_interval_us, interval);
+			if (pg_atomic_read_u64(&w->probe_next) != PG_UINT64_MAX)
+				pg_atomic_write_u64(&w->probe_next, (uint64) now + interval);
+		}
+	}
+	else if (outcome == FW_OK && current)
+	{
+		pg_atomic_write_u64(&w->probe_interval_us, (uint64) fw_probe_base_us());
+		if (++w->probe_streak >= fw_probe_successes)
+		{
+			/* Standard is back: every backend leaves Priority now */
+			fw_set_until_locked(w, now, 0);
+			w->end_reason = FW_END_PROBES;
+			w->closed_by_probes++;
+			w->probe_streak = 0;
+			closed = true;
+		}
+	}
+	LWLockRelease(fw_shared->wl_lock);
+
+	if (closed)
+		fw_wake_worker();
+}
+
+/*
  * Operator: put the workload of this database on Priority for window_ms
  * from now.  An open window gets the new end (no new escalation is
  * counted); otherwise a manual window opens.  The caller has checked the
@@ -553,7 +730,11 @@ fw_escalate_now(const char *workload, int64 window_ms)
 		elog(ERROR, "fw_tier workload slot of \"%s\" was reused", workload);
 	}
 	if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
+	{
 		fw_set_until_locked(w, now + window_us, window_us);
+		/* the operator now owns its length: no probe ends it early */
+		pg_atomic_write_u64(&w->probe_next, PG_UINT64_MAX);
+	}
 	else
 		fw_open_window_locked(w, now, window_us, true);
 	until = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
@@ -589,6 +770,7 @@ fw_deescalate_now(const char *workload)
 			if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
 			{
 				fw_set_until_locked(w, now, 0);
+				w->end_reason = FW_END_DEESCALATED;
 				ended = true;
 			}
 		}
@@ -633,6 +815,12 @@ fw_workload_snapshots(FwWorkloadSnapshot **out)
 		for (int p = 0; p < FW_NUM_PATHS; p++)
 			for (int o = 0; o < FW_NUM_OUTCOMES; o++)
 				s->attempts[p][o] = (int64) pg_atomic_read_u64(&w->attempts[p][o]);
+		s->probes = w->probes;
+		s->probes_shed = w->probes_shed;
+		s->closed_by_probes = w->closed_by_probes;
+		s->priority_us = w->priority_us_done;
+		if (w->window_started != 0)
+			s->priority_us += Max(Min(now, s->priority_until) - w->window_started, 0);
 	}
 	LWLockRelease(fw_shared->wl_lock);
 
@@ -685,6 +873,7 @@ fw_restore_window(Oid dboid, const char *workload, TimestampTz started,
 		w->mirrored_started = started;
 		w->mirrored_until = until;
 		w->mirrored_closed = false;
+		fw_probe_reset_locked(w, GetCurrentTimestamp(), manual);
 		fw_set_until_locked(w, until, until - started);
 	}
 	LWLockRelease(fw_shared->wl_lock);
@@ -734,6 +923,11 @@ fw_windows_to_sync(FwWindowSync *out, TimestampTz now, TimestampTz *next_expiry)
 		out[n].manual = w->manual;
 		out[n].windows_in_row = w->windows_in_row;
 		out[n].alert = alert;
+		out[n].ended_by = !closed ? NULL :
+			w->end_reason == FW_END_PROBES ? "probes" :
+			w->end_reason == FW_END_DEESCALATED ? "deescalated" : "expired";
+		out[n].probes = w->window_probes;
+		out[n].probes_shed = w->window_probes_shed;
 		n++;
 	}
 	LWLockRelease(fw_shared->wl_lock);

@@ -61,6 +61,9 @@ int			fw_max_concurrency = 16;
 int			fw_max_concurrency_cap = 64;
 int			fw_log_spill_limit_kb = 256 * 1024;
 int			fw_max_output_tokens = 4096;
+int			fw_probe_interval_ms = 10000;	/* issue 16 */
+int			fw_probe_successes = 2; /* issue 16 */
+double		fw_probe_share = 0.5;	/* issue 16 */
 
 bool		fw_preloaded = false;
 
@@ -367,6 +370,25 @@ _PG_init(void)
 							"A workload's own priority_window overrides it.",
 							&fw_priority_window_s, 1800, 1, 7 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	/* issue 16: window_policy probe (escalation.c, "Probes") */
+	DefineCustomIntVariable("fw_tier.probe_interval",
+							"Under window_policy probe, one call per interval is sent on Standard during a Priority window.",
+							"Counted for every backend of the workload together; a probe shed with 503 Overloaded doubles it, up to 16 times this value.",
+							&fw_probe_interval_ms, 10000, 1, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomRealVariable("fw_tier.probe_share",
+							 "Under window_policy probe, the share of a window's other calls also sent on Standard as probes.",
+							 "Halved each time probe_interval doubles; 0: only the interval's probes.",
+							 &fw_probe_share, 0.5, 0.0, 1.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("fw_tier.probe_successes",
+							"Under window_policy probe, this many Standard probes answered in a row end the Priority window early.",
+							NULL,
+							&fw_probe_successes, 2, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("fw_tier.alert_windows",
 							"Consecutive Priority windows after which fw_tier raises a capacity alert.",

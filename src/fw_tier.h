@@ -64,6 +64,21 @@ typedef enum FwOnOverload
 	FW_ONOVERLOAD_FAIL			/* raise at once */
 } FwOnOverload;
 
+/* How a Priority window ends (fw_tier.workloads.window_policy, issue 16). */
+typedef enum FwWindowPolicy
+{
+	FW_WINDOW_FIXED = 0,		/* at its end, after the configured length */
+	FW_WINDOW_PROBE				/* also early, after Standard probes succeed */
+} FwWindowPolicy;
+
+/* Why the current or last window ended (escalations.ended_by, issue 16). */
+typedef enum FwWindowEnd
+{
+	FW_END_NONE = 0,			/* open, or ran to its end: "expired" */
+	FW_END_PROBES,				/* closed early by a streak of probes */
+	FW_END_DEESCALATED			/* fw_deescalate() */
+} FwWindowEnd;
+
 /* fw_tier.mode */
 typedef enum FwMode
 {
@@ -123,6 +138,9 @@ extern char *fw_default_embedding_model;
 extern char *fw_default_rerank_model;
 extern int	fw_embed_batch_inputs;
 extern int	fw_embed_batch_tokens;
+extern int	fw_probe_interval_ms;	/* issue 16 */
+extern int	fw_probe_successes;	/* issue 16 */
+extern double fw_probe_share;	/* issue 16 */
 
 extern bool fw_preloaded;
 
@@ -171,6 +189,24 @@ typedef struct FwWorkload
 								 * moved (kept after a de-escalation): the
 								 * alert clears one such length after the
 								 * run's last window ended; wl_lock */
+	/*
+	 * Issue 16, window policy probe (escalation.c, "Probes").  probe_next
+	 * and probe_interval_us are atomics claimed without a lock (the hot
+	 * path); the rest is under wl_lock.
+	 */
+	pg_atomic_uint64 probe_next;	/* TimestampTz: next probe may start;
+									 * PG_UINT64_MAX = this window never
+									 * probes (manual) */
+	pg_atomic_uint64 probe_interval_us; /* current, backed off when shed */
+	int32		probe_streak;	/* Standard successes in a row */
+	int32		end_reason;		/* FwWindowEnd of the current/last window */
+	int64		window_probes;	/* probes of the current/last window */
+	int64		window_probes_shed;
+	int64		probes;			/* since the slot was assigned */
+	int64		probes_shed;
+	int64		closed_by_probes;	/* windows ended early by probes */
+	int64		priority_us_done;	/* length of the windows before the
+									 * current/last one */
 } FwWorkload;
 
 typedef struct FwSharedState
@@ -235,6 +271,11 @@ typedef struct FwWorkloadSnapshot
 	int32		windows_in_row; /* consecutive windows, 1 for a fresh one */
 	bool		alerted;		/* alert raised for the current run */
 	int64		attempts[FW_NUM_PATHS][FW_NUM_OUTCOMES];
+	/* issue 16 */
+	int64		probes;			/* probes sent on Standard in windows */
+	int64		probes_shed;	/* of which shed with 503 Overloaded */
+	int64		closed_by_probes;	/* windows the probes ended early */
+	int64		priority_us;	/* time spent in windows so far */
 } FwWorkloadSnapshot;
 
 /*
@@ -249,6 +290,10 @@ extern FwPath fw_route(int64 *slot, FwPath configured, TimestampTz now);
 extern bool fw_on_overloaded(int64 *slot, FwPath path_used, FwOnOverload policy,
 							 int window_s, TimestampTz now);
 extern void fw_count_attempt(int64 *slot, FwPath path, FwOutcome outcome);
+/* issue 16: window policy probe (escalation.c, "Probes") */
+extern bool fw_claim_probe(int64 *slot, TimestampTz now);
+extern void fw_probe_result(int64 *slot, FwOutcome outcome,
+							TimestampTz sent_at, TimestampTz now);
 extern TimestampTz fw_escalate_now(const char *workload, int64 window_ms);
 extern void fw_deescalate_now(const char *workload);
 extern int	fw_workload_snapshots(FwWorkloadSnapshot **out);
@@ -281,6 +326,11 @@ typedef struct FwWindowSync
 	bool		manual;
 	int32		windows_in_row;
 	bool		alert;			/* alert due: WARNING + NOTIFY */
+	/* issue 16 */
+	const char *ended_by;		/* closed: "expired", "probes",
+								 * "deescalated"; NULL while open */
+	int64		probes;			/* probes sent in this window */
+	int64		probes_shed;	/* of which shed */
 } FwWindowSync;
 
 extern int	fw_windows_to_sync(FwWindowSync *out, TimestampTz now,
@@ -321,6 +371,8 @@ typedef struct FwCallRecord
 	int8		kind;			/* FwCallKind (issue 12); in the tail
 								 * padding too, so an older record (zeroed)
 								 * reads as chat */
+	bool		probe;			/* issue 16: a Standard probe sent during a
+								 * window (policy probe); tail padding too */
 } FwCallRecord;
 
 extern int64 fw_next_call_id(void);

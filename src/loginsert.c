@@ -343,6 +343,13 @@ fw_col_replayed(FwRow *w, bool *isnull)
 	return BoolGetDatum(w->r->replayed);
 }
 
+/* issue 16: a Standard probe sent during a window */
+static Datum
+fw_col_probe(FwRow *w, bool *isnull)
+{
+	return BoolGetDatum(w->r->probe);
+}
+
 /* issue 12: an unknown kind from another process is logged as chat */
 static Datum
 fw_col_kind(FwRow *w, bool *isnull)
@@ -383,6 +390,7 @@ static const FwCallColumn fw_call_columns[] = {
 	{"replayed", BOOLOID, fw_col_replayed},
 	/* 0.3: new columns here, in the order of the SQL script */
 	{"kind", TEXTOID, fw_col_kind},	/* issue 12 */
+	{"probe", BOOLOID, fw_col_probe},	/* issue 16 */
 };
 
 #define FW_NCOLS	lengthof(fw_call_columns)

@@ -27,7 +27,7 @@ PG_FUNCTION_INFO_V1(fw_escalate);
 PG_FUNCTION_INFO_V1(fw_deescalate);
 PG_FUNCTION_INFO_V1(fw_flush);
 
-#define FW_STATE_COLS	16
+#define FW_STATE_COLS	20
 
 /*
  * fw_tier_workload_state(): one row per workload of this database tracked
@@ -98,6 +98,11 @@ fw_tier_workload_state(PG_FUNCTION_ARGS)
 		values[c++] = Int64GetDatum(per_path[FW_PATH_PRIORITY]);
 		values[c++] = Int64GetDatum(per_path[FW_PATH_FAST]);
 		values[c++] = Int64GetDatum(s->attempts[FW_PATH_PRIORITY][FW_OVERLOADED]);
+		/* issue 16 */
+		values[c++] = Int64GetDatum(s->probes);
+		values[c++] = Int64GetDatum(s->probes_shed);
+		values[c++] = Int64GetDatum(s->closed_by_probes);
+		values[c++] = Float8GetDatum((double) s->priority_us / USECS_PER_SEC);
 		Assert(c == FW_STATE_COLS);
 
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);

@@ -59,10 +59,11 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 	for (int i = 0; i < n; i++)
 	{
 		FwWindowSync *w = &ws[i];
-		Datum		args[7];
-		char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-		Oid			types[7] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, TEXTOID, INT4OID, NAMEOID};
+		Datum		args[10];
+		char		nulls[10] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+		Oid			types[10] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+			TIMESTAMPTZOID, TEXTOID, INT4OID, NAMEOID,
+		TEXTOID, INT8OID, INT8OID}; /* $8..$10: issue 16 */
 		int			ret;
 		char	   *dbname = get_database_name(w->dboid);
 		NameData	dbn;
@@ -80,24 +81,30 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 		args[4] = CStringGetTextDatum(w->manual ? "manual" : "overloaded");
 		args[5] = Int32GetDatum(w->windows_in_row);
 		args[6] = NameGetDatum(&dbn);
+		args[7] = w->ended_by ? CStringGetTextDatum(w->ended_by) : (Datum) 0;
+		if (!w->ended_by)
+			nulls[7] = 'n';
+		args[8] = Int64GetDatum(w->probes);
+		args[9] = Int64GetDatum(w->probes_shed);
 
-		/* every statement gets all 7 (fixed parameters may go unused) */
+		/* every statement gets all 10 (fixed parameters may go unused) */
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET ended = LEAST(priority_until, $2)"
 									" WHERE database OPERATOR(pg_catalog.=) $7"
 									" AND workload OPERATOR(pg_catalog.=) $1 AND ended IS NULL"
 									" AND started OPERATOR(pg_catalog.<>) $2",
-									7, types, args, nulls, false, 0);
+									10, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: closing old windows failed: %s",
 				 SPI_result_code_string(ret));
 
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
-									" SET priority_until = $3, ended = $4"
+									" SET priority_until = $3, ended = $4,"
+									" ended_by = $8, probes = $9, probes_shed = $10"
 									" WHERE database OPERATOR(pg_catalog.=) $7"
 									" AND workload OPERATOR(pg_catalog.=) $1"
 									" AND started OPERATOR(pg_catalog.=) $2",
-									7, types, args, nulls, false, 0);
+									10, types, args, nulls, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "fw_tier: updating a window failed: %s",
 				 SPI_result_code_string(ret));
@@ -105,9 +112,10 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 		if (SPI_processed == 0)
 		{
 			ret = SPI_execute_with_args("INSERT INTO fw_tier.escalations"
-										" (database, workload, started, priority_until, ended, trigger, windows_in_row)"
-										" VALUES ($7, $1, $2, $3, $4, $5, $6)",
-										7, types, args, nulls, false, 0);
+										" (database, workload, started, priority_until, ended, trigger, windows_in_row,"
+										" ended_by, probes, probes_shed)"
+										" VALUES ($7, $1, $2, $3, $4, $5, $6, $8, $9, $10)",
+										10, types, args, nulls, false, 0);
 			if (ret != SPI_OK_INSERT)
 				elog(ERROR, "fw_tier: recording a window failed: %s",
 					 SPI_result_code_string(ret));
@@ -205,7 +213,8 @@ fw_worker_restore(void)
 						timestamptz_to_str(rows[i].until))));
 	}
 
-	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until"
+	ret = SPI_execute("UPDATE fw_tier.escalations SET ended = priority_until,"
+					  " ended_by = 'expired'"
 					  " WHERE ended IS NULL"
 					  " AND priority_until OPERATOR(pg_catalog.<=) pg_catalog.now()",
 					  false, 0);

@@ -71,6 +71,8 @@ fw_wl_load(void)
 	HTAB	   *h;
 	Oid			nsp;
 	int			ret;
+	bool		has_models;
+	bool		has_policy;
 
 	if (!fw_wl_callback_registered)
 	{
@@ -104,18 +106,20 @@ fw_wl_load(void)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	/*
-	 * Issue 12's columns are there from SQL version 0.3 on; a database
-	 * still on older SQL (not yet ALTER EXTENSION ... UPDATE) works on.
+	 * Columns that came with 0.3 (issue 12: embedding_model, rerank_model;
+	 * issue 16: window_policy): a new library over older SQL (before ALTER
+	 * EXTENSION UPDATE) still calls, with the default models and 'fixed'
+	 * windows.
 	 */
-	ret = SPI_execute(get_attnum(fw_wl_relid, "embedding_model") != InvalidAttrNumber ?
-					  "SELECT workload, path, model, fast_model, on_overload,"
-					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
-					  " embedding_model, rerank_model"
-					  " FROM fw_tier.workloads" :
-					  "SELECT workload, path, model, fast_model, on_overload,"
-					  " extract(epoch FROM priority_window)::pg_catalog.int8,"
-					  " NULL::pg_catalog.text, NULL::pg_catalog.text"
-					  " FROM fw_tier.workloads", true, 0);
+	has_models = (get_attnum(fw_wl_relid, "embedding_model") != InvalidAttrNumber);
+	has_policy = (get_attnum(fw_wl_relid, "window_policy") != InvalidAttrNumber);
+	ret = SPI_execute(psprintf("SELECT workload, path, model, fast_model, on_overload,"
+							   " extract(epoch FROM priority_window)::pg_catalog.int8,"
+							   " %s, %s FROM fw_tier.workloads",
+							   has_models ? "embedding_model, rerank_model" :
+							   "NULL::pg_catalog.text, NULL::pg_catalog.text",
+							   has_policy ? "window_policy" : "'fixed'::pg_catalog.text"),
+					  true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read fw_tier.workloads: %s", SPI_result_code_string(ret));
 
@@ -134,6 +138,7 @@ fw_wl_load(void)
 		char	   *window = SPI_getvalue(tup, desc, 6);
 		char	   *emodel = SPI_getvalue(tup, desc, 7);
 		char	   *rmodel = SPI_getvalue(tup, desc, 8);
+		char	   *wpolicy = SPI_getvalue(tup, desc, 9);
 		FwWorkloadConf *wl;
 		bool		found;
 
@@ -149,6 +154,9 @@ fw_wl_load(void)
 		wl->window_s = window ? (int) Min(strtol(window, NULL, 10), INT_MAX) : 0;
 		wl->embedding_model = emodel ? MemoryContextStrdup(fw_wl_cxt, emodel) : NULL;
 		wl->rerank_model = rmodel ? MemoryContextStrdup(fw_wl_cxt, rmodel) : NULL;
+		/* the table's CHECK allows these two only; anything else: fixed */
+		wl->window_policy = (wpolicy && strcmp(wpolicy, "probe") == 0) ?
+			FW_WINDOW_PROBE : FW_WINDOW_FIXED;
 	}
 	SPI_finish();
 	/* Published only when complete: an error above leaves no half cache. */

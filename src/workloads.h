@@ -21,6 +21,7 @@ typedef struct FwWorkloadConf
 	int64		slot;			/* shared-memory slot (fw_workload_slot) */
 	char	   *embedding_model;	/* issue 12; NULL: default_embedding_model */
 	char	   *rerank_model;	/* issue 12; NULL: default_rerank_model */
+	FwWindowPolicy window_policy;	/* issue 16: fixed or probe */
 } FwWorkloadConf;
 
 extern void fw_workload_get(const char *name, FwWorkloadConf *out);

@@ -835,6 +835,151 @@ static long pool_load_locked(model_pool *p, int64_t now)
     return sum;
 }
 
+/* ------------------------------------------------------------------ */
+/* Congestion schedule (--schedule FILE): trace time -> Standard shed  */
+/* ------------------------------------------------------------------ */
+
+/*
+ * A step function of trace time: each line "TIME_S MODEL FRACTION" sets,
+ * from TIME_S on, the fraction of Standard requests of MODEL ("*" = every
+ * model) shed with 503 Overloaded, until a later line matching the model.
+ * One trace second lasts time_scale real seconds (1 s when time_scale is
+ * 0: no latency, real time), the time_scale in force when the clock
+ * (re)starts: at startup, /control/reset and POST /control/schedule.  So
+ * --time-scale 0.001 plays a 24-hour trace in 86.4 s with every simulated
+ * latency shrunk alike.
+ * Each Standard arrival is shed with probability FRACTION, drawn from a
+ * PRNG seeded with --seed at every clock (re)start: the same arrivals in
+ * the same order get the same sheds, and a retry can be shed again, as on
+ * a congested fleet (an even spreading would never shed two in a row).
+ * FRACTION 0 and 1 are exact.
+ */
+#define MAX_SCHEDULE 100000
+
+typedef struct sched_entry {
+    double t_s;
+    char *model;                /* NULL = every model */
+    double frac;
+} sched_entry;
+
+static sched_entry *g_sched;
+static long g_sched_n;
+static int64_t g_sched_start;     /* now_ms() of the clock's start */
+static double g_sched_scale = 1;  /* real seconds per trace second */
+static uint64_t g_sched_seed = 1; /* --seed */
+static uint64_t g_sched_rng;      /* splitmix64 state; g_pool_lock */
+
+static void sched_restart(void)
+{
+    sim_config c = config_snapshot();
+    pthread_mutex_lock(&g_pool_lock);
+    g_sched_start = now_ms();
+    g_sched_scale = c.time_scale > 0 ? c.time_scale : 1;
+    g_sched_rng = g_sched_seed;
+    pthread_mutex_unlock(&g_pool_lock);
+}
+
+/* trace seconds since the clock started; caller holds g_pool_lock */
+static double sched_now_locked(int64_t now)
+{
+    return (double)(now - g_sched_start) / 1000.0 / g_sched_scale;
+}
+
+/* fraction of Standard shed for the model at trace time t; g_pool_lock */
+static double sched_frac_locked(const char *id, size_t len, double t)
+{
+    long lo = 0, hi = g_sched_n;      /* first entry with t_s > t */
+    while (lo < hi) {
+        long mid = (lo + hi) / 2;
+        if (g_sched[mid].t_s <= t)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (long i = lo - 1; i >= 0; i--) {
+        const char *m = g_sched[i].model;
+        if (!m || (strlen(m) == len && memcmp(m, id, len) == 0))
+            return g_sched[i].frac;
+    }
+    return 0;
+}
+
+/* Reads the schedule; exits 2 with the line number on any error. */
+static void sched_load(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "fwsim: --schedule: cannot open \"%s\": %s\n", path, strerror(errno));
+        exit(2);
+    }
+    char line[1024];
+    long lineno = 0;
+    double last = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        size_t n = strlen(line);
+        if (n == sizeof line - 1 && line[n - 1] != '\n') {
+            fprintf(stderr, "fwsim: --schedule %s:%ld: line too long\n", path, lineno);
+            exit(2);
+        }
+        char *hash = strchr(line, '#');
+        if (hash)
+            *hash = '\0';
+        char *save = NULL;
+        char *a = strtok_r(line, " \t\r\n", &save);
+        if (!a)
+            continue;           /* blank or comment */
+        char *b = strtok_r(NULL, " \t\r\n", &save);
+        char *c = strtok_r(NULL, " \t\r\n", &save);
+        char *extra = strtok_r(NULL, " \t\r\n", &save);
+        char *end1 = NULL, *end2 = NULL;
+        double t = a ? strtod(a, &end1) : NAN;
+        double fr = c ? strtod(c, &end2) : NAN;
+        const char *why = NULL;
+        if (!b || !c || extra)
+            why = "expected TIME_S MODEL FRACTION";
+        else if (*end1 || !isfinite(t) || t < 0 || t > 1e9)
+            why = "TIME_S must be a number of seconds between 0 and 1e9";
+        else if (*end2 || !isfinite(fr) || fr < 0 || fr > 1)
+            why = "FRACTION must be a number between 0 and 1";
+        else if (t < last)
+            why = "times must not decrease";
+        else if (strlen(b) > 159)
+            why = "MODEL is longer than 159 bytes";
+        else if (g_sched_n >= MAX_SCHEDULE)
+            why = "more than 100000 entries";
+        if (why) {
+            fprintf(stderr, "fwsim: --schedule %s:%ld: %s\n", path, lineno, why);
+            exit(2);
+        }
+        g_sched = xrealloc(g_sched, sizeof(sched_entry) * (size_t)(g_sched_n + 1));
+        g_sched[g_sched_n].t_s = t;
+        g_sched[g_sched_n].model = strcmp(b, "*") == 0 ? NULL : strdup(b);
+        g_sched[g_sched_n].frac = fr;
+        g_sched_n++;
+        last = t;
+    }
+    fclose(f);
+    if (g_sched_n == 0) {
+        fprintf(stderr, "fwsim: --schedule %s: no entries\n", path);
+        exit(2);
+    }
+}
+
+/* Standard arrival at pool p: shed it by the schedule?  g_pool_lock held. */
+static int sched_sheds_locked(model_pool *p, int64_t now)
+{
+    if (g_sched_n == 0)
+        return 0;
+    double fr = sched_frac_locked(p->id, p->idlen, sched_now_locked(now));
+    if (fr <= 0)
+        return 0;
+    if (fr >= 1)
+        return 1;
+    g_sched_rng += 0x9E3779B97F4A7C15ULL;
+    return (double)(mix64(g_sched_rng) >> 11) * 0x1.0p-53 < fr;
+}
+
 static int64_t window_ms(const sim_config *c)
 {
     /* 60 s windows shrink with time-scale; 0 means "no latency", not
@@ -872,7 +1017,8 @@ static enum admit pool_admit(model_pool *p, int path, const sim_config *c, long 
         else if (path == PATH_PRIORITY)
             r = p->in_flight_prio >= c->capacity ? ADMIT_OVERLOADED : ADMIT_OK;
         else
-            r = p->in_flight + load >= c->capacity ? ADMIT_OVERLOADED : ADMIT_OK;
+            r = p->in_flight + load >= c->capacity || sched_sheds_locked(p, now)
+                ? ADMIT_OVERLOADED : ADMIT_OK;
         if (r == ADMIT_OK) {
             p->in_flight++;
             if (path == PATH_PRIORITY)
@@ -1121,7 +1267,7 @@ static void copy_trunc(char *dst, size_t cap, const char *src, size_t len)
 
 enum route {
     R_NOT_FOUND, R_CHAT, R_EMBED, R_RERANK, R_C_RESET, R_C_RULES, R_C_LOAD, R_C_CONFIG, R_C_STATS,
-    R_C_STATS_RESET, R_C_LOG, R_C_HEALTH
+    R_C_STATS_RESET, R_C_LOG, R_C_HEALTH, R_C_SCHEDULE
 };
 
 typedef struct request_state {
@@ -2621,6 +2767,21 @@ static enum MHD_Result control_log(struct MHD_Connection *c)
     return send_json(c, 200, &b);
 }
 
+/* GET /control/schedule: where the schedule clock is and what it sheds */
+static enum MHD_Result control_schedule(struct MHD_Connection *c)
+{
+    sbuf b = {0};
+    pthread_mutex_lock(&g_pool_lock);
+    double t = sched_now_locked(now_ms());
+    double dur = g_sched_n ? g_sched[g_sched_n - 1].t_s : 0;
+    double fr = g_sched_n ? sched_frac_locked("*", 1, t) : 0;
+    sb_printf(&b, "{\"entries\":%ld,\"duration_s\":%.3f,\"scale\":%g,\"trace_time_s\":%.3f,"
+                  "\"shed_fraction\":%g}",
+              g_sched_n, dur, g_sched_scale, t, fr);
+    pthread_mutex_unlock(&g_pool_lock);
+    return send_json(c, 200, &b);
+}
+
 static enum MHD_Result handle_control(struct MHD_Connection *c, request_state *rq, int is_get)
 {
     if (rq->route == R_C_STATS)
@@ -2631,6 +2792,10 @@ static enum MHD_Result handle_control(struct MHD_Connection *c, request_state *r
         return control_ok(c);
     if (rq->route == R_C_CONFIG && is_get)
         return control_config(c, NULL, 1);
+    if (rq->route == R_C_SCHEDULE && !is_get)
+        sched_restart();
+    if (rq->route == R_C_SCHEDULE)
+        return control_schedule(c);
     if (rq->route == R_C_STATS_RESET) {
         stats_reset();
         return control_ok(c);
@@ -2643,6 +2808,7 @@ static enum MHD_Result handle_control(struct MHD_Connection *c, request_state *r
         pools_reset();
         stats_reset();
         cache_reset();
+        sched_restart();
         pthread_mutex_lock(&g_log_lock);
         g_log_seq = 0;
         pthread_mutex_unlock(&g_log_lock);
@@ -2689,6 +2855,7 @@ static enum route route_of(const char *url, const char *method, int *method_ok)
         {"/control/stats/reset", R_C_STATS_RESET, "POST"},
         {"/control/log", R_C_LOG, "GET"},
         {"/control/health", R_C_HEALTH, "GET"},
+        {"/control/schedule", R_C_SCHEDULE, "POST GET"},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         if (strcmp(url, table[i].url) != 0)
@@ -2742,7 +2909,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (queue_owned(conn, 405, &b, "application/json", &r) != MHD_YES)
             return MHD_NO;
         MHD_add_response_header(r, "Allow", rq->route <= R_RERANK ? "POST" :
-                                rq->route == R_C_CONFIG ? "GET, POST" :
+                                (rq->route == R_C_CONFIG || rq->route == R_C_SCHEDULE) ? "GET, POST" :
                                 (rq->route == R_C_STATS || rq->route == R_C_LOG ||
                                  rq->route == R_C_HEALTH) ? "GET" : "POST");
         enum MHD_Result ret = MHD_queue_response(conn, 405, r);
@@ -2793,6 +2960,8 @@ static void usage(FILE *out)
           "  --generated-tpm N        generated tokens per minute (0 = unlimited)\n"
           "  --max-body BYTES         largest accepted request body (default 1048576)\n"
           "  --port-file F            write the bound port to F (atomically)\n"
+          "  --schedule FILE          congestion schedule: lines TIME_S MODEL FRACTION\n"
+          "  --seed N                 seed of the schedule's shedding (default 1)\n"
           "  --quiet                  no per-request log lines on stderr\n"
           "  --help                   this text\n",
           out);
@@ -2872,7 +3041,7 @@ static void parse_args(int argc, char **argv, options *o)
         static const char *const with_value[] = {
             "--port", "--host", "--api-key", "--time-scale", "--ttft-ms", "--tps", "--capacity",
             "--fast-capacity", "--prompt-tpm", "--uncached-prompt-tpm", "--generated-tpm",
-            "--max-body", "--port-file"};
+            "--max-body", "--port-file", "--schedule", "--seed"};
         int known = 0;
         for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++)
             known |= strcmp(arg, with_value[k]) == 0;
@@ -2909,6 +3078,10 @@ static void parse_args(int argc, char **argv, options *o)
             g_cli_cfg.generated_tpm = parse_long_opt(arg, val, 0, 1000000000000L);
         else if (strcmp(arg, "--max-body") == 0)
             g_max_body = parse_long_opt(arg, val, 1, 1L << 30);
+        else if (strcmp(arg, "--schedule") == 0)
+            sched_load(val);
+        else if (strcmp(arg, "--seed") == 0)
+            g_sched_seed = (uint64_t)parse_long_opt(arg, val, 0, 1000000000000L);
         else if (strcmp(arg, "--port-file") == 0) {
             if (!*val)
                 die_usage("--port-file: expected a file name");
@@ -2982,6 +3155,7 @@ int main(int argc, char **argv)
     options o = {0};
     parse_args(argc, argv, &o);
     g_cfg = g_cli_cfg;
+    sched_restart();
 
     /* 1,000+ concurrent connections need more than the usual 1024 fds */
     struct rlimit rl;
