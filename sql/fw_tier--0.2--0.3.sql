@@ -31,6 +31,26 @@
 -- (section D)
 
 -- ---------------------------------------------------------------------
+-- Section F: issue 18, write-ahead attempts
+-- ---------------------------------------------------------------------
+
+/*
+ * 'unknown': an attempt that was in flight when its process died (a
+ * crash-restart, an immediate stop).  It was written ahead to the intent
+ * file before its first byte was sent, and recovery logs it with the
+ * request id the headers brought (if any) and the worst case:
+ * prompt_tokens over-estimated from the request bytes, completion_tokens
+ * at max_tokens or fw_tier.max_output_tokens, priced at the path's input
+ * and output prices.  A new outcome of fw_tier (fw_outcome_names in
+ * fw_tier.c) must be added here too.
+ */
+ALTER TABLE fw_tier.calls ADD CONSTRAINT calls_outcome_check
+	CHECK (outcome OPERATOR(pg_catalog.=) ANY
+		   ('{ok,rate_limited,overloaded,unavailable,client_error,timeout,transport,cancelled,bad_response,unknown}'::pg_catalog.text[]));
+COMMENT ON COLUMN fw_tier.calls.outcome IS
+	'Class of the attempt (README "Failure classes"); unknown = in flight when its process died, tokens and cost at the worst case';
+
+-- ---------------------------------------------------------------------
 -- Section L: issue 15, prices a newcomer can see (unpriced_models)
 -- ---------------------------------------------------------------------
 -- (section L: begin)

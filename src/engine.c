@@ -32,6 +32,7 @@
 #include "storage/proc.h"
 #include "access/xact.h"
 #include "utils/builtins.h"
+#include "utils/numeric.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -52,6 +53,8 @@
 #define FW_SHARED_PAUSE_MS	1000
 
 static char *fw_dbname = NULL;
+
+static int	fw_option_max_tokens(Jsonb *options);
 
 static TimestampTz
 fw_statement_deadline(void)
@@ -93,6 +96,7 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 	char	   *model;
 
 	memset(call, 0, sizeof(*call));
+	call->intent = -1;
 	fw_workload_get(workload, &call->wl);
 	call->messages = messages;
 	call->options = options;
@@ -107,6 +111,7 @@ fw_call_init(FwCall *call, const char *workload, Jsonb *messages,
 				 errhint("Use \"standard\", \"priority\" or \"fast\".")));
 	/* a forced path is sent as asked: never escalated (README "options") */
 	call->forced = (forced != NULL);
+	call->max_tokens = fw_option_max_tokens(options);
 
 	model = fw_option_text(options, "model");
 	call->model = model ? model : (call->wl.model ? call->wl.model : fw_default_model);
@@ -197,9 +202,10 @@ fw_clip_copy(char *dst, const char *src, size_t size)
 	dst[n] = '\0';
 }
 
+/* The call-log record of call's current attempt (r NULL: no response). */
 static void
-fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
-			   const FwParsed *parsed)
+fw_fill_record(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
+			   const FwParsed *parsed, FwCallRecord *out)
 {
 	FwCallRecord rec;
 
@@ -249,10 +255,77 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		strlcpy(rec.request_id, r->request_id, sizeof(rec.request_id));
 	if (outcome != FW_OK && call->detail)
 		fw_clip_copy(rec.error, call->detail, sizeof(rec.error));
+	memcpy(out, &rec, sizeof(rec));
+}
 
+/*
+ * The attempt's record; then its write-ahead slot, if any, is done with
+ * (pushed first: a crash in between finds the record in the ring, and
+ * recovery writes no 'unknown' one).
+ */
+static void
+fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
+			   const FwParsed *parsed)
+{
+	FwCallRecord rec;
+
+	fw_fill_record(call, r, outcome, parsed, &rec);
 	fw_calllog_push(&rec,
 					fw_log_content ? call->prompt_text : NULL,
 					fw_log_content ? call->content : NULL);
+	if (call->intent >= 0)
+	{
+		fw_intent_end(call->intent);
+		call->intent = -1;
+	}
+}
+
+/*
+ * Write-ahead (issue 18): before the attempt's first byte is sent, its
+ * 'unknown' record at the worst case goes to a slot of the mapped intent
+ * file (calllog.c), where a crash of any process finds it.  The response
+ * headers' request id is copied into it in place (http.c).
+ */
+static void
+fw_intend_attempt(FwCall *call)
+{
+	FwCallRecord rec;
+	FwParsed	none;
+
+	memset(&none, 0, sizeof(none));
+	none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
+	fw_fill_record(call, NULL, FW_UNKNOWN, &none, &rec);
+	fw_worst_case_tokens(call->body_len, call->max_tokens,
+						 &rec.prompt_tokens, &rec.completion_tokens);
+	rec.cached_prompt_tokens = -1;
+	rec.latency_us = -1;
+	strlcpy(rec.error, "in flight when its process died: outcome unknown, cost at the worst case",
+			sizeof(rec.error));
+	call->intent = fw_intent_begin(&rec);
+}
+
+/* options.max_tokens when it is a positive integer; 0 otherwise */
+static int
+fw_option_max_tokens(Jsonb *options)
+{
+	JsonbValue	v;
+	char	   *s;
+	char	   *end;
+	long		n;
+
+	if (options == NULL || !JB_ROOT_IS_OBJECT(options))
+		return 0;
+	if (!getKeyJsonValueFromContainer(&options->root, "max_tokens",
+									  strlen("max_tokens"), &v) ||
+		v.type != jbvNumeric)
+		return 0;
+	s = DatumGetCString(DirectFunctionCall1(numeric_out,
+											NumericGetDatum(v.val.numeric)));
+	errno = 0;
+	n = strtol(s, &end, 10);
+	if (errno != 0 || *end != '\0' || n <= 0)
+		return n > 0 || errno == ERANGE ? PG_INT32_MAX : 0;
+	return (int) Min(n, PG_INT32_MAX);
 }
 
 /* Build (or reuse) the body for the path this attempt takes. */
@@ -294,8 +367,10 @@ fw_prepare_attempt(FwCall *call)
 static void
 fw_start_attempt(FwCall *call, const char *url, const char *key)
 {
+	fw_intend_attempt(call);
 	call->xfer = fw_http_start(url, call->body, call->body_len, key,
 							   call->affinity, fw_request_timeout_ms, call);
+	fw_http_set_request_id_sink(call->xfer, fw_intent_request_id(call->intent));
 }
 
 /*
@@ -747,6 +822,8 @@ fw_engine_exit(int code, Datum arg)
 	if (c)
 		fw_engine_cleanup(c);
 	fw_running = NULL;
+	/* slots of transfers gone without a record: 'unknown' (calllog.c) */
+	fw_intents_abandon_mine();
 }
 
 /*
@@ -762,6 +839,8 @@ fw_engine_xact_cb(XactEvent event, void *arg)
 	{
 		fw_http_abort_all();
 		fw_running = NULL;
+		/* no transfer is left: a slot still held lost its record */
+		fw_intents_abandon_mine();
 	}
 }
 

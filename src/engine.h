@@ -51,6 +51,9 @@ typedef struct FwCall
 	const char *budget_model;	/* the model id the rate budget is kept for */
 	uint64		budget_key;		/* fingerprint of the API key it bills */
 	int			est_prompt;		/* prompt tokens taken from the budget */
+	int			intent;			/* write-ahead slot of the attempt in
+								 * flight, -1 = none (issue 18) */
+	int			max_tokens;		/* options.max_tokens, 0 = not given */
 } FwCall;
 
 extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,

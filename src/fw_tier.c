@@ -56,6 +56,7 @@ bool		fw_log_content = false;
 int			fw_max_concurrency = 16;
 int			fw_max_concurrency_cap = 64;
 int			fw_log_spill_limit_kb = 256 * 1024;
+int			fw_max_output_tokens = 4096;
 
 bool		fw_preloaded = false;
 
@@ -78,7 +79,7 @@ static const char *const fw_path_names[FW_NUM_PATHS] = {
 
 static const char *const fw_outcome_names[FW_NUM_OUTCOMES] = {
 	"ok", "rate_limited", "overloaded", "unavailable", "client_error",
-	"timeout", "transport", "cancelled", "bad_response"
+	"timeout", "transport", "cancelled", "bad_response", "unknown"
 };
 
 /*
@@ -358,6 +359,16 @@ _PG_init(void)
 							"Past it, call-log records are dropped (counted, with a WARNING).  0 disables the spill.",
 							&fw_log_spill_limit_kb, 256 * 1024, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	/*
+	 * Issue 18: the worst case an attempt in flight at a crash is logged
+	 * at.  SIGHUP: no role may make its own unknown attempts look cheap.
+	 */
+	DefineCustomIntVariable("fw_tier.max_output_tokens",
+							"Completion tokens assumed for an attempt without max_tokens whose answer never came.",
+							"Attempts in flight when their process died are logged as 'unknown' at this worst case.",
+							&fw_max_output_tokens, 4096, 1, INT_MAX,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("fw_tier.log_content",
 							 "Store prompt and answer text in fw_tier.calls.",

@@ -50,6 +50,8 @@ typedef enum FwOutcome
 	FW_TRANSPORT,				/* connection refused, reset, DNS, TLS ... */
 	FW_CANCELLED,				/* statement cancel / timeout while in flight */
 	FW_BAD_RESPONSE,			/* 200 without a usable completion */
+	FW_UNKNOWN,					/* issue 18: in flight when its process died
+								 * (written at recovery, worst-case cost) */
 	FW_NUM_OUTCOMES
 } FwOutcome;
 
@@ -101,6 +103,7 @@ extern bool fw_log_content;
 extern int	fw_max_concurrency;
 extern int	fw_max_concurrency_cap;
 extern int	fw_log_spill_limit_kb;
+extern int	fw_max_output_tokens;	/* issue 18: worst case without max_tokens */
 
 extern bool fw_preloaded;
 
@@ -300,6 +303,19 @@ typedef struct FwCallRecord
 extern int64 fw_next_call_id(void);
 extern void fw_calllog_push(const FwCallRecord *rec,
 							const char *prompt, const char *answer);
+
+/*
+ * Write-ahead attempts (issue 18, calllog.c "Write-ahead attempts"): a
+ * slot holds an attempt's 'unknown' record from before its first byte is
+ * sent until its own record is pushed.
+ */
+extern int	fw_intent_begin(const FwCallRecord *rec);
+extern char *fw_intent_request_id(int slot);
+extern void fw_intent_end(int slot);
+extern void fw_intents_abandon_mine(void);
+extern void fw_intents_reap(void);
+extern void fw_worst_case_tokens(size_t body_len, int max_tokens,
+								 int32 *prompt, int32 *completion);
 
 /* shmem.c calls these from the request and startup hooks */
 extern Size fw_calllog_shmem_size(void);
