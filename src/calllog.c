@@ -53,6 +53,57 @@
  * of calls, more if the flusher cannot run); damaged records are skipped,
  * never trusted.
  *
+ * Write-ahead attempts (issue 18).  A crash-restart kills every backend
+ * with its attempts in flight; the provider may have billed them.  So
+ * before an attempt's first byte is sent (engine.c) the backend writes its
+ * record, outcome 'unknown' at the worst case (fw_worst_case_tokens), into
+ * a slot of a second MAP_SHARED file, pg_fw_tier/calllog.intents; the
+ * header callback (http.c) copies the request id into that slot in place;
+ * when the answer comes, the real record is pushed to the ring as ever and
+ * then the slot is freed.  Why a fixed slot table beside the ring rather
+ * than intents inside it: ring records are variable-length (prompt and
+ * answer inline) and the tail may only move over what is committed, so an
+ * intent in the ring would either be completed by a record of another
+ * size (two records, a search to pair them) or pin the tail for as long
+ * as the attempt runs (a 10-minute request would stall the whole log, and
+ * fill the ring behind it).  In its own table an intent pins nothing: the
+ * flusher never sees it, the records behind a long attempt flush as
+ * usual, and the tail moves only over committed records, unchanged.
+ *
+ * Slots: MaxBackends * FW_INTENTS_PER_BACKEND, fixed for the server's
+ * life.  A backend claims one by compare-and-swap (FREE -> CLAIMED),
+ * starting at its own PGPROC's stretch so that backends do not contend,
+ * fills it, computes a CRC, and publishes it LIVE behind a write barrier:
+ * no lock, no system call, no fsync on the call path.  Who writes a LIVE
+ * slot as a row, and why never while its owner works on it:
+ *	- the postmaster, at every start and crash-restart, with no other
+ *	  process alive (fw_intents_recover): every LIVE slot is abandoned.  If
+ *	  the attempt's own record is already in [tail, head) of the ring (the
+ *	  owner died between pushing it and freeing the slot) nothing is
+ *	  written; if it was already flushed, the 'unknown' record pushed now
+ *	  comes later and the flusher's ON CONFLICT (call_id, attempt) DO
+ *	  NOTHING drops it.  Exactly one row either way.  (If that record went
+ *	  to the spill instead, the 'unknown' one, written to the ring, lands
+ *	  first and wins: still one row, at the worst case.)  The epoch in the
+ *	  file header is bumped each time;
+ *	- the owner itself, for a slot it still holds when its transfers are
+ *	  gone without a record (transaction abort, exit callback);
+ *	- the flusher (fw_intents_reap, once per FW_INTENT_REAP_MS), for a slot
+ *	  whose owner is gone without a crash-restart (it exited without its
+ *	  before_shmem_exit callbacks).  The owner is alive while its PGPROC
+ *	  (owner_procno) holds its pid and the slot's epoch is the current one:
+ *	  PostgreSQL frees a PGPROC only after the before_shmem_exit callbacks,
+ *	  where the owner frees its own slots, and a pid recycled into the same
+ *	  PGPROC within one epoch would have to belong to that same PGPROC's
+ *	  next process, which the exit callback precedes.
+ * A slot's content is untrusted like the ring's: its CRC (request id
+ * excluded, it changes in place; checked as printable ASCII instead) and
+ * fw_rec_problem are checked before it becomes a record.  A CLAIMED slot
+ * was never sent: recovery frees it.  Durability is the ring's: the slots
+ * survive any process crash; the flusher msync()s them with the ring, so
+ * an operating-system crash loses the attempts begun in the last second
+ * or so, as it does their records.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -1515,8 +1566,7 @@ fw_intents_startup(void)
  * Backend, before the attempt's first byte is sent: claim a slot and fill
  * it with the attempt's 'unknown' record (rec: outcome unknown, worst-case
  * tokens).  Returns the slot, or -1 when every slot is taken (the attempt
- * then goes on without one: counted in records_dropped's neighbour,
- * log_status.records_skipped, never silently).  Costs a CAS, a copy and a
+ * then goes on without one, with a WARNING once per process).  Costs a CAS, a copy and a
  * CRC over ~800 bytes of the mapping: no lock, no system call, no fsync.
  */
 int
@@ -1552,8 +1602,18 @@ fw_intent_begin(const FwCallRecord *rec)
 		fw_my_live++;
 		return (int) i;
 	}
-	if (fw_shared)
-		pg_atomic_fetch_add_u64(&fw_shared->records_skipped, 1);
+	{
+		static bool warned = false;
+
+		if (!warned)
+			ereport(WARNING,
+					(errmsg("fw_tier: no free write-ahead slot for this attempt"),
+					 errdetail("All %u slots of \"%s\" are taken; the attempt is sent without one, and a crash before its answer would not log it.",
+							   n, FW_INTENT_FILE),
+					 errhint("Lower fw_tier.max_concurrency; the slots are %d per possible backend.",
+							 FW_INTENTS_PER_BACKEND)));
+		warned = true;
+	}
 	return -1;
 }
 

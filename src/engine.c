@@ -54,6 +54,10 @@
 
 static char *fw_dbname = NULL;
 
+/* the user name of the records, for fw_uname_uid; reset per run */
+static Oid	fw_uname_uid = InvalidOid;
+static NameData fw_uname;
+
 static int	fw_option_max_tokens(Jsonb *options);
 
 static TimestampTz
@@ -222,17 +226,25 @@ fw_fill_record(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.started_at = call->attempt_start;
 	namestrcpy(&rec.dbname, fw_dbname);
 	{
-		/* never raise here: this runs in cleanup paths (a dropped role) */
+		/*
+		 * never raise here: this runs in cleanup paths (a dropped role).
+		 * Looked up once per statement and user (each attempt fills two
+		 * records: its write-ahead slot and its own).
+		 */
 		Oid			uid = GetUserId();
-		char	   *uname = GetUserNameFromId(uid, true);
-		char		oidbuf[16];
 
-		if (uname == NULL)
+		if (uid != fw_uname_uid)
 		{
-			snprintf(oidbuf, sizeof(oidbuf), "%u", uid);
-			uname = oidbuf;
+			char	   *uname = GetUserNameFromId(uid, true);
+
+			memset(&fw_uname, 0, sizeof(fw_uname));
+			if (uname == NULL)
+				snprintf(NameStr(fw_uname), NAMEDATALEN, "%u", uid);
+			else
+				namestrcpy(&fw_uname, uname);
+			fw_uname_uid = uid;
 		}
-		namestrcpy(&rec.username, uname);
+		rec.username = fw_uname;
 	}
 	fw_clip_copy(rec.workload, call->wl.name, sizeof(rec.workload));
 	fw_clip_copy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
@@ -860,6 +872,7 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 	concurrency = Max(1, Min(concurrency, ncalls));
 	fw_http_reserve(concurrency);
+	fw_uname_uid = InvalidOid;	/* a role renamed since shows its new name */
 	if (!exit_hook)
 	{
 		before_shmem_exit(fw_engine_exit, (Datum) 0);
