@@ -79,15 +79,27 @@ done
 EOF
 chmod +x "$BENCH_WORK/client.sh"
 
-# ---- the simulator's log, polled so its 10,000-entry ring never wraps
+# ---- the simulator's log, polled so its 10,000-entry ring never wraps;
+# merged by seq, written out once at the end
 sim_poll() {
-	while [ ! -e "$STOP.poll" ]; do
-		curl -s "$SIM/control/log?limit=10000" >> "$BENCH_WORK/simlog.jsonl" || true
-		echo >> "$BENCH_WORK/simlog.jsonl"
-		sleep 1
-	done
-	curl -s "$SIM/control/log?limit=10000" >> "$BENCH_WORK/simlog.jsonl" || true
-	echo >> "$BENCH_WORK/simlog.jsonl"
+	python3 - "$SIM" "$STOP.poll" "$BENCH_WORK/simlog.jsonl" <<'PY'
+import json, os, sys, time, urllib.request
+sim, stop, out = sys.argv[1:4]
+seen = {}
+def poll():
+    try:
+        with urllib.request.urlopen(sim + "/control/log?limit=10000", timeout=30) as r:
+            for e in json.load(r)["requests"]:
+                seen[e["seq"]] = e
+    except Exception:
+        pass
+while not os.path.exists(stop):
+    poll()
+    time.sleep(1)
+poll()
+with open(out, "w") as f:
+    f.write(json.dumps({"requests": list(seen.values())}) + "\n")
+PY
 }
 sim_poll &
 POLL_PID=$!
