@@ -548,6 +548,63 @@ fw_ring_recover(bool legacy)
 		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, damage.count);
 }
 
+/*
+ * The mapped files (the ring, the intents): open (the postmaster creates)
+ * and stat, resize with the blocks allocated, map.  Errors are raised:
+ * these run at server start.
+ */
+static int
+fw_file_open(const char *path, bool create, struct stat *st)
+{
+	int			fd = BasicOpenFilePerm(path, O_RDWR | (create ? O_CREAT : 0) | PG_BINARY,
+									   pg_file_create_mode);
+
+	if (fd < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\": %m", path)));
+	if (fstat(fd, st) < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not stat file \"%s\": %m", path)));
+	return fd;
+}
+
+static void
+fw_file_resize(int fd, const char *path, uint64 want)
+{
+	if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t) want) < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not resize file \"%s\": %m", path)));
+#ifdef HAVE_POSIX_FALLOCATE
+	/* allocate the blocks now: a full disk later would be a SIGBUS */
+	{
+		int			rc = posix_fallocate(fd, 0, (off_t) want);
+
+		if (rc != 0 && rc != EINVAL && rc != EOPNOTSUPP)
+		{
+			errno = rc;
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("could not allocate file \"%s\": %m", path)));
+		}
+	}
+#endif
+}
+
+static void *
+fw_file_map(int fd, const char *path, uint64 size)
+{
+	void	   *p = mmap(NULL, (size_t) size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+
+	if (p == MAP_FAILED)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not map file \"%s\": %m", path)));
+	return p;
+}
+
 static void
 fw_ring_map(bool validate)
 {
@@ -565,48 +622,17 @@ fw_ring_map(bool validate)
 					 errmsg("could not create directory \"%s\": %m", FW_RING_DIR)));
 	}
 
-	fd = BasicOpenFilePerm(FW_RING_FILE, O_RDWR | (validate ? O_CREAT : 0) | PG_BINARY,
-						   pg_file_create_mode);
-	if (fd < 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\": %m", FW_RING_FILE)));
-	if (fstat(fd, &st) < 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not stat file \"%s\": %m", FW_RING_FILE)));
-
+	fd = fw_file_open(FW_RING_FILE, validate, &st);
 	if (validate && (uint64) st.st_size != want)
 	{
 		fresh = true;
-		if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t) want) < 0)
-			ereport(ERROR,
-					(errcode_for_file_access(),
-					 errmsg("could not resize file \"%s\": %m", FW_RING_FILE)));
-#ifdef HAVE_POSIX_FALLOCATE
-		/* allocate the blocks now: a full disk later would be a SIGBUS */
-		{
-			int			rc = posix_fallocate(fd, 0, (off_t) want);
-
-			if (rc != 0 && rc != EINVAL && rc != EOPNOTSUPP)
-			{
-				errno = rc;
-				ereport(ERROR,
-						(errcode_for_file_access(),
-						 errmsg("could not allocate file \"%s\": %m", FW_RING_FILE)));
-			}
-		}
-#endif
+		fw_file_resize(fd, FW_RING_FILE, want);
 	}
 	else if ((uint64) st.st_size != want)
 		elog(ERROR, "fw_tier call-log ring file \"%s\" has an unexpected size",
 			 FW_RING_FILE);
 
-	p = mmap(NULL, (size_t) want, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not map file \"%s\": %m", FW_RING_FILE)));
+	p = fw_file_map(fd, FW_RING_FILE, want);
 	close(fd);
 
 	fw_ring = (FwRingFile *) p;
@@ -1275,8 +1301,8 @@ fw_intent_crc(const FwIntent *in)
 static bool
 fw_intent_record(FwIntent *in, FwCallRecord *out, const char **problem)
 {
-	char		buf[sizeof(FwRingRec)];
-	FwRingRec  *r = (FwRingRec *) buf;
+	FwRingRec	rr;
+	FwRingRec  *r = &rr;
 	bool		id_ok = true;
 
 	if (!EQ_CRC32C(in->crc, fw_intent_crc(in)))
@@ -1332,16 +1358,7 @@ fw_intents_map(bool postmaster)
 	int			fd;
 	void	   *p;
 
-	fd = BasicOpenFilePerm(FW_INTENT_FILE, O_RDWR | (postmaster ? O_CREAT : 0) | PG_BINARY,
-						   pg_file_create_mode);
-	if (fd < 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\": %m", FW_INTENT_FILE)));
-	if (fstat(fd, &st) < 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not stat file \"%s\": %m", FW_INTENT_FILE)));
+	fd = fw_file_open(FW_INTENT_FILE, postmaster, &st);
 
 	if (postmaster && (uint64) st.st_size != want && st.st_size >= FW_INTENT_HDRSZ)
 	{
@@ -1367,33 +1384,11 @@ fw_intents_map(bool postmaster)
 		}
 	}
 	if (postmaster && (uint64) st.st_size != want)
-	{
-		if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t) want) < 0)
-			ereport(ERROR,
-					(errcode_for_file_access(),
-					 errmsg("could not resize file \"%s\": %m", FW_INTENT_FILE)));
-#ifdef HAVE_POSIX_FALLOCATE
-		{
-			int			rc = posix_fallocate(fd, 0, (off_t) want);
-
-			if (rc != 0 && rc != EINVAL && rc != EOPNOTSUPP)
-			{
-				errno = rc;
-				ereport(ERROR,
-						(errcode_for_file_access(),
-						 errmsg("could not allocate file \"%s\": %m", FW_INTENT_FILE)));
-			}
-		}
-#endif
-	}
+		fw_file_resize(fd, FW_INTENT_FILE, want);
 	else if ((uint64) st.st_size != want)
 		elog(ERROR, "fw_tier intent file \"%s\" has an unexpected size", FW_INTENT_FILE);
 
-	p = mmap(NULL, (size_t) want, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not map file \"%s\": %m", FW_INTENT_FILE)));
+	p = fw_file_map(fd, FW_INTENT_FILE, want);
 	close(fd);
 	fw_intent_hdr = (FwIntentFile *) p;
 	fw_intents = (FwIntent *) ((char *) p + FW_INTENT_HDRSZ);
@@ -1429,7 +1424,7 @@ fw_intent_put_recovered(const FwCallRecord *rec, int encoding)
 	bool		was_empty;
 	uint64		used;
 	FwRingRec  *r = NULL;
-	char		buf[sizeof(FwRingRec)];
+	FwRingRec	sr;
 	const char *why;
 	int			save_errno;
 
@@ -1444,11 +1439,10 @@ fw_intent_put_recovered(const FwCallRecord *rec, int encoding)
 	}
 	if (fw_shared == NULL)
 		return false;
-	r = (FwRingRec *) buf;
-	r->len = need;
-	r->state = FW_REC_READY;
-	fw_rec_fill(r, -1, -1, rec, NULL, NULL, encoding);
-	return fw_spill_append_locked(buf, need, &why, &save_errno);
+	sr.len = need;
+	sr.state = FW_REC_READY;
+	fw_rec_fill(&sr, -1, -1, rec, NULL, NULL, encoding);
+	return fw_spill_append_locked((const char *) &sr, need, &why, &save_errno);
 }
 
 /*

@@ -9,7 +9,8 @@
 # fw_tier.max_output_tokens; while an attempt is in flight the flusher
 # writes the records behind it (no stall) and never the in-flight one; an
 # immediate stop (pg_ctl stop -m immediate) leaves the same 'unknown' row
-# after the restart; nothing is duplicated and every sim request is a row.
+# after a restart with another max_connections (the intent file is
+# re-sized); nothing is duplicated and every sim request is a row.
 use strict;
 use warnings;
 use Time::HiRes qw(time usleep);
@@ -135,6 +136,9 @@ ok(wait_until('request 3 to reach the simulator',
 	'request 3 is in flight');
 $node->stop('immediate');
 $bg->{run}->kill_kill;
+# another max_connections: the intent file changes size, and is recovered
+# at its old one first
+$node->append_conf('postgresql.conf', 'max_connections = 37');
 $node->start;
 flush();
 is($node->safe_psql('postgres',
