@@ -18,9 +18,19 @@
  * (barriers, parallel worker messages, memory-context logging, client
  * checks) is serviced by CHECK_FOR_INTERRUPTS while the attempts go on.
  *
+ * Write-ahead (issue 18): before an attempt's first byte is sent, its
+ * record as outcome 'unknown' at the worst case (fw_worst_case_tokens)
+ * goes to a slot of the intent file (calllog.c, "Write-ahead attempts");
+ * logging the attempt frees it, after the push.  A crash of any process
+ * in between leaves the slot for recovery to log.  Abort and exit paths
+ * that lose a transfer without logging it hand their slots back as
+ * 'unknown' records (fw_intents_abandon_mine).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <math.h>
 
 #include "commands/dbcommands.h"
 #include "common/pg_prng.h"
@@ -316,14 +326,13 @@ fw_intend_attempt(FwCall *call)
 	call->intent = fw_intent_begin(&rec);
 }
 
-/* options.max_tokens when it is a positive integer; 0 otherwise */
+/* options.max_tokens when it is a positive number (rounded up); 0 otherwise */
 static int
 fw_option_max_tokens(Jsonb *options)
 {
 	JsonbValue	v;
 	char	   *s;
-	char	   *end;
-	long		n;
+	double		d;
 
 	if (options == NULL || !JB_ROOT_IS_OBJECT(options))
 		return 0;
@@ -333,11 +342,10 @@ fw_option_max_tokens(Jsonb *options)
 		return 0;
 	s = DatumGetCString(DirectFunctionCall1(numeric_out,
 											NumericGetDatum(v.val.numeric)));
-	errno = 0;
-	n = strtol(s, &end, 10);
-	if (errno != 0 || *end != '\0' || n <= 0)
-		return n > 0 || errno == ERANGE ? PG_INT32_MAX : 0;
-	return (int) Min(n, PG_INT32_MAX);
+	d = strtod(s, NULL);
+	if (!(d > 0))
+		return 0;
+	return d >= (double) PG_INT32_MAX ? PG_INT32_MAX : (int) ceil(d);
 }
 
 /* Build (or reuse) the body for the path this attempt takes. */
