@@ -308,7 +308,7 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
  * file (calllog.c), where a crash of any process finds it.  The response
  * headers' request id is copied into it in place (http.c).
  */
-static void
+static pg_noinline void		/* a symbol of its own for perf (bench/chaos) */
 fw_intend_attempt(FwCall *call)
 {
 	FwCallRecord rec;
