@@ -6,7 +6,7 @@
 # share of samples under fw_intend_attempt (claim a slot, fill the
 # record, CRC) and fw_intent_end (free it), children included, is the
 # write-ahead's cost.  Less noisy on a shared machine than comparing
-# rates (bench/overhead/compare.sh OLD NEW, which prints those too): a
+# rates (bench/overhead/compare.sh OLD NEW): a
 # share of one process's own samples does not move with other load.
 # Target: <= 2%.  Run as root from the repository root.
 set -euo pipefail

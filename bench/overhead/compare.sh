@@ -54,19 +54,15 @@ $bin $data"
 	su fwtest -s /bin/bash -c "'$bin/psql' -X -q -h '$BENCH_WORK' -p $port -U postgres -d postgres -c 'CREATE EXTENSION fw_tier'" >/dev/null
 }
 
-# rate PORT BINDIR: sequential fw_complete calls/s ($N calls after a
-# warm-up), and the backend's CPU time per call in ns (its
-# /proc/PID/schedstat run time over the same calls: less sensitive than
-# the rate to load from other processes on a shared machine)
+# rate PORT BINDIR: sequential fw_complete calls/s ($N calls after a warm-up)
 rate() {
-	local q="SELECT count(fw_complete('x', 'batch')) FROM generate_series(1, 1000);
-	  SELECT pg_catalog.split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint AS cpu0 \\gset
-	  DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
-	  BEGIN SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, $N);
-	  RAISE NOTICE '%', round($N / extract(epoch FROM clock_timestamp() - t0), 1); END \$\$;
-	  SELECT 'cpu ' || (pg_catalog.split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - :cpu0) / $N;"
-	echo "$q" | su fwtest -s /bin/bash -c "$(printf '%q ' "$2/psql" -X -q -t -A -h "$BENCH_WORK" -p "$1" -U postgres -d postgres)" 2>&1 |
-		sed -n 's/^NOTICE: *//p; s/^cpu //p' | tr '\n' ' '
+	local q="DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
+	  BEGIN SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, 1000);
+	  t0 := clock_timestamp();
+	  SELECT count(fw_complete('x', 'batch')) INTO n FROM generate_series(1, $N);
+	  RAISE NOTICE '%', round($N / extract(epoch FROM clock_timestamp() - t0), 1); END \$\$"
+	su fwtest -s /bin/bash -c "$(printf '%q ' "$2/psql" -X -q -h "$BENCH_WORK" -p "$1" -U postgres -d postgres -c "$q")" 2>&1 |
+		sed -n 's/^NOTICE: *//p'
 }
 
 start_reference
@@ -75,7 +71,7 @@ new_bin=$(build_copy new "$NEW_REV")
 cluster old "$old_bin" $((PGPORT_BENCH + 2))
 cluster new "$new_bin" $((PGPORT_BENCH + 3))
 
-best_old=0; best_new=0; best_ref=0; ratios=""; cpu_ratios=""
+best_old=0; best_new=0; best_ref=0; ratios=""
 for r in $(seq 1 "$ROUNDS"); do
 	ref=$("$BENCH_WORK/curl_loop" "$URL/inference/v1/chat/completions" "$N")
 	# who goes first alternates too
@@ -86,17 +82,12 @@ for r in $(seq 1 "$ROUNDS"); do
 		n=$(rate $((PGPORT_BENCH + 3)) "$new_bin")
 		o=$(rate $((PGPORT_BENCH + 2)) "$old_bin")
 	fi
-	read -r o o_cpu <<<"$o"
-	read -r n n_cpu <<<"$n"
-	echo "round $r: libcurl loop $ref, old ($OLD_REV) $o, new (${NEW_REV:-working tree}) $n calls/s; backend CPU per call old $o_cpu ns, new $n_cpu ns"
+	echo "round $r: libcurl loop $ref, old ($OLD_REV) $o, new (${NEW_REV:-working tree}) $n calls/s"
 	best_ref=$(best "$ref" "$best_ref"); best_old=$(best "$o" "$best_old"); best_new=$(best "$n" "$best_new")
 	ratios="$ratios $(echo "$n $o" | awk '{printf "%.4f", $1 / $2}')"
-	cpu_ratios="$cpu_ratios $(echo "$n_cpu $o_cpu" | awk '{printf "%.4f", $1 / $2}')"
 done
 # the median of the per-round ratios: each round's two runs are seconds
 # apart, so it shrugs off load that comes and goes better than best-of
 median=$(echo $ratios | tr ' ' '\n' | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
 echo "RESULT compare: median of per-round new/old = $median (rounds:$ratios)"
-cpu_median=$(echo $cpu_ratios | tr ' ' '\n' | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
-echo "RESULT compare: median of per-round backend CPU per call new/old = $cpu_median (rounds:$cpu_ratios)"
 echo "$best_new $best_old $best_ref" | awk -v R="$ROUNDS" '{printf "RESULT compare: new/old = %.3f (best of %d: %s vs %s calls/s); new/libcurl-loop = %.2f, old/libcurl-loop = %.2f\n", $1/$2, R, $1, $2, $1/$3, $2/$3}'
