@@ -321,7 +321,7 @@ fw_intend_attempt(FwCall *call)
 						 &rec.prompt_tokens, &rec.completion_tokens);
 	rec.cached_prompt_tokens = -1;
 	rec.latency_us = -1;
-	strlcpy(rec.error, "in flight when its process died: outcome unknown, cost at the worst case",
+	strlcpy(rec.error, "no answer: in flight when its process died (or its transfer was lost); outcome unknown, tokens and cost at the worst case",
 			sizeof(rec.error));
 	call->intent = fw_intent_begin(&rec);
 }
