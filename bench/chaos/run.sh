@@ -24,7 +24,8 @@
 #
 # Knobs: CLIENTS (4), KILLS (100), TIME_LIMIT (600 s), KILL_MIN_MS (50),
 # KILL_MAX_MS (500), IMMEDIATE_EVERY (20; 0 = never), TIME_SCALE (0.1: the
-# simulator's latency, 25 ms a call), SEED.
+# simulator's latency, 25 ms a call), SEED, SERVER_LOG (a file to keep
+# the server log and the clients' answer times in).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CLIENTS=${CLIENTS:-4}
@@ -211,8 +212,16 @@ echo "rows: $rows"
 echo "lost: $lost"
 echo "duplicates: $dups"
 echo "unknown rows: $unknown ($unknown_noid without a request id; $unsent written ahead but never reached the simulator)"
+# what the recoveries said (calllog.c, fw_intents_recover)
+read -r rec_inflight rec_unknown rec_found <<<"$(awk '
+	/attempts were in flight when their processes died/ { for (i = 1; i <= NF; i++) { if ($i == "attempts") a += $(i - 1); if ($i == "are") u += $(i - 1) } }
+	/had their record in the call log already/ { for (i = 1; i <= NF; i++) if ($i == "had") f += $(i - 1) }
+	END { print a + 0, u + 0, f + 0 }' "$BENCH_WORK/pg.log")"
+echo "recoveries: $rec_inflight attempts in flight at a crash, $rec_unknown logged as unknown, $rec_found whose own record had reached the ring (not written twice)"
 echo "longest stall: $stall ms"
 echo "clients answering after the last kill: $answering/$CLIENTS"
+# SERVER_LOG=FILE keeps the server log (the work directory is removed)
+[ -n "${SERVER_LOG:-}" ] && cp "$BENCH_WORK/pg.log" "$SERVER_LOG" && for n in $(seq 1 "$CLIENTS"); do cp "$BENCH_WORK/client.$n" "$SERVER_LOG.client.$n"; done
 if [ "$lost" -eq 0 ] && [ "$dups" -eq 0 ] && [ "$answering" -eq "$CLIENTS" ]; then
 	echo "RESULT chaos: PASS"
 else
