@@ -95,7 +95,10 @@
  *	  PostgreSQL frees a PGPROC only after the before_shmem_exit callbacks,
  *	  where the owner frees its own slots, and a pid recycled into the same
  *	  PGPROC within one epoch would have to belong to that same PGPROC's
- *	  next process, which the exit callback precedes.
+ *	  next process, which the exit callback precedes.  It checks a slot
+ *	  only after moving it LIVE -> REAPING by compare-and-swap, so that
+ *	  no backend can free and re-claim it between its reads (REAPING
+ *	  counts as LIVE for recovery and the owner).
  * A slot's content is untrusted like the ring's: its CRC (request id
  * excluded, it changes in place; checked as printable ASCII instead) and
  * fw_rec_problem are checked before it becomes a record.  A CLAIMED slot
@@ -1238,6 +1241,8 @@ fw_get_drain_state(char *buf, Size len)
 #define FW_INTENT_FREE		0
 #define FW_INTENT_CLAIMED	0x434c4149	/* being filled: nothing sent yet */
 #define FW_INTENT_LIVE		0x4c495645	/* the attempt may be on the wire */
+#define FW_INTENT_REAPING	0x52454150	/* LIVE, the flusher checking its
+										 * owner: fields stable */
 
 typedef struct FwIntentFile
 {
@@ -1476,7 +1481,8 @@ fw_intents_recover(void)
 
 		if (state == FW_INTENT_FREE)
 			continue;
-		if (state != FW_INTENT_LIVE)
+		/* REAPING: the flusher died checking it, still LIVE */
+		if (state != FW_INTENT_LIVE && state != FW_INTENT_REAPING)
 		{
 			pg_atomic_write_u32(&in->state, FW_INTENT_FREE);
 			continue;
@@ -1670,8 +1676,10 @@ fw_intents_abandon_mine(void)
 	for (uint32 i = 0; i < fw_nintents && fw_my_live > 0; i++)
 	{
 		FwIntent   *in = &fw_intents[i];
+		uint32		state = pg_atomic_read_u32(&in->state);
 
-		if (pg_atomic_read_u32(&in->state) == FW_INTENT_LIVE &&
+		/* REAPING: the flusher is checking us, alive; it yields to FREE */
+		if ((state == FW_INTENT_LIVE || state == FW_INTENT_REAPING) &&
 			in->owner_pid == MyProcPid)
 		{
 			fw_intent_abandon(i, true);
@@ -1704,18 +1712,33 @@ fw_intents_reap(void)
 	for (uint32 i = 0; i < fw_nintents; i++)
 	{
 		FwIntent   *in = &fw_intents[i];
+		uint32		expected = FW_INTENT_LIVE;
 		int			procno;
 		bool		alive;
 
 		if (pg_atomic_read_u32(&in->state) != FW_INTENT_LIVE)
 			continue;
-		pg_read_barrier();
+
+		/*
+		 * LIVE -> REAPING first: read without it, the owner could free the
+		 * slot and another backend claim and publish it between our reads,
+		 * and we would write (and free) a live attempt's slot.  Once
+		 * REAPING nobody can claim it and its owner only ever sets it
+		 * FREE, so the fields are the current owner's.
+		 */
+		if (!pg_atomic_compare_exchange_u32(&in->state, &expected, FW_INTENT_REAPING))
+			continue;
 		procno = in->owner_procno;
 		alive = in->epoch == epoch && procno >= 0 &&
 			procno < (int) ProcGlobal->allProcCount &&
 			ProcGlobal->allProcs[procno].pid == in->owner_pid;
-		if (alive || pg_atomic_read_u32(&in->state) != FW_INTENT_LIVE)
+		if (alive)
+		{
+			/* back to LIVE, unless its owner freed it meanwhile */
+			expected = FW_INTENT_REAPING;
+			(void) pg_atomic_compare_exchange_u32(&in->state, &expected, FW_INTENT_LIVE);
 			continue;
+		}
 		fw_intent_abandon(i, false);
 	}
 }

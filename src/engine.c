@@ -387,9 +387,15 @@ fw_prepare_attempt(FwCall *call)
 static void
 fw_start_attempt(FwCall *call, const char *url, const char *key)
 {
-	fw_intend_attempt(call);
 	call->xfer = fw_http_start(url, call->body, call->body_len, key,
 							   call->affinity, fw_request_timeout_ms, call);
+
+	/*
+	 * After fw_http_start, which only attaches the handle (the first byte
+	 * goes at the next poll) and may raise: a slot taken before would be
+	 * logged 'unknown' for a request never sent.
+	 */
+	fw_intend_attempt(call);
 	fw_http_set_request_id_sink(call->xfer, fw_intent_request_id(call->intent));
 }
 
