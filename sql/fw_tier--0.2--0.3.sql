@@ -275,11 +275,9 @@ CREATE TRIGGER budgets_changed
 	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON fw_tier.budgets
 	FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.workloads_changed();
 
--- fw_tier.calls.outcome has no CHECK: a refused call is logged with
--- outcome 'refused', no HTTP status, no tokens and cost_usd 0 (the
--- flusher's rule for an attempt without tokens that is not 'ok').
-COMMENT ON COLUMN fw_tier.calls.outcome IS
-	'ok, rate_limited, overloaded, unavailable, client_error, timeout, transport, cancelled, bad_response, bad_output (an answer that fails its JSON schema), or refused (a budget refused it before anything was sent)';
+-- A refused call is logged with outcome 'refused', no HTTP status, no
+-- tokens and cost_usd 0 (the flusher's rule for an attempt without tokens
+-- that is not 'ok'); the outcome CHECK is in section F.
 
 -- A price is a finite number below $1e9 per million tokens: 'NaN' (which
 -- sorts above every number) or 'Infinity' would make a budgeted call
@@ -352,6 +350,26 @@ FROM fw_tier.budgets b
 GRANT SELECT ON fw_tier.budget_status TO PUBLIC;
 
 -- (section D: end)
+
+-- ---------------------------------------------------------------------
+-- Section F: issue 18, write-ahead attempts
+-- ---------------------------------------------------------------------
+
+/*
+ * 'unknown': an attempt that was in flight when its process died (a
+ * crash-restart, an immediate stop).  It was written ahead to the intent
+ * file before its first byte was sent, and recovery logs it with the
+ * request id the headers brought (if any) and the worst case:
+ * prompt_tokens over-estimated from the request bytes, completion_tokens
+ * at max_tokens or fw_tier.max_output_tokens, priced at the path's input
+ * and output prices.  A new outcome of fw_tier (fw_outcome_names in
+ * fw_tier.c) must be added here too.
+ */
+ALTER TABLE fw_tier.calls ADD CONSTRAINT calls_outcome_check
+	CHECK (outcome OPERATOR(pg_catalog.=) ANY
+		   ('{ok,rate_limited,overloaded,unavailable,client_error,timeout,transport,cancelled,bad_response,bad_output,refused,unknown}'::pg_catalog.text[]));
+COMMENT ON COLUMN fw_tier.calls.outcome IS
+	'Class of the attempt (README "Failure classes"): ok, rate_limited, overloaded, unavailable, client_error, timeout, transport, cancelled, bad_response, bad_output (an answer that fails its JSON schema), refused (a budget refused it before anything was sent), unknown (in flight when its process died: tokens and cost at the worst case)';
 
 -- ---------------------------------------------------------------------
 -- Section L: issue 15, prices a newcomer can see (unpriced_models)

@@ -53,6 +53,60 @@
  * of calls, more if the flusher cannot run); damaged records are skipped,
  * never trusted.
  *
+ * Write-ahead attempts (issue 18).  A crash-restart kills every backend
+ * with its attempts in flight; the provider may have billed them.  So
+ * before an attempt's first byte is sent (engine.c) the backend writes its
+ * record, outcome 'unknown' at the worst case (fw_worst_case_tokens), into
+ * a slot of a second MAP_SHARED file, pg_fw_tier/calllog.intents; the
+ * header callback (http.c) copies the request id into that slot in place;
+ * when the answer comes, the real record is pushed to the ring as ever and
+ * then the slot is freed.  Why a fixed slot table beside the ring rather
+ * than intents inside it: ring records are variable-length (prompt and
+ * answer inline) and the tail may only move over what is committed, so an
+ * intent in the ring would either be completed by a record of another
+ * size (two records, a search to pair them) or pin the tail for as long
+ * as the attempt runs (a 10-minute request would stall the whole log, and
+ * fill the ring behind it).  In its own table an intent pins nothing: the
+ * flusher never sees it, the records behind a long attempt flush as
+ * usual, and the tail moves only over committed records, unchanged.
+ *
+ * Slots: MaxBackends * FW_INTENTS_PER_BACKEND, fixed for the server's
+ * life.  A backend claims one by compare-and-swap (FREE -> CLAIMED),
+ * starting at its own PGPROC's stretch so that backends do not contend,
+ * fills it, computes a CRC, and publishes it LIVE behind a write barrier:
+ * no lock, no system call, no fsync on the call path.  Who writes a LIVE
+ * slot as a row, and why never while its owner works on it:
+ *	- the postmaster, at every start and crash-restart, with no other
+ *	  process alive (fw_intents_recover): every LIVE slot is abandoned.  If
+ *	  the attempt's own record is already in [tail, head) of the ring (the
+ *	  owner died between pushing it and freeing the slot) nothing is
+ *	  written; if it was already flushed, the 'unknown' record pushed now
+ *	  comes later and the flusher's ON CONFLICT (call_id, attempt) DO
+ *	  NOTHING drops it.  Exactly one row either way.  (If that record went
+ *	  to the spill instead, the 'unknown' one, written to the ring, lands
+ *	  first and wins: still one row, at the worst case.)  The epoch in the
+ *	  file header is bumped each time;
+ *	- the owner itself, for a slot it still holds when its transfers are
+ *	  gone without a record (transaction abort, exit callback);
+ *	- the flusher (fw_intents_reap, once per FW_INTENT_REAP_MS), for a slot
+ *	  whose owner is gone without a crash-restart (it exited without its
+ *	  before_shmem_exit callbacks).  The owner is alive while its PGPROC
+ *	  (owner_procno) holds its pid and the slot's epoch is the current one:
+ *	  PostgreSQL frees a PGPROC only after the before_shmem_exit callbacks,
+ *	  where the owner frees its own slots, and a pid recycled into the same
+ *	  PGPROC within one epoch would have to belong to that same PGPROC's
+ *	  next process, which the exit callback precedes.  It checks a slot
+ *	  only after moving it LIVE -> REAPING by compare-and-swap, so that
+ *	  no backend can free and re-claim it between its reads (REAPING
+ *	  counts as LIVE for recovery and the owner).
+ * A slot's content is untrusted like the ring's: its CRC (request id
+ * excluded, it changes in place; checked as printable ASCII instead) and
+ * fw_rec_problem are checked before it becomes a record.  A CLAIMED slot
+ * was never sent: recovery frees it.  Durability is the ring's: the slots
+ * survive any process crash; the flusher msync()s them with the ring, so
+ * an operating-system crash loses the attempts begun in the last second
+ * or so, as it does their records.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -71,6 +125,7 @@
 #include "storage/condition_variable.h"
 #include "storage/fd.h"
 #include "storage/lwlock.h"
+#include "storage/proc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -112,6 +167,9 @@ typedef struct FwRingRec
 } FwRingRec;
 
 #define FW_REC_ALIGN(x)		TYPEALIGN(8, (x))
+
+static void fw_intents_startup(void);
+static void fw_intents_sync(void);
 #define FW_REC_MINLEN		8	/* len + state */
 #define FW_RING_WAIT_MAX_MS	10000	/* longest wait for ring space */
 #define FW_RING_SYNC_MS		1000	/* flusher msync period */
@@ -235,13 +293,13 @@ fw_rec_problem(const FwRingRec *r, uint64 avail, bool check_crc)
 /* Fill everything but len and state (len must be set: the CRC covers it). */
 static void
 fw_rec_fill(FwRingRec *r, int plen, int alen, const FwCallRecord *rec,
-			const char *prompt, const char *answer)
+			const char *prompt, const char *answer, int encoding)
 {
 	char	   *p;
 
 	r->prompt_len = plen;
 	r->answer_len = alen;
-	r->encoding = GetDatabaseEncoding();
+	r->encoding = encoding;
 	memcpy(&r->rec, rec, sizeof(FwCallRecord));
 	p = (char *) r + sizeof(FwRingRec);
 	if (plen > 0)
@@ -493,6 +551,63 @@ fw_ring_recover(bool legacy)
 		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, damage.count);
 }
 
+/*
+ * The mapped files (the ring, the intents): open (the postmaster creates)
+ * and stat, resize with the blocks allocated, map.  Errors are raised:
+ * these run at server start.
+ */
+static int
+fw_file_open(const char *path, bool create, struct stat *st)
+{
+	int			fd = BasicOpenFilePerm(path, O_RDWR | (create ? O_CREAT : 0) | PG_BINARY,
+									   pg_file_create_mode);
+
+	if (fd < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\": %m", path)));
+	if (fstat(fd, st) < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not stat file \"%s\": %m", path)));
+	return fd;
+}
+
+static void
+fw_file_resize(int fd, const char *path, uint64 want)
+{
+	if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t) want) < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not resize file \"%s\": %m", path)));
+#ifdef HAVE_POSIX_FALLOCATE
+	/* allocate the blocks now: a full disk later would be a SIGBUS */
+	{
+		int			rc = posix_fallocate(fd, 0, (off_t) want);
+
+		if (rc != 0 && rc != EINVAL && rc != EOPNOTSUPP)
+		{
+			errno = rc;
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("could not allocate file \"%s\": %m", path)));
+		}
+	}
+#endif
+}
+
+static void *
+fw_file_map(int fd, const char *path, uint64 size)
+{
+	void	   *p = mmap(NULL, (size_t) size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+
+	if (p == MAP_FAILED)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not map file \"%s\": %m", path)));
+	return p;
+}
+
 static void
 fw_ring_map(bool validate)
 {
@@ -510,48 +625,17 @@ fw_ring_map(bool validate)
 					 errmsg("could not create directory \"%s\": %m", FW_RING_DIR)));
 	}
 
-	fd = BasicOpenFilePerm(FW_RING_FILE, O_RDWR | (validate ? O_CREAT : 0) | PG_BINARY,
-						   pg_file_create_mode);
-	if (fd < 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\": %m", FW_RING_FILE)));
-	if (fstat(fd, &st) < 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not stat file \"%s\": %m", FW_RING_FILE)));
-
+	fd = fw_file_open(FW_RING_FILE, validate, &st);
 	if (validate && (uint64) st.st_size != want)
 	{
 		fresh = true;
-		if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t) want) < 0)
-			ereport(ERROR,
-					(errcode_for_file_access(),
-					 errmsg("could not resize file \"%s\": %m", FW_RING_FILE)));
-#ifdef HAVE_POSIX_FALLOCATE
-		/* allocate the blocks now: a full disk later would be a SIGBUS */
-		{
-			int			rc = posix_fallocate(fd, 0, (off_t) want);
-
-			if (rc != 0 && rc != EINVAL && rc != EOPNOTSUPP)
-			{
-				errno = rc;
-				ereport(ERROR,
-						(errcode_for_file_access(),
-						 errmsg("could not allocate file \"%s\": %m", FW_RING_FILE)));
-			}
-		}
-#endif
+		fw_file_resize(fd, FW_RING_FILE, want);
 	}
 	else if ((uint64) st.st_size != want)
 		elog(ERROR, "fw_tier call-log ring file \"%s\" has an unexpected size",
 			 FW_RING_FILE);
 
-	p = mmap(NULL, (size_t) want, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not map file \"%s\": %m", FW_RING_FILE)));
+	p = fw_file_map(fd, FW_RING_FILE, want);
 	close(fd);
 
 	fw_ring = (FwRingFile *) p;
@@ -635,6 +719,8 @@ fw_calllog_startup(void)
 		fw_ring_map(!IsUnderPostmaster);
 	if (!IsUnderPostmaster)
 		fw_spill_startup();
+	/* after the ring and the spill: recovery writes 'unknown' records */
+	fw_intents_startup();
 }
 
 /*
@@ -656,6 +742,47 @@ fw_calllog_draining(void)
 }
 
 /*
+ * Reserve need bytes at the head (a SKIP pad first when the record would
+ * cross the end of the ring) and write the header (RESERVED).  NULL when
+ * the ring has no room.  ring_lock held exclusively (or, in the postmaster
+ * during recovery, no other process alive).
+ */
+static FwRingRec *
+fw_ring_reserve_locked(uint32 need, bool *was_empty, uint64 *used)
+{
+	uint64		size = fw_ring_size;
+	uint64		head = fw_ring->head;
+	uint64		tail = fw_ring->tail;
+	uint64		off = head % size;
+	uint64		pad = (size - off < need) ? size - off : 0;
+	FwRingRec  *r;
+
+	if (head + pad + need - tail > size)
+		return NULL;
+	*was_empty = (head == tail);
+	if (pad > 0)
+	{
+		FwRingRec  *padrec = (FwRingRec *) (fw_ring_data + off);
+
+		padrec->len = (uint32) pad;
+		padrec->state = FW_REC_SKIP;
+		head += pad;
+		off = 0;
+	}
+	r = (FwRingRec *) (fw_ring_data + off);
+	r->len = need;
+	r->state = FW_REC_RESERVED;
+	head += need;
+	fw_ring->head = head;
+	*used = head - tail;
+	return r;
+}
+
+static void fw_calllog_push_internal(const FwCallRecord *rec, const char *prompt,
+									 const char *answer, int encoding,
+									 bool may_wait);
+
+/*
  * Push one record.  The attempt it describes was paid for, so it is never
  * lost silently: while the ring is full the writer waits a bounded time
  * for space (fw_tier.flush_interval, at most FW_RING_WAIT_MAX_MS, and only
@@ -670,6 +797,19 @@ fw_calllog_draining(void)
  */
 void
 fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
+{
+	fw_calllog_push_internal(rec, prompt, answer, GetDatabaseEncoding(), true);
+}
+
+/*
+ * encoding: the database encoding of the process the record describes
+ * (a write-ahead attempt resolved by another process keeps its owner's).
+ * may_wait = false: a full ring sends the record to the spill at once (the
+ * flusher resolving an orphaned attempt must not wait for itself).
+ */
+static void
+fw_calllog_push_internal(const FwCallRecord *rec, const char *prompt,
+						 const char *answer, int encoding, bool may_wait)
 {
 	uint64		size;
 	int64		content_max;
@@ -718,10 +858,6 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 	 */
 	for (;;)
 	{
-		uint64		head;
-		uint64		tail;
-		uint64		off;
-		uint64		pad;
 		bool		give_up;
 
 		LWLockAcquire(fw_shared->ring_lock, LW_EXCLUSIVE);
@@ -730,29 +866,15 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 			to_spill = true;
 			break;
 		}
-		head = fw_ring->head;
-		tail = fw_ring->tail;
-		off = head % size;
-		pad = (size - off < need) ? size - off : 0;
-		if (head + pad + need - tail <= size)
+		r = fw_ring_reserve_locked(need, &was_empty, &used);
+		if (r != NULL)
 		{
-			was_empty = (head == tail);
-			if (pad > 0)
-			{
-				FwRingRec  *padrec = (FwRingRec *) (fw_ring_data + off);
-
-				padrec->len = (uint32) pad;
-				padrec->state = FW_REC_SKIP;
-				head += pad;
-				off = 0;
-			}
-			r = (FwRingRec *) (fw_ring_data + off);
-			r->len = need;
-			r->state = FW_REC_RESERVED;
-			head += need;
-			fw_ring->head = head;
-			used = head - tail;
 			LWLockRelease(fw_shared->ring_lock);
+			break;
+		}
+		if (!may_wait)
+		{
+			to_spill = true;
 			break;
 		}
 		LWLockRelease(fw_shared->ring_lock);
@@ -806,7 +928,7 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		/* ring_lock is held */
 		sr->len = need;
 		sr->state = FW_REC_READY;
-		fw_rec_fill(sr, plen, alen, rec, prompt, answer);
+		fw_rec_fill(sr, plen, alen, rec, prompt, answer, encoding);
 		spilled = fw_spill_append_locked(spill_buf, need, &why, &save_errno);
 		LWLockRelease(fw_shared->ring_lock);
 	}
@@ -849,7 +971,7 @@ fw_calllog_push(const FwCallRecord *rec, const char *prompt, const char *answer)
 		return;
 	}
 
-	fw_rec_fill(r, plen, alen, rec, prompt, answer);
+	fw_rec_fill(r, plen, alen, rec, prompt, answer, encoding);
 	pg_write_barrier();
 	r->state = FW_REC_READY;
 
@@ -982,6 +1104,7 @@ fw_calllog_sync(bool force)
 		ereport(WARNING,
 				(errcode_for_file_access(),
 				 errmsg("could not sync file \"%s\": %m", FW_RING_FILE)));
+	fw_intents_sync();
 }
 
 /*
@@ -1098,4 +1221,537 @@ fw_get_drain_state(char *buf, Size len)
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
 	strlcpy(buf, fw_shared->drain_state, len);
 	LWLockRelease(fw_shared->ring_lock);
+}
+
+/* ---- write-ahead attempts (issue 18): pg_fw_tier/calllog.intents ---- */
+
+/*
+ * The intent table: a fixed array of slots in its own MAP_SHARED file,
+ * beside the ring (see "Write-ahead attempts" in the header comment).
+ * A slot's state is an atomic word in the mapping; FREE -> CLAIMED by a
+ * compare-and-swap, filled, then LIVE behind a write barrier; back to FREE
+ * once the attempt's record is in the ring (or the spill).
+ */
+#define FW_INTENT_FILE		"pg_fw_tier/calllog.intents"
+#define FW_INTENT_MAGIC		0x46574954	/* "FWIT" */
+#define FW_INTENT_VERSION	1
+#define FW_INTENTS_PER_BACKEND 16
+#define FW_INTENT_REAP_MS	1000	/* flusher's orphan scan period */
+
+#define FW_INTENT_FREE		0
+#define FW_INTENT_CLAIMED	0x434c4149	/* being filled: nothing sent yet */
+#define FW_INTENT_LIVE		0x4c495645	/* the attempt may be on the wire */
+#define FW_INTENT_REAPING	0x52454150	/* LIVE, the flusher checking its
+										 * owner: fields stable */
+
+typedef struct FwIntentFile
+{
+	uint32		magic;
+	uint32		version;
+	uint32		nslots;
+	uint32		slot_size;		/* sizeof(FwIntent): layout check */
+	uint64		epoch;			/* bumped at every (re)start */
+} FwIntentFile;
+
+typedef struct FwIntent
+{
+	pg_atomic_uint32 state;
+	int32		owner_pid;
+	int32		owner_procno;	/* the owner's PGPROC (pgprocno) */
+	int32		encoding;		/* the owner's database encoding */
+	uint64		epoch;			/* FwIntentFile.epoch when claimed */
+	pg_crc32c	crc;			/* over the fields above but state, and rec
+								 * with request_id zeroed */
+	uint32		unused;
+	FwCallRecord rec;			/* outcome 'unknown', worst-case tokens;
+								 * request_id filled in place from the
+								 * response headers */
+} FwIntent;
+
+#define FW_INTENT_HDRSZ		4096
+
+static FwIntentFile *fw_intent_hdr = NULL;
+static FwIntent *fw_intents = NULL;
+static uint32 fw_nintents = 0;	/* process-local, like fw_ring_size */
+static int	fw_my_live = 0;		/* slots this process holds */
+
+static uint32
+fw_intent_nslots(void)
+{
+	return (uint32) Max(MaxBackends, 1) * FW_INTENTS_PER_BACKEND;
+}
+
+static pg_crc32c
+fw_intent_crc(const FwIntent *in)
+{
+	FwCallRecord rec;
+	pg_crc32c	crc;
+
+	memcpy(&rec, &in->rec, sizeof(rec));
+	memset(rec.request_id, 0, sizeof(rec.request_id));
+	INIT_CRC32C(crc);
+	COMP_CRC32C(crc, &in->owner_pid,
+				offsetof(FwIntent, crc) - offsetof(FwIntent, owner_pid));
+	COMP_CRC32C(crc, &rec, sizeof(rec));
+	FIN_CRC32C(crc);
+	return crc;
+}
+
+/*
+ * An abandoned attempt becomes its 'unknown' record: a copy of the intent
+ * (the worst case, what the headers told), with no content.  A request id
+ * that is not printable ASCII (a torn write) is cleared; the rest is
+ * checked like any ring record.  False when the slot does not check out.
+ */
+static bool
+fw_intent_record(FwIntent *in, FwCallRecord *out, const char **problem)
+{
+	FwRingRec	rr;
+	FwRingRec  *r = &rr;
+	bool		id_ok = true;
+
+	if (!EQ_CRC32C(in->crc, fw_intent_crc(in)))
+	{
+		*problem = "its checksum does not match";
+		return false;
+	}
+	memcpy(out, &in->rec, sizeof(*out));
+	out->request_id[FW_REQIDLEN - 1] = '\0';
+	for (const char *c = out->request_id; *c; c++)
+		if (*c < 0x20 || *c > 0x7e)
+			id_ok = false;
+	if (!id_ok)
+		memset(out->request_id, 0, sizeof(out->request_id));
+	out->outcome = (int8) FW_UNKNOWN;
+	r->len = sizeof(FwRingRec);
+	r->state = FW_REC_READY;
+	fw_rec_fill(r, -1, -1, out, NULL, NULL, in->encoding);
+	*problem = fw_rec_problem(r, sizeof(FwRingRec), true);
+	return *problem == NULL;
+}
+
+/*
+ * Worst case of an attempt whose answer never came (README "The call
+ * log"): the prompt over-estimated from the request's bytes (a token
+ * covers at least one byte of text, and the JSON framing of each message
+ * outweighs the chat template's tokens), and the completion at max_tokens,
+ * or fw_tier.max_output_tokens when the request sets none.  The flusher
+ * prices these at the path's input and output prices, cached tokens at
+ * none.  Budget reservations (spend.c) use the same bound.
+ */
+void
+fw_worst_case_tokens(size_t body_len, int max_tokens, int32 *prompt,
+					 int32 *completion)
+{
+	*prompt = (int32) Min(body_len + FW_TEMPLATE_TOKENS, (size_t) PG_INT32_MAX);
+	*completion = max_tokens > 0 ? max_tokens : fw_max_output_tokens;
+}
+
+/*
+ * Map (postmaster: create, validate, recover) the intent file.  A file of
+ * another size (MaxBackends changed) is recovered at its own size first,
+ * then re-made.
+ */
+static void fw_intents_recover(void);
+
+static void
+fw_intents_map(bool postmaster)
+{
+	uint32		want_n = fw_intent_nslots();
+	uint64		want = FW_INTENT_HDRSZ + (uint64) want_n * sizeof(FwIntent);
+	struct stat st;
+	int			fd;
+	void	   *p;
+
+	fd = fw_file_open(FW_INTENT_FILE, postmaster, &st);
+
+	if (postmaster && (uint64) st.st_size != want && st.st_size >= FW_INTENT_HDRSZ)
+	{
+		/* another size: resolve what it holds at its own size */
+		p = mmap(NULL, (size_t) st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		if (p != MAP_FAILED)
+		{
+			FwIntentFile *h = (FwIntentFile *) p;
+
+			if (h->magic == FW_INTENT_MAGIC && h->version == FW_INTENT_VERSION &&
+				h->slot_size == sizeof(FwIntent) &&
+				FW_INTENT_HDRSZ + (uint64) h->nslots * sizeof(FwIntent) == (uint64) st.st_size)
+			{
+				fw_intent_hdr = h;
+				fw_intents = (FwIntent *) ((char *) p + FW_INTENT_HDRSZ);
+				fw_nintents = h->nslots;
+				fw_intents_recover();
+			}
+			munmap(p, (size_t) st.st_size);
+			fw_intent_hdr = NULL;
+			fw_intents = NULL;
+			fw_nintents = 0;
+		}
+	}
+	if (postmaster && (uint64) st.st_size != want)
+		fw_file_resize(fd, FW_INTENT_FILE, want);
+	else if ((uint64) st.st_size != want)
+		elog(ERROR, "fw_tier intent file \"%s\" has an unexpected size", FW_INTENT_FILE);
+
+	p = fw_file_map(fd, FW_INTENT_FILE, want);
+	close(fd);
+	fw_intent_hdr = (FwIntentFile *) p;
+	fw_intents = (FwIntent *) ((char *) p + FW_INTENT_HDRSZ);
+	fw_nintents = want_n;
+	if (!postmaster)
+		return;
+
+	if (fw_intent_hdr->magic != FW_INTENT_MAGIC ||
+		fw_intent_hdr->version != FW_INTENT_VERSION ||
+		fw_intent_hdr->slot_size != sizeof(FwIntent) ||
+		fw_intent_hdr->nslots != want_n)
+	{
+		/* new (zeroed by ftruncate), or not ours: every slot FREE */
+		memset(p, 0, (size_t) want);
+		fw_intent_hdr->magic = FW_INTENT_MAGIC;
+		fw_intent_hdr->version = FW_INTENT_VERSION;
+		fw_intent_hdr->nslots = want_n;
+		fw_intent_hdr->slot_size = sizeof(FwIntent);
+	}
+	else
+		fw_intents_recover();
+}
+
+/*
+ * Write the 'unknown' record of slot in: into the ring, or the spill when
+ * the ring is full (or has records in the spill ahead of it).  Postmaster
+ * recovery only (no other process alive, no lock).
+ */
+static bool
+fw_intent_put_recovered(const FwCallRecord *rec, int encoding)
+{
+	uint32		need = sizeof(FwRingRec);
+	bool		was_empty;
+	uint64		used;
+	FwRingRec  *r = NULL;
+	FwRingRec	sr;
+	const char *why;
+	int			save_errno;
+
+	if (fw_shared == NULL || !fw_shared->spill_active)
+		r = fw_ring_reserve_locked(need, &was_empty, &used);
+	if (r != NULL)
+	{
+		fw_rec_fill(r, -1, -1, rec, NULL, NULL, encoding);
+		pg_write_barrier();
+		r->state = FW_REC_READY;
+		return true;
+	}
+	if (fw_shared == NULL)
+		return false;
+	sr.len = need;
+	sr.state = FW_REC_READY;
+	fw_rec_fill(&sr, -1, -1, rec, NULL, NULL, encoding);
+	return fw_spill_append_locked((const char *) &sr, need, &why, &save_errno);
+}
+
+/*
+ * Postmaster, no other process alive (first start, crash-restart, or a
+ * restart after an immediate stop): every LIVE slot is an attempt whose
+ * owner died with it on the wire.  Unless its own record already is in
+ * the ring (the owner died between pushing it and freeing the slot), it is
+ * written with outcome 'unknown'.  A record already in fw_tier.calls (the
+ * tail passed it) makes the 'unknown' one a conflict the flusher's ON
+ * CONFLICT DO NOTHING absorbs: exactly one row either way.  CLAIMED slots
+ * were never sent: freed.
+ */
+static void
+fw_intents_recover(void)
+{
+	int			nlive = 0;
+	int			nwritten = 0;
+	int			nlost = 0;
+	int			nbad = 0;
+	int			nfound = 0;
+	const char *first_problem = NULL;
+
+	fw_intent_hdr->epoch++;
+	for (uint32 i = 0; i < fw_nintents; i++)
+	{
+		FwIntent   *in = &fw_intents[i];
+		uint32		state = pg_atomic_read_u32(&in->state);
+		FwCallRecord rec;
+		const char *problem;
+		bool		in_ring = false;
+
+		if (state == FW_INTENT_FREE)
+			continue;
+		/* REAPING: the flusher died checking it, still LIVE */
+		if (state != FW_INTENT_LIVE && state != FW_INTENT_REAPING)
+		{
+			pg_atomic_write_u32(&in->state, FW_INTENT_FREE);
+			continue;
+		}
+		nlive++;
+		if (!fw_intent_record(in, &rec, &problem))
+		{
+			if (nbad++ == 0)
+				first_problem = problem;
+			pg_atomic_write_u32(&in->state, FW_INTENT_FREE);
+			continue;
+		}
+
+		/* its own record in [tail, head)?  (recovered, so it checks out) */
+		if (fw_ring != NULL)
+		{
+			uint64		pos = fw_ring->tail;
+			uint64		head = fw_ring->head;
+
+			while (pos < head)
+			{
+				FwRingRec  *r = (FwRingRec *) (fw_ring_data + pos % fw_ring_size);
+
+				if (r->len < FW_REC_MINLEN || r->len % 8 != 0)
+					break;
+				if (r->state == FW_REC_READY &&
+					r->rec.call_id == rec.call_id && r->rec.attempt == rec.attempt &&
+					r->rec.outcome != FW_UNKNOWN)
+				{
+					in_ring = true;
+					break;
+				}
+				pos += r->len;
+			}
+		}
+		if (in_ring)
+			nfound++;
+		else if (fw_intent_put_recovered(&rec, in->encoding))
+		{
+			nwritten++;
+			if (fw_shared)
+				pg_atomic_fetch_add_u64(&fw_shared->records_pushed, 1);
+		}
+		else
+		{
+			nlost++;
+			if (fw_shared)
+				pg_atomic_fetch_add_u64(&fw_shared->records_dropped, 1);
+		}
+		pg_atomic_write_u32(&in->state, FW_INTENT_FREE);
+	}
+	if (nlive > 0)
+		ereport(LOG,
+				(errmsg("fw_tier: %d attempts were in flight when their processes died; %d are logged with outcome 'unknown'",
+						nlive, nwritten),
+				 errdetail("%d had their record in the call log already; %d could not be logged (ring and spill full); %d intent slots were damaged%s%s.",
+						   nfound, nlost, nbad,
+						   first_problem ? ": " : "",
+						   first_problem ? first_problem : "")));
+	if (fw_shared && nbad > 0)
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, nbad);
+}
+
+/* children inherit the postmaster's mapping; this only sets it up there */
+static void
+fw_intents_startup(void)
+{
+	if (IsUnderPostmaster)
+	{
+		if (fw_intents == NULL)
+			fw_intents_map(false);	/* EXEC_BACKEND */
+		return;
+	}
+	if (fw_intents == NULL)
+		fw_intents_map(true);
+	else
+		fw_intents_recover();	/* crash-restart: mapping kept */
+}
+
+/*
+ * Backend, before the attempt's first byte is sent: claim a slot and fill
+ * it with the attempt's 'unknown' record (rec: outcome unknown, worst-case
+ * tokens).  Returns the slot, or -1 when every slot is taken (the attempt
+ * then goes on without one, with a WARNING once per process).  Costs a CAS, a copy and a
+ * CRC over ~800 bytes of the mapping: no lock, no system call, no fsync.
+ */
+int
+fw_intent_begin(const FwCallRecord *rec)
+{
+	uint32		n = fw_nintents;
+	uint32		start;
+
+	if (fw_intents == NULL || n == 0 || MyProc == NULL)
+		return -1;
+	start = ((uint32) MyProc->pgprocno * FW_INTENTS_PER_BACKEND) % n;
+	for (uint32 k = 0; k < n; k++)
+	{
+		uint32		i = (start + k) % n;
+		FwIntent   *in = &fw_intents[i];
+		uint32		expected = FW_INTENT_FREE;
+
+		if (pg_atomic_read_u32(&in->state) != FW_INTENT_FREE)
+			continue;
+		if (!pg_atomic_compare_exchange_u32(&in->state, &expected, FW_INTENT_CLAIMED))
+			continue;
+		in->owner_pid = MyProcPid;
+		in->owner_procno = MyProc->pgprocno;
+		in->encoding = GetDatabaseEncoding();
+		in->epoch = fw_intent_hdr->epoch;
+		in->unused = 0;
+		memcpy(&in->rec, rec, sizeof(FwCallRecord));
+		memset(in->rec.request_id, 0, sizeof(in->rec.request_id));
+		in->rec.outcome = (int8) FW_UNKNOWN;
+		in->crc = fw_intent_crc(in);
+		pg_write_barrier();
+		pg_atomic_write_u32(&in->state, FW_INTENT_LIVE);
+		fw_my_live++;
+		return (int) i;
+	}
+	{
+		static bool warned = false;
+
+		if (!warned)
+			ereport(WARNING,
+					(errmsg("fw_tier: no free write-ahead slot for this attempt"),
+					 errdetail("All %u slots of \"%s\" are taken; the attempt is sent without one, and a crash before its answer would not log it.",
+							   n, FW_INTENT_FILE),
+					 errhint("Lower fw_tier.max_concurrency; the slots are %d per possible backend.",
+							 FW_INTENTS_PER_BACKEND)));
+		warned = true;
+	}
+	return -1;
+}
+
+/*
+ * Where the response headers' request id goes, in place (http.c's header
+ * callback copies it there): the slot's last byte stays NUL, so a torn
+ * write still reads as a string.  NULL for no slot.
+ */
+char *
+fw_intent_request_id(int slot)
+{
+	if (slot < 0 || (uint32) slot >= fw_nintents)
+		return NULL;
+	return fw_intents[slot].rec.request_id;
+}
+
+/* The attempt's own record is in the ring (or spill): the slot is free. */
+void
+fw_intent_end(int slot)
+{
+	if (slot < 0 || (uint32) slot >= fw_nintents)
+		return;
+	pg_write_barrier();
+	pg_atomic_write_u32(&fw_intents[slot].state, FW_INTENT_FREE);
+	fw_my_live--;
+}
+
+/*
+ * Slot i's owner is gone without completing it: write its 'unknown'
+ * record and free it.  Runs in the owner itself (an error path that
+ * released the transfer without a record) or in the flusher (an owner
+ * that exited without its exit callbacks).  A record of the attempt that
+ * was pushed before comes first in the log, so the flusher's ON CONFLICT
+ * DO NOTHING keeps it: exactly one row.
+ */
+static void
+fw_intent_abandon(uint32 i, bool may_wait)
+{
+	FwIntent   *in = &fw_intents[i];
+	FwCallRecord rec;
+	const char *problem;
+
+	if (fw_intent_record(in, &rec, &problem))
+		fw_calllog_push_internal(&rec, NULL, NULL, in->encoding, may_wait);
+	else
+		pg_atomic_fetch_add_u64(&fw_shared->records_corrupt, 1);
+	pg_write_barrier();
+	pg_atomic_write_u32(&in->state, FW_INTENT_FREE);
+}
+
+/*
+ * Owner: every slot it still holds is an attempt whose transfer is gone
+ * with no record (an abort path; the exit callback): logged as 'unknown'.
+ */
+void
+fw_intents_abandon_mine(void)
+{
+	if (fw_my_live <= 0 || fw_intents == NULL)
+		return;
+	for (uint32 i = 0; i < fw_nintents && fw_my_live > 0; i++)
+	{
+		FwIntent   *in = &fw_intents[i];
+		uint32		state = pg_atomic_read_u32(&in->state);
+
+		/* REAPING: the flusher is checking us, alive; it yields to FREE */
+		if ((state == FW_INTENT_LIVE || state == FW_INTENT_REAPING) &&
+			in->owner_pid == MyProcPid)
+		{
+			fw_intent_abandon(i, true);
+			fw_my_live--;
+		}
+	}
+	fw_my_live = 0;
+}
+
+/*
+ * Flusher, at most once per FW_INTENT_REAP_MS: a LIVE slot whose owner is
+ * gone although no crash-restart happened (it exited without its exit
+ * callbacks).  The owner is alive while its PGPROC (owner_procno) still
+ * has its pid: PostgreSQL frees a PGPROC only after the before_shmem_exit
+ * callbacks, where fw_intents_abandon_mine() ran; a slot of an older epoch
+ * survived a restart's recovery (cannot happen; resolved all the same).
+ * Never writes a slot whose owner is working on it.
+ */
+void
+fw_intents_reap(void)
+{
+	static TimestampTz last = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	uint64		epoch;
+
+	if (fw_intents == NULL || now - last < (int64) FW_INTENT_REAP_MS * 1000)
+		return;
+	last = now;
+	epoch = fw_intent_hdr->epoch;
+	for (uint32 i = 0; i < fw_nintents; i++)
+	{
+		FwIntent   *in = &fw_intents[i];
+		uint32		expected = FW_INTENT_LIVE;
+		int			procno;
+		bool		alive;
+
+		if (pg_atomic_read_u32(&in->state) != FW_INTENT_LIVE)
+			continue;
+
+		/*
+		 * LIVE -> REAPING first: read without it, the owner could free the
+		 * slot and another backend claim and publish it between our reads,
+		 * and we would write (and free) a live attempt's slot.  Once
+		 * REAPING nobody can claim it and its owner only ever sets it
+		 * FREE, so the fields are the current owner's.
+		 */
+		if (!pg_atomic_compare_exchange_u32(&in->state, &expected, FW_INTENT_REAPING))
+			continue;
+		procno = in->owner_procno;
+		alive = in->epoch == epoch && procno >= 0 &&
+			procno < (int) ProcGlobal->allProcCount &&
+			ProcGlobal->allProcs[procno].pid == in->owner_pid;
+		if (alive)
+		{
+			/* back to LIVE, unless its owner freed it meanwhile */
+			expected = FW_INTENT_REAPING;
+			(void) pg_atomic_compare_exchange_u32(&in->state, &expected, FW_INTENT_LIVE);
+			continue;
+		}
+		fw_intent_abandon(i, false);
+	}
+}
+
+/* with the ring's msync: the intents as of about a second ago */
+static void
+fw_intents_sync(void)
+{
+	if (fw_intent_hdr == NULL)
+		return;
+	if (msync((void *) fw_intent_hdr,
+			  FW_INTENT_HDRSZ + (size_t) fw_nintents * sizeof(FwIntent), MS_SYNC) != 0)
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("could not sync file \"%s\": %m", FW_INTENT_FILE)));
 }

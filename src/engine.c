@@ -27,9 +27,19 @@
  * (barriers, parallel worker messages, memory-context logging, client
  * checks) is serviced by CHECK_FOR_INTERRUPTS while the attempts go on.
  *
+ * Write-ahead (issue 18): before an attempt's first byte is sent, its
+ * record as outcome 'unknown' at the worst case (fw_worst_case_tokens)
+ * goes to a slot of the intent file (calllog.c, "Write-ahead attempts");
+ * logging the attempt frees it, after the push.  A crash of any process
+ * in between leaves the slot for recovery to log.  Abort and exit paths
+ * that lose a transfer without logging it hand their slots back as
+ * 'unknown' records (fw_intents_abandon_mine).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <math.h>
 
 #include "commands/dbcommands.h"
 #include "common/pg_prng.h"
@@ -41,6 +51,7 @@
 #include "storage/proc.h"
 #include "access/xact.h"
 #include "utils/builtins.h"
+#include "utils/numeric.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -67,6 +78,12 @@
 #define FW_SHARED_PAUSE_MS	1000
 
 static char *fw_dbname = NULL;
+
+/* the user name of the records, for fw_uname_uid; reset per run */
+static Oid	fw_uname_uid = InvalidOid;
+static NameData fw_uname;
+
+static int	fw_option_max_tokens(Jsonb *options);
 
 static TimestampTz
 fw_statement_deadline(void)
@@ -121,6 +138,7 @@ fw_call_init_kind(FwCall *call, FwCallKind kind, const char *workload,
 	const char *kind_model;
 
 	memset(call, 0, sizeof(*call));
+	call->intent = -1;
 	fw_workload_get(workload, &call->wl);
 	call->kind = kind;
 	if (kind == FW_KIND_CHAT)
@@ -138,6 +156,7 @@ fw_call_init_kind(FwCall *call, FwCallKind kind, const char *workload,
 				 errhint("Use \"standard\", \"priority\" or \"fast\".")));
 	/* a forced path is sent as asked: never escalated (README "options") */
 	call->forced = (forced != NULL);
+	call->max_tokens = fw_option_max_tokens(options);
 
 	model = fw_option_text(options, "model");
 	kind_model = kind == FW_KIND_EMBED ?
@@ -258,9 +277,10 @@ fw_clip_copy(char *dst, const char *src, size_t size)
 	dst[n] = '\0';
 }
 
+/* The call-log record of call's current attempt (r NULL: no response). */
 static void
-fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
-			   const FwParsed *parsed)
+fw_fill_record(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
+			   const FwParsed *parsed, FwCallRecord *out)
 {
 	FwCallRecord rec;
 
@@ -277,17 +297,25 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	rec.started_at = call->attempt_start;
 	namestrcpy(&rec.dbname, fw_dbname);
 	{
-		/* never raise here: this runs in cleanup paths (a dropped role) */
+		/*
+		 * never raise here: this runs in cleanup paths (a dropped role).
+		 * Looked up once per statement and user (each attempt fills two
+		 * records: its write-ahead slot and its own).
+		 */
 		Oid			uid = GetUserId();
-		char	   *uname = GetUserNameFromId(uid, true);
-		char		oidbuf[16];
 
-		if (uname == NULL)
+		if (uid != fw_uname_uid)
 		{
-			snprintf(oidbuf, sizeof(oidbuf), "%u", uid);
-			uname = oidbuf;
+			char	   *uname = GetUserNameFromId(uid, true);
+
+			memset(&fw_uname, 0, sizeof(fw_uname));
+			if (uname == NULL)
+				snprintf(NameStr(fw_uname), NAMEDATALEN, "%u", uid);
+			else
+				namestrcpy(&fw_uname, uname);
+			fw_uname_uid = uid;
 		}
-		namestrcpy(&rec.username, uname);
+		rec.username = fw_uname;
 	}
 	fw_clip_copy(rec.workload, call->wl.name, sizeof(rec.workload));
 	fw_clip_copy(rec.model, call->path_sent == FW_PATH_FAST ? call->wl.fast_model : call->model,
@@ -312,10 +340,75 @@ fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		strlcpy(rec.request_id, r->request_id, sizeof(rec.request_id));
 	if (outcome != FW_OK && call->detail)
 		fw_clip_copy(rec.error, call->detail, sizeof(rec.error));
+	memcpy(out, &rec, sizeof(rec));
+}
 
+/*
+ * The attempt's record; then its write-ahead slot, if any, is done with
+ * (pushed first: a crash in between finds the record in the ring, and
+ * recovery writes no 'unknown' one).
+ */
+static void
+fw_log_attempt(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
+			   const FwParsed *parsed)
+{
+	FwCallRecord rec;
+
+	fw_fill_record(call, r, outcome, parsed, &rec);
 	fw_calllog_push(&rec,
 					fw_log_content ? call->prompt_text : NULL,
 					fw_log_content ? call->content : NULL);
+	if (call->intent >= 0)
+	{
+		fw_intent_end(call->intent);
+		call->intent = -1;
+	}
+}
+
+/*
+ * Write-ahead (issue 18): before the attempt's first byte is sent, its
+ * 'unknown' record at the worst case goes to a slot of the mapped intent
+ * file (calllog.c), where a crash of any process finds it.  The response
+ * headers' request id is copied into it in place (http.c).
+ */
+static pg_noinline void		/* a symbol of its own for perf (bench/chaos) */
+fw_intend_attempt(FwCall *call)
+{
+	FwCallRecord rec;
+	FwParsed	none;
+
+	memset(&none, 0, sizeof(none));
+	none.prompt_tokens = none.cached_tokens = none.completion_tokens = -1;
+	fw_fill_record(call, NULL, FW_UNKNOWN, &none, &rec);
+	fw_worst_case_tokens(call->body_len, call->max_tokens,
+						 &rec.prompt_tokens, &rec.completion_tokens);
+	rec.cached_prompt_tokens = -1;
+	rec.latency_us = -1;
+	strlcpy(rec.error, "no answer: in flight when its process died (or its transfer was lost); outcome unknown, tokens and cost at the worst case",
+			sizeof(rec.error));
+	call->intent = fw_intent_begin(&rec);
+}
+
+/* options.max_tokens when it is a positive number (rounded up); 0 otherwise */
+static int
+fw_option_max_tokens(Jsonb *options)
+{
+	JsonbValue	v;
+	char	   *s;
+	double		d;
+
+	if (options == NULL || !JB_ROOT_IS_OBJECT(options))
+		return 0;
+	if (!getKeyJsonValueFromContainer(&options->root, "max_tokens",
+									  strlen("max_tokens"), &v) ||
+		v.type != jbvNumeric)
+		return 0;
+	s = DatumGetCString(DirectFunctionCall1(numeric_out,
+											NumericGetDatum(v.val.numeric)));
+	d = strtod(s, NULL);
+	if (!(d > 0))
+		return 0;
+	return d >= (double) PG_INT32_MAX ? PG_INT32_MAX : (int) ceil(d);
 }
 
 /* The attempt goes on path: build (or reuse) its body. */
@@ -396,6 +489,14 @@ fw_start_attempt(FwCall *call, const char *url, const char *key)
 {
 	call->xfer = fw_http_start(url, call->body, call->body_len, key,
 							   call->affinity, fw_request_timeout_ms, call);
+
+	/*
+	 * After fw_http_start, which only attaches the handle (the first byte
+	 * goes at the next poll) and may raise: a slot taken before would be
+	 * logged 'unknown' for a request never sent.
+	 */
+	fw_intend_attempt(call);
+	fw_http_set_request_id_sink(call->xfer, fw_intent_request_id(call->intent));
 }
 
 /*
@@ -979,6 +1080,8 @@ fw_engine_exit(int code, Datum arg)
 	if (c)
 		fw_engine_cleanup(c);
 	fw_running = NULL;
+	/* slots of transfers gone without a record: 'unknown' (calllog.c) */
+	fw_intents_abandon_mine();
 }
 
 /*
@@ -994,6 +1097,8 @@ fw_engine_xact_cb(XactEvent event, void *arg)
 	{
 		fw_http_abort_all();
 		fw_running = NULL;
+		/* no transfer is left: a slot still held lost its record */
+		fw_intents_abandon_mine();
 	}
 }
 
@@ -1013,6 +1118,7 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 	concurrency = Max(1, Min(concurrency, ncalls));
 	fw_http_reserve(concurrency);
+	fw_uname_uid = InvalidOid;	/* a role renamed since shows its new name */
 	if (!exit_hook)
 	{
 		before_shmem_exit(fw_engine_exit, (Datum) 0);

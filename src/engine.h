@@ -70,6 +70,9 @@ typedef struct FwCall
 	bool		probe;			/* issue 16: this attempt is a Standard probe */
 	bool		no_probe;		/* issue 16: a probe of this call was shed:
 								 * its retries stay on Priority */
+	int			intent;			/* write-ahead slot of the attempt in
+								 * flight, -1 = none (issue 18) */
+	int			max_tokens;		/* options.max_tokens, 0 = not given */
 } FwCall;
 
 extern void fw_call_init(FwCall *call, const char *workload, Jsonb *messages,

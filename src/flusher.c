@@ -520,6 +520,9 @@ fw_flusher_main(Datum main_arg)
 			PG_END_TRY();
 		}
 
+		/* issue 18: attempts whose owner exited without its callbacks */
+		fw_intents_reap();
+
 		now = GetCurrentTimestamp();
 		if (retry_at == 0 || now >= retry_at || ShutdownRequestPending)
 		{

@@ -87,7 +87,7 @@ static const char *const fw_path_names[FW_NUM_PATHS] = {
 static const char *const fw_outcome_names[FW_NUM_OUTCOMES] = {
 	"ok", "rate_limited", "overloaded", "unavailable", "client_error",
 	"timeout", "transport", "cancelled", "bad_response", "bad_output",
-	"refused"
+	"refused", "unknown"
 };
 
 /*
@@ -438,11 +438,18 @@ _PG_init(void)
 							&fw_max_concurrency_cap, 64, 1, 1024,
 							PGC_SUSET, 0, NULL, NULL, NULL);
 
+	/*
+	 * The worst case of an attempt that sets no max_tokens: a budget
+	 * reserves it and sends it as max_tokens (issue 13); an attempt in
+	 * flight when its process died is logged as 'unknown' at it (issue
+	 * 18).  Superuser: no role may make its own unknown attempts look
+	 * cheap (a call still lowers its own with options.max_tokens).
+	 */
 	DefineCustomIntVariable("fw_tier.max_output_tokens",
-							"max_tokens sent with a call a budget applies to when the call sets none.",
-							"A budget reserves max_tokens at the output price before the call is sent.",
+							"Completion tokens assumed for an attempt that sets no max_tokens.",
+							"A budget reserves them and sends them as max_tokens; an attempt whose answer never came is logged as 'unknown' at them.",
 							&fw_max_output_tokens, 4096, 1, 1000000,
-							PGC_USERSET, 0, NULL, NULL, NULL);
+							PGC_SUSET, 0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("fw_tier");
 

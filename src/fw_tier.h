@@ -24,6 +24,13 @@
 /* The extension SQL version this library writes for (fw_tier.control). */
 #define FW_SQL_VERSION	"0.3"
 
+/*
+ * The worst case of an attempt's prompt tokens: one per byte of the request
+ * body as sent, plus this for the chat template.  Budget reservations
+ * (spend.c) and 'unknown' attempts (calllog.c) use the same bound.
+ */
+#define FW_TEMPLATE_TOKENS	64
+
 #define FW_NAMELEN		64		/* workload name, incl. terminator */
 #define FW_MODELLEN		160		/* model id, incl. terminator */
 #define FW_REQIDLEN		64		/* provider request id */
@@ -53,6 +60,8 @@ typedef enum FwOutcome
 	FW_BAD_OUTPUT,				/* issue 12: a typed answer that is not JSON,
 								 * cut off, or not what the schema says */
 	FW_REFUSED,					/* a budget refused it: nothing sent (issue 13) */
+	FW_UNKNOWN,					/* issue 18: in flight when its process died
+								 * (written at recovery, worst-case cost) */
 	FW_NUM_OUTCOMES
 } FwOutcome;
 
@@ -378,6 +387,19 @@ typedef struct FwCallRecord
 extern int64 fw_next_call_id(void);
 extern void fw_calllog_push(const FwCallRecord *rec,
 							const char *prompt, const char *answer);
+
+/*
+ * Write-ahead attempts (issue 18, calllog.c "Write-ahead attempts"): a
+ * slot holds an attempt's 'unknown' record from before its first byte is
+ * sent until its own record is pushed.
+ */
+extern int	fw_intent_begin(const FwCallRecord *rec);
+extern char *fw_intent_request_id(int slot);
+extern void fw_intent_end(int slot);
+extern void fw_intents_abandon_mine(void);
+extern void fw_intents_reap(void);
+extern void fw_worst_case_tokens(size_t body_len, int max_tokens,
+								 int32 *prompt, int32 *completion);
 
 /* shmem.c calls these from the request and startup hooks */
 extern Size fw_calllog_shmem_size(void);

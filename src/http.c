@@ -43,6 +43,8 @@ struct FwHttpXfer
 	CURL	   *easy;
 	struct curl_slist *headers;
 	void	   *owner;
+	char	   *request_id_sink;	/* issue 18: the attempt's write-ahead
+									 * slot (shared), FW_REQIDLEN, or NULL */
 	bool		in_use;			/* handed out by fw_http_start */
 	bool		attached;		/* added to the multi handle */
 	bool		done;			/* finished, not yet collected */
@@ -205,6 +207,9 @@ fw_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 		r->request_id[vlen] = '\0';
 		/* foreign bytes headed for the call log: printable ASCII only */
 		fw_ascii_only(r->request_id);
+		/* in place in the write-ahead slot: its last byte stays NUL */
+		if (x->request_id_sink)
+			strlcpy(x->request_id_sink, r->request_id, FW_REQIDLEN - 1);
 	}
 	return len;
 }
@@ -306,6 +311,18 @@ fw_easy_setup(FwHttpXfer *x)
 	curl_easy_setopt(e, CURLOPT_POST, 1L);
 }
 
+/*
+ * Copy the request id into sink as soon as the headers bring it, for a
+ * crash before the body ends (calllog.c "Write-ahead attempts").  Set
+ * before the next poll: nothing is received before.
+ */
+void
+fw_http_set_request_id_sink(FwHttpXfer *xfer, char *sink)
+{
+	if (xfer)
+		xfer->request_id_sink = sink;
+}
+
 FwHttpXfer *
 fw_http_start(const char *url, const char *body, size_t len,
 			  const char *api_key, const char *affinity,
@@ -356,6 +373,7 @@ fw_http_start(const char *url, const char *body, size_t len,
 
 	x->headers = h;
 	x->owner = owner;
+	x->request_id_sink = NULL;
 	x->in_use = true;
 	x->done = false;
 	x->too_large = false;
@@ -528,6 +546,7 @@ fw_http_release(FwHttpXfer *x)
 	}
 	x->buf_len = 0;
 	x->owner = NULL;
+	x->request_id_sink = NULL;
 	x->done = false;
 	x->in_use = false;
 }

@@ -39,6 +39,7 @@ extern void fw_http_reserve(int n);
 extern FwHttpXfer *fw_http_start(const char *url, const char *body, size_t len,
 								 const char *api_key, const char *affinity,
 								 long timeout_ms, void *owner);
+extern void fw_http_set_request_id_sink(FwHttpXfer *xfer, char *sink);
 extern void fw_http_poll(long timeout_ms);
 extern FwHttpXfer *fw_http_next_done(void);
 extern void *fw_http_owner(FwHttpXfer *xfer);

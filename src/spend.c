@@ -107,8 +107,6 @@
 #define FW_SPEND_RESTORE_WAIT_MS	30000
 /* a slot unused this long, with nothing reserved, may be given away */
 #define FW_SPEND_REUSE_IDLE_US	((int64) 600 * USECS_PER_SEC)
-/* prompt tokens the chat template may add to the bytes of the request */
-#define FW_SPEND_TEMPLATE_TOKENS	64
 #define FW_NUSD_PER_USD		1000000000.0
 
 typedef enum FwPeriod
@@ -960,7 +958,7 @@ fw_spend_begin(FwCall *calls, int ncalls)
 			sc->max_out = 0;
 			sc->est_prompt = (int64) (c->fields ? VARSIZE(c->fields) : 0) +
 				(int64) (c->options ? VARSIZE(c->options) : 0) +
-				FW_SPEND_TEMPLATE_TOKENS;
+				FW_TEMPLATE_TOKENS;
 			c->spend = sc;
 			continue;
 		}
@@ -990,7 +988,7 @@ fw_spend_begin(FwCall *calls, int ncalls)
 		sc->max_out = (int64) ceil(max_tokens) * (n > 1 ? (int64) ceil(n) : 1);
 		/* until the body is built (fw_spend_reserve counts its bytes) */
 		sc->est_prompt = (int64) VARSIZE(c->messages) +
-			(int64) VARSIZE(sc->send_options) + FW_SPEND_TEMPLATE_TOKENS;
+			(int64) VARSIZE(sc->send_options) + FW_TEMPLATE_TOKENS;
 		c->spend = sc;
 	}
 }
@@ -1150,7 +1148,7 @@ fw_spend_reserve(FwCall *c, TimestampTz now)
 	 * whatever the database encoding), bound the prompt tokens.
 	 */
 	Assert(c->body != NULL);
-	sc->est_prompt = (int64) c->body_len + FW_SPEND_TEMPLATE_TOKENS;
+	sc->est_prompt = (int64) c->body_len + FW_TEMPLATE_TOKENS;
 	cost = fw_worst(sc, path);
 	if (c->escalated)
 		premium = Max(cost - fw_worst(sc, FW_PATH_STANDARD), 0);

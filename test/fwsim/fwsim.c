@@ -615,6 +615,7 @@ typedef struct fault_set {
     unsigned shape;             /* SH_* flags for a 200 answer */
     long huge_bytes;
     long words;                 /* -1 = echo mode */
+    long trickle_ms;            /* trickle=MS: the body's duration, 0 = 1000 */
 } fault_set;
 
 typedef struct fault_spec {
@@ -634,7 +635,7 @@ static const fault_spec fault_specs[] = {
     {"hang", F_HANG, 0, 0, 0},
     {"html", F_HTML, 0, 0, 0},
     {"slow", F_SLOW, 2, 0, HANG_MAX_MS},
-    {"trickle", F_TRICKLE, 0, 0, 0},
+    {"trickle", F_TRICKLE, 1, 20, HANG_MAX_MS},
     {"reset", F_RESET, 0, 0, 0},
     {"truncated", F_TRUNCATED, 0, 0, 0},
     {"malformed", F_MALFORMED, 0, 0, 0},
@@ -681,7 +682,7 @@ static void fault_add(fault_set *f, enum fault kind, long arg, int has_arg)
         }
         break;
     case F_SLOW: f->slow_ms += arg; break;
-    case F_TRICKLE: f->shape |= SH_TRICKLE; break;
+    case F_TRICKLE: f->shape |= SH_TRICKLE; if (has_arg) f->trickle_ms = arg; break;
     case F_RESET: f->shape |= SH_RESET; break;
     case F_TRUNCATED: f->shape |= SH_TRUNCATED; break;
     case F_MALFORMED: f->shape |= SH_MALFORMED; break;
@@ -1243,6 +1244,7 @@ typedef struct log_entry {
     char tier[32];
     char affinity[96];
     char user[96];
+    char request_id[40];        /* x-request-id sent with a 200, else "" */
 } log_entry;
 
 static pthread_mutex_t g_log_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1290,6 +1292,7 @@ typedef struct chat_ctx {
     int path;
     int authorized;
     long prompt, completion, cached;
+    char request_id[40];        /* x-request-id of a 200, else empty */
 } chat_ctx;
 
 static int connection_fd(struct MHD_Connection *c)
@@ -1438,6 +1441,7 @@ typedef struct stream_body {
     unsigned shape;
     int fd;
     struct MHD_Connection *conn;
+    long piece_ms;              /* trickle: pause between pieces */
 } stream_body;
 
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
@@ -1465,7 +1469,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
         if (n > piece)
             n = piece;
         if (pos > 0) {
-            struct timespec ts = {0, 50000000};
+            struct timespec ts = {sb->piece_ms / 1000, (sb->piece_ms % 1000) * 1000000L};
             nanosleep(&ts, NULL);
             if (g_stop)
                 return MHD_CONTENT_READER_END_WITH_ERROR;
@@ -1522,6 +1526,7 @@ static void record(const chat_ctx *cx, unsigned status, int outcome)
     copy_trunc(e->affinity, sizeof e->affinity, cx->affinity, cx->affinity_len);
     e->has_user = cx->user != NULL;
     copy_trunc(e->user, sizeof e->user, cx->user, cx->user_len);
+    memcpy(e->request_id, cx->request_id, sizeof e->request_id);
     pthread_mutex_unlock(&g_log_lock);
     if (!g_quiet)
         fprintf(stderr, "fwsim: #%" PRIu64 " %s %u %s\n", seq, path_names[cx->path], status,
@@ -1855,8 +1860,8 @@ static int answer_error_fault(chat_ctx *cx, const fault_set *f, enum MHD_Result 
 
 /* Sends a 200 body (streamed for trickle/reset/truncated) with the usage,
  * id and rate-limit headers, and records it. */
-static enum MHD_Result send_answer(chat_ctx *cx, sbuf *body, unsigned shape, const char *ctype,
-                                   uint64_t id, const sim_config *cfg)
+static enum MHD_Result send_answer(chat_ctx *cx, sbuf *body, unsigned shape, long trickle_ms,
+                                   const char *ctype, uint64_t id, const sim_config *cfg)
 {
     struct MHD_Connection *conn = cx->conn;
     struct MHD_Response *r;
@@ -1868,6 +1873,7 @@ static enum MHD_Result send_answer(chat_ctx *cx, sbuf *body, unsigned shape, con
         sbd->shape = shape;
         sbd->fd = connection_fd(conn);
         sbd->conn = conn;
+        sbd->piece_ms = trickle_ms > 0 ? trickle_ms / 20 : 50;
         body->p = NULL;
         /* reset: unknown size -> chunked; the others announce the full length */
         uint64_t size = (shape & SH_RESET) && !(shape & SH_TRUNCATED) ? MHD_SIZE_UNKNOWN : sbd->len;
@@ -1887,6 +1893,7 @@ static enum MHD_Result send_answer(chat_ctx *cx, sbuf *body, unsigned shape, con
     MHD_add_response_header(r, "fireworks-cached-prompt-tokens", num);
     snprintf(idhdr, sizeof idhdr, "fwsim-%016" PRIx64, id);
     MHD_add_response_header(r, "x-request-id", idhdr);
+    snprintf(cx->request_id, sizeof cx->request_id, "%s", idhdr);
     if (cfg->prompt_tpm || cfg->uncached_prompt_tpm || cfg->generated_tpm) {
         long v[3] = {cfg->prompt_tpm, cfg->uncached_prompt_tpm, cfg->generated_tpm};
         static const char *const names[3] = {"X-Ratelimit-Limit-Tokens-Prompt",
@@ -2171,7 +2178,7 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, request_state *r
     }
     free(content.p);
 
-    ret = send_answer(&cx, &body, f.shape, ctype, id, &cfg);
+    ret = send_answer(&cx, &body, f.shape, f.trickle_ms, ctype, id, &cfg);
 #undef BAD_REQUEST
 out:
     free(tmp.p);
@@ -2508,7 +2515,7 @@ static enum MHD_Result handle_typed(struct MHD_Connection *conn, request_state *
         sb_puts(&body, ",,]} <fwsim malformed>");
     }
 send:
-    ret = send_answer(&cx, &body, sh, ctype, id, &cfg);
+    ret = send_answer(&cx, &body, sh, f.trickle_ms, ctype, id, &cfg);
 #undef BAD_REQUEST
 out:
     free(clean.p);
@@ -2758,9 +2765,12 @@ static enum MHD_Result control_log(struct MHD_Connection *c)
         sb_puts(&b, ",\"user\":");
         sb_json_cstr_or_null(&b, e->user, e->has_user);
         sb_printf(&b, ",\"status\":%d,\"outcome\":\"%s\",\"prompt_tokens\":%ld,"
-                      "\"completion_tokens\":%ld,\"cached_tokens\":%ld,\"authorized\":%s}",
+                      "\"completion_tokens\":%ld,\"cached_tokens\":%ld,\"authorized\":%s,"
+                      "\"request_id\":",
                   e->status, outcome_names[e->outcome], e->prompt, e->completion, e->cached,
                   e->authorized ? "true" : "false");
+        sb_json_cstr_or_null(&b, e->request_id, e->request_id[0] != '\0');
+        sb_puts(&b, "}");
     }
     pthread_mutex_unlock(&g_log_lock);
     sb_puts(&b, "]}");

@@ -108,6 +108,15 @@ is $r->{json}{choices}[0]{message}{content}, 'Echo: slowly', 'trickle: complete 
 is length($r->{body}), $r->{headers}{'content-length'}, 'trickle: whole Content-Length delivered';
 ok $r->{elapsed} >= 0.5, "trickle: took ~1 s ($r->{elapsed})";
 
+# trickle=MS: the body takes about MS ms; the log names the request id sent
+$req = $s->chat_request_bytes({ model => $STD, messages => [ { role => 'user', content => 'slower [fwsim:trickle=2500]' } ] });
+$r = $s->raw($req, 20);
+is $r->{status}, 200, 'trickle=MS: 200';
+is $r->{json}{choices}[0]{message}{content}, 'Echo: slower', 'trickle=MS: complete valid body';
+ok $r->{elapsed} >= 2.0, "trickle=2500: took ~2.5 s ($r->{elapsed})";
+is $s->log(1)->[0]{request_id}, $r->{headers}{'x-request-id'},
+	'log: request_id is the x-request-id sent';
+
 # truncated: Content-Length of the whole body, half sent, then closed
 $req = $s->chat_request_bytes({ model => $STD, messages => [ { role => 'user', content => 'cut [fwsim:truncated]' } ] });
 $r = $s->raw($req, 10);

@@ -105,7 +105,7 @@ is $log->[0]{authorized}, JSON::PP::true, 'log: authorized flagged';
 is $log->[1]{outcome}, 'other', 'log: outcome';
 ok $log->[0]{seq} < $log->[1]{seq}, 'log: seq increases';
 my @keys = sort keys %{ $log->[0] };
-is_deeply \@keys, [sort qw(seq model path service_tier session_affinity user status outcome prompt_tokens completion_tokens cached_tokens authorized)], 'log entry fields';
+is_deeply \@keys, [sort qw(seq model path service_tier session_affinity user status outcome prompt_tokens completion_tokens cached_tokens authorized request_id)], 'log entry fields';
 is $s->get('/control/log?limit=abc')->{status}, 400, 'log: bad limit';
 
 # background load
