@@ -17,13 +17,20 @@
 -- started_at grows with the table (rows arrive in about the order the
 -- calls were made): a BRIN index serves the time-range queries of the
 -- views and purge_calls at a fraction of a btree's cost per row.
+-- autosummarize: autovacuum summarizes each range once it is full, so
+-- rows written since the last VACUUM (or into pages a purge freed) do
+-- not stay unsummarized, read by every query.
 DROP INDEX fw_tier.calls_started_at_idx;
-CREATE INDEX calls_started_at_idx ON fw_tier.calls USING brin (started_at);
+CREATE INDEX calls_started_at_idx ON fw_tier.calls USING brin (started_at)
+	WITH (autosummarize = on);
 
 -- The flusher prices rows from a cache of fw_tier.prices (src/prices.c);
 -- row changes do not invalidate it by themselves, this trigger does (the
--- same C function as workloads_changed).  ENABLE ALWAYS: a replication
--- apply (session_replication_role = replica) changes prices too.
+-- same C function as workloads_changed).  ENABLE ALWAYS: it fires also in
+-- a session with session_replication_role = replica.  Logical
+-- replication's apply fires row triggers only, never statement triggers:
+-- on a subscriber a replicated change reaches the cache only with the
+-- next invalidation (a local change, DDL, the flusher's restart).
 CREATE FUNCTION fw_tier.prices_changed() RETURNS trigger
 AS 'MODULE_PATHNAME', 'fw_workloads_changed' LANGUAGE C;
 CREATE TRIGGER prices_changed

@@ -452,7 +452,8 @@ fw_fast_refusal(Relation rel)
 	{
 		Form_pg_attribute a = TupleDescAttr(desc, c);
 
-		if (a->attisdropped || a->attgenerated != '\0' ||
+		/* an identity column: the SQL insert's OVERRIDING SYSTEM VALUE */
+		if (a->attisdropped || a->attgenerated != '\0' || a->attidentity != '\0' ||
 			a->atttypid != fw_call_columns[c].typid || a->atttypmod != -1 ||
 			strcmp(NameStr(a->attname), fw_call_columns[c].name) != 0)
 			return "its columns are not the ones this library writes";
@@ -477,6 +478,20 @@ fw_fast_report(const char *refusal)
 		ereport(LOG,
 				(errmsg("fw_tier flusher: fw_tier.calls is written with the multi-insert again")));
 	strlcpy(fw_refusal_said, now, sizeof(fw_refusal_said));
+}
+
+/*
+ * Empty the slots: after a failed multi-insert they may still hold
+ * tuples formed in TopMemoryContext (up to FW_BATCH_MAX rows, with
+ * log_content their prompts and answers) until the next full batch.
+ */
+static void
+fw_fast_clear(void)
+{
+	if (fw_slot_desc == NULL)
+		return;
+	for (int i = 0; i < FW_BATCH_MAX; i++)
+		ExecClearTuple(fw_slots[i]);
 }
 
 /*
@@ -540,8 +555,7 @@ fw_fast_insert(Oid relid, int first, int n)
 	}
 
 	/* the formed tuples live in TopMemoryContext: free them now */
-	for (int i = 0; i < n; i++)
-		ExecClearTuple(slots[i]);
+	fw_fast_clear();
 	ExecCloseIndices(rri);
 	FreeExecutorState(estate);
 	table_close(rel, NoLock);
@@ -571,7 +585,12 @@ fw_sql_prepare(void)
 	for (int c = 0; c < FW_NCOLS; c++)
 		appendStringInfo(&sql, "%s%s", c ? ", " : "",
 						 quote_identifier(fw_call_columns[c].name));
-	appendStringInfoString(&sql, ") SELECT * FROM ROWS FROM (");
+	/*
+	 * The record's call_id and attempt are the row's identity even if a
+	 * DBA made one of them GENERATED ALWAYS AS IDENTITY (without a
+	 * generated column, the clause changes nothing).
+	 */
+	appendStringInfoString(&sql, ") OVERRIDING SYSTEM VALUE SELECT * FROM ROWS FROM (");
 	for (int c = 0; c < FW_NCOLS; c++)
 	{
 		appendStringInfo(&sql, "%spg_catalog.unnest($%d)", c ? ", " : "", c + 1);
@@ -810,6 +829,8 @@ fw_try_insert(Oid relid, int first, int n, bool *sql, uint64 *rows)
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(oldcontext);
 			CurrentResourceOwner = oldowner;
+			if (!*sql)
+				fw_fast_clear();
 		}
 		PG_END_TRY();
 

@@ -10,10 +10,25 @@
  * operator of any role), and drops it when a relcache invalidation for
  * fw_tier.prices arrives.  As for fw_tier.workloads (workloads.c), row
  * changes do not invalidate the relcache by themselves: the statement
- * trigger prices_changed (fw_tier--0.2--0.3.sql, section A; ENABLE ALWAYS,
- * so a replication role's apply fires it too) sends one, and the flusher
- * receives it at the start of its next transaction, that is before its
- * next batch.  DDL on the table, TRUNCATE, DROP invalidate by themselves.
+ * trigger prices_changed (fw_tier--0.2--0.3.sql, section A) sends one, and
+ * the flusher receives it at the start of its next transaction or when it
+ * takes a lock, that is before or during its next batch.  DDL on the
+ * table, TRUNCATE, DROP invalidate by themselves.  Logical replication's
+ * apply fires row triggers only, never statement triggers (ENABLE ALWAYS
+ * does not change that): on a subscriber a replicated price change
+ * reaches the cache only with the next invalidation (a local change, DDL,
+ * the flusher's restart).
+ *
+ * The scan reads with a snapshot taken after the lock on fw_tier.prices,
+ * not the flusher's transaction snapshot: that one is older than the
+ * invalidations the lock (or the lock on fw_tier.calls before it)
+ * consumed, and a change committed in between would be consumed yet not
+ * seen, the old price kept until the next change.
+ *
+ * A price that is not a number below $1e9 per million tokens ('NaN',
+ * 'Infinity', a row older than section D's prices_finite constraint) is
+ * no price: the cost is NULL, as spend.c treats it, rather than a NaN or
+ * an infinity that no sum of cost_usd survives.
  *
  * The cost is the arithmetic the SQL insert did before (fw_tier 0.2),
  * with the same numeric functions in the same order, so the figures are
@@ -97,14 +112,22 @@ fw_price_attnum(Relation rel, const char *name, Oid typid)
 	return (AttrNumber) attnum;
 }
 
+/*
+ * The price in a column, copied; (Datum) 0 (no price) for NULL and for
+ * anything outside [0, 1e9): 'NaN' sorts above every number, so this one
+ * comparison also refuses it and 'Infinity' (prices_finite's rule).
+ */
 static Datum
-fw_price_copy(TupleTableSlot *slot, AttrNumber attnum)
+fw_price_copy(TupleTableSlot *slot, AttrNumber attnum, Datum limit)
 {
 	bool		isnull;
 	Datum		d = slot_getattr(slot, attnum, &isnull);
 
 	if (isnull)
 		return (Datum) 0;		/* the table's NOT NULL forbids this */
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, d, limit)) >= 0 ||
+		DatumGetInt32(DirectFunctionCall2(numeric_cmp, d, fw_numeric_zero)) < 0)
+		return (Datum) 0;
 	return NumericGetDatum(DatumGetNumericCopy(d));
 }
 
@@ -122,6 +145,8 @@ fw_price_load(void)
 				a_cached,
 				a_out;
 	MemoryContext old;
+	Snapshot	snap;
+	Datum		limit;
 
 	if (!fw_price_callback)
 	{
@@ -160,8 +185,11 @@ fw_price_load(void)
 	h = hash_create("fw_tier prices", 64, &ctl,
 					HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 
+	limit = DirectFunctionCall1(int4_numeric, Int32GetDatum(1000000000));
 	slot = table_slot_create(rel, NULL);
-	scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	/* after the lock: sees every change whose invalidation was consumed */
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snap, 0, NULL);
 	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
 	{
 		bool		isnull;
@@ -187,12 +215,13 @@ fw_price_load(void)
 		fw_price_key(key, path, model);
 		e = hash_search(h, key, HASH_ENTER, NULL);
 		old = MemoryContextSwitchTo(fw_price_cxt);
-		e->input = fw_price_copy(slot, a_in);
-		e->cached_input = fw_price_copy(slot, a_cached);
-		e->output = fw_price_copy(slot, a_out);
+		e->input = fw_price_copy(slot, a_in, limit);
+		e->cached_input = fw_price_copy(slot, a_cached, limit);
+		e->output = fw_price_copy(slot, a_out, limit);
 		MemoryContextSwitchTo(old);
 	}
 	table_endscan(scan);
+	UnregisterSnapshot(snap);
 	ExecDropSingleTupleTableSlot(slot);
 	table_close(rel, NoLock);
 	/* published only when complete: an error above leaves no half cache */
