@@ -496,5 +496,20 @@ is($node->safe_psql('postgres', q{SELECT string_agg(p.proname || ' ' || n.nspnam
 	'budget_period fw_tier search_path=pg_catalog, pg_temp; budget_state fw_tier search_path=pg_catalog, pg_temp',
 	'budget_period and budget_state: schema fw_tier, search_path pinned');
 
+# embeddings under a budget (issue 12 meets 13): the worst case is the
+# input alone (nothing is generated, no max_tokens sent); the call is
+# answered and its spend settles from usage
+$node->safe_psql('postgres', q{
+INSERT INTO fw_tier.workloads (workload) VALUES ('embed_budget');
+SELECT fw_tier.set_price('accounts/fireworks/models/qwen3-embedding-8b', 'standard', 1, 1, 0);
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('embeds', 'embed_budget', 'day', 1);
+});
+is($node->safe_psql('postgres', q{SELECT array_length(fw_embed('hello budget', 'embed_budget'), 1) > 0}),
+	't', 'fw_embed is answered under a budget');
+is($node->safe_psql('postgres', q{SELECT count(embedding) || '/' || count(*) FROM fw_embed_batch(ARRAY['a b', NULL, 'c'], 'embed_budget')}),
+	'2/3', 'fw_embed_batch is answered under a budget, NULL in gives NULL out');
+is($node->safe_psql('postgres', q{SELECT spent_usd > 0 AND reserved_usd = 0 FROM fw_tier.budget_status WHERE budget = 'embeds'}),
+	't', 'the embeddings\' spend is settled, nothing left reserved');
+
 $node->stop;
 done_testing();
