@@ -247,6 +247,7 @@ fw_lookup_slot(Oid dboid, const char *name, bool create, bool *full)
 		w->probes_shed = 0;
 		w->closed_by_probes = 0;
 		w->priority_us_done = 0;
+		w->prev_pending = false;
 		w->in_use = true;
 		handle = fw_slot_handle(i, gen);
 	}
@@ -367,15 +368,19 @@ fw_workload_slot_valid(int64 slot)
  * Standard instead of Priority.  The interval is
  * claimed without a lock (fw_claim_probe: one compare-and-swap of
  * probe_next), so the hot path stays two atomic reads outside a probe.
- * Each probe's outcome is recorded under wl_lock (fw_probe_result; there
- * is at most one per interval): a success extends the streak, and
+ * Each probe's outcome is recorded under wl_lock (fw_probe_result; with
+ * probe_share > 0 many are in flight at once and complete in any order):
+ * a success extends the streak, and
  * fw_tier.probe_successes successes in a row close the window for every
  * backend at once, as fw_deescalate does (window_us = 0: no per-backend
  * jitter); a probe shed with 503 Overloaded resets the streak and doubles
  * the interval (at most FW_PROBE_BACKOFF_MAX times fw_tier.probe_interval)
  * and halves the share, and its call is retried at once on Priority.  Probes never extend a
  * window: it still ends at its configured length at the latest.  A manual
- * window (fw_escalate) never probes: the operator chose its length.  Which
+ * window (fw_escalate) never probes: the operator chose its length; an
+ * open window fw_escalate extends becomes manual at once, so a probe in
+ * flight then no longer counts, and stays manual after a restart (its
+ * row's trigger becomes 'manual').  Which
  * calls may probe is the caller's business (engine.c): workloads whose
  * window_policy is "probe", live mode only.
  */
@@ -405,9 +410,10 @@ fw_probe_reset_locked(FwWorkload *w, TimestampTz now, bool manual)
  *
  * windows_in_row counts windows that follow each other: a window opened
  * less than one window length after the previous one ended continues the
- * run (a window closed by probes does not add to the count).  The alert
- * flag is raised once per run.  end_reason is still the previous
- * window's until fw_probe_reset_locked() below.
+ * run.  A window closed by probes adds to the count only if this one
+ * opens within fw_tier.probe_interval of its end.  The alert flag is
+ * raised once per run.  end_reason is still the previous window's until
+ * fw_probe_reset_locked() below.
  */
 static void
 fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
@@ -416,14 +422,18 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 	TimestampTz prev_end = (TimestampTz) pg_atomic_read_u64(&w->priority_until);
 
 	/*
-	 * A window the probes closed early does not count as one more in a
-	 * row (the run goes on, its count stays): Standard came back within
-	 * it, so a run of short windows is a spike that flaps, not the
-	 * capacity problem the alert is for.
+	 * A window the probes closed early, and that stays closed for at
+	 * least one probe interval, does not count as one more in a row (the
+	 * run goes on, its count stays): Standard came back, so a run of such
+	 * windows is a spike that flaps.  Reopened sooner, the probes' streak
+	 * was luck (with probe_share, successes arrive milliseconds apart
+	 * while Standard still sheds a share steadily): that is the capacity
+	 * problem the alert is for, so it counts.
 	 */
 	if (prev_end != 0 && now - prev_end < window_us)
 	{
-		if (w->end_reason != FW_END_PROBES)
+		if (w->end_reason != FW_END_PROBES ||
+			now - prev_end < fw_probe_base_us())
 			w->windows_in_row++;
 	}
 	else
@@ -438,6 +448,24 @@ fw_open_window_locked(FwWorkload *w, TimestampTz now, int64 window_us,
 	/* the previous window's time, for fw_tier.status.priority_seconds */
 	if (w->window_started != 0 && prev_end > w->window_started)
 		w->priority_us_done += prev_end - w->window_started;
+
+	/*
+	 * The previous window not yet written as ended (it reopens before the
+	 * flusher woke): keep its end, reason and probes until it is, so its
+	 * row gets them (fw_windows_to_sync).  Only the last such window is
+	 * kept.
+	 */
+	if (w->window_started != 0 &&
+		!(w->mirrored_started == w->window_started &&
+		  w->mirrored_closed && w->mirrored_until == prev_end))
+	{
+		w->prev_pending = true;
+		w->prev_started = w->window_started;
+		w->prev_until = Min(prev_end, now);
+		w->prev_end_reason = w->end_reason;
+		w->prev_probes = w->window_probes;
+		w->prev_probes_shed = w->window_probes_shed;
+	}
 
 	w->escalations++;
 	w->window_started = now;
@@ -657,7 +685,9 @@ fw_probe_result(int64 *slot, FwOutcome outcome, TimestampTz sent_at,
 		LWLockRelease(fw_shared->wl_lock);
 		return;
 	}
-	current = (sent_at >= w->window_started &&
+	/* an operator's window is not the probes' to end */
+	current = (sent_at >= w->window_started && !w->manual &&
+			   pg_atomic_read_u64(&w->probe_next) != PG_UINT64_MAX &&
 			   (TimestampTz) pg_atomic_read_u64(&w->priority_until) > now);
 	w->probes++;
 	if (sent_at >= w->window_started)
@@ -732,7 +762,13 @@ fw_escalate_now(const char *workload, int64 window_ms)
 	if ((TimestampTz) pg_atomic_read_u64(&w->priority_until) > now)
 	{
 		fw_set_until_locked(w, now + window_us, window_us);
-		/* the operator now owns its length: no probe ends it early */
+		/*
+		 * The operator now owns its length: no probe ends it early, not
+		 * one in flight (fw_probe_result tests manual under wl_lock) nor
+		 * after a restart (the row's trigger becomes 'manual').
+		 */
+		w->manual = true;
+		w->probe_streak = 0;
 		pg_atomic_write_u64(&w->probe_next, PG_UINT64_MAX);
 	}
 	else
@@ -879,10 +915,19 @@ fw_restore_window(Oid dboid, const char *workload, TimestampTz started,
 	LWLockRelease(fw_shared->wl_lock);
 }
 
+/* fw_tier.escalations.ended_by of a closed window */
+static const char *
+fw_end_name(int32 reason)
+{
+	return reason == FW_END_PROBES ? "probes" :
+		reason == FW_END_DEESCALATED ? "deescalated" : "expired";
+}
+
 /*
  * Worker: the windows whose state differs from what the worker last wrote
- * to fw_tier.escalations, or whose alert is due.  out has room for
- * fw_max_workloads entries.  *next_expiry gets the earliest end of an open
+ * to fw_tier.escalations, or whose alert is due, each after the window
+ * before it if that one is not yet written as ended.  out has room for
+ * 2 * fw_max_workloads entries.  *next_expiry gets the earliest end of an open
  * window (0 = none), the worker's next deadline.
  */
 int
@@ -904,6 +949,24 @@ fw_windows_to_sync(FwWindowSync *out, TimestampTz now, TimestampTz *next_expiry)
 
 		if (!w->in_use || w->window_started == 0 || until == 0)
 			continue;
+		/* the window before, not yet written as ended: first */
+		if (w->prev_pending)
+		{
+			out[n].slot = fw_slot_handle(i, pg_atomic_read_u32(&w->generation));
+			out[n].dboid = w->dboid;
+			memcpy(out[n].name, w->name, FW_NAMELEN);
+			out[n].started = w->prev_started;
+			out[n].until = w->prev_until;
+			out[n].closed = true;
+			out[n].manual = false;	/* never turns a row to 'manual' */
+			out[n].windows_in_row = w->windows_in_row;
+			out[n].alert = false;
+			out[n].ended_by = fw_end_name(w->prev_end_reason);
+			out[n].probes = w->prev_probes;
+			out[n].probes_shed = w->prev_probes_shed;
+			out[n].previous = true;
+			n++;
+		}
 		closed = (until <= now);
 		alert = w->alerted && !w->alert_notified;
 		if (!closed && (*next_expiry == 0 || until < *next_expiry))
@@ -923,11 +986,10 @@ fw_windows_to_sync(FwWindowSync *out, TimestampTz now, TimestampTz *next_expiry)
 		out[n].manual = w->manual;
 		out[n].windows_in_row = w->windows_in_row;
 		out[n].alert = alert;
-		out[n].ended_by = !closed ? NULL :
-			w->end_reason == FW_END_PROBES ? "probes" :
-			w->end_reason == FW_END_DEESCALATED ? "deescalated" : "expired";
+		out[n].ended_by = !closed ? NULL : fw_end_name(w->end_reason);
 		out[n].probes = w->window_probes;
 		out[n].probes_shed = w->window_probes_shed;
+		out[n].previous = false;
 		n++;
 	}
 	LWLockRelease(fw_shared->wl_lock);
@@ -946,6 +1008,13 @@ fw_windows_synced(const FwWindowSync *ws)
 	/* reused since: that is another workload's state */
 	if (fw_slot_handle(index, pg_atomic_read_u32(&w->generation)) != ws->slot)
 	{
+		LWLockRelease(fw_shared->wl_lock);
+		return;
+	}
+	if (ws->previous)
+	{
+		if (w->prev_pending && w->prev_started == ws->started)
+			w->prev_pending = false;
 		LWLockRelease(fw_shared->wl_lock);
 		return;
 	}

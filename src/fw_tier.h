@@ -216,6 +216,17 @@ typedef struct FwWorkload
 	int64		closed_by_probes;	/* windows ended early by probes */
 	int64		priority_us_done;	/* length of the windows before the
 									 * current/last one */
+	/*
+	 * The window before the current one, while the worker has not yet
+	 * written its end (it reopened before the flusher woke): written
+	 * before the current one (fw_windows_to_sync).  wl_lock.
+	 */
+	bool		prev_pending;
+	TimestampTz prev_started;
+	TimestampTz prev_until;
+	int32		prev_end_reason;
+	int64		prev_probes;
+	int64		prev_probes_shed;
 } FwWorkload;
 
 typedef struct FwSharedState
@@ -340,6 +351,7 @@ typedef struct FwWindowSync
 								 * "deescalated"; NULL while open */
 	int64		probes;			/* probes sent in this window */
 	int64		probes_shed;	/* of which shed */
+	bool		previous;		/* the closed window before the current */
 } FwWindowSync;
 
 extern int	fw_windows_to_sync(FwWindowSync *out, TimestampTz now,

@@ -320,7 +320,7 @@ fw_launcher_main(Datum main_arg)
 	fw_worker_pin_search_path();
 
 	sync = MemoryContextAllocZero(TopMemoryContext,
-								  sizeof(FwWindowSync) * fw_max_workloads);
+								  sizeof(FwWindowSync) * 2 * fw_max_workloads);
 
 	before_shmem_exit(fw_launcher_detach, (Datum) 0);
 	pg_atomic_write_u32(&fw_shared->launcher_pid, (uint32) MyProcPid);

@@ -9,7 +9,9 @@
  * fw_tier.escalations makes them visible and survives a restart.  The
  * flusher calls fw_winsync_windows() at every wake: it writes the windows
  * whose state changed since they were last mirrored (fw_windows_to_sync),
- * in one transaction, and only after its COMMIT marks them mirrored
+ * in one transaction (a window that reopened before it was written as
+ * ended: the ended one first, with its end, reason and probes), and only
+ * after its COMMIT marks them mirrored
  * (fw_windows_synced); the writes are idempotent, so a crash in between
  * only repeats them.  At the first start after a restart it also reads
  * back the windows still open and puts them into shared memory
@@ -100,6 +102,8 @@ fw_worker_sync_rows(FwWindowSync *ws, int n)
 
 		ret = SPI_execute_with_args("UPDATE fw_tier.escalations"
 									" SET priority_until = $3, ended = $4,"
+									" trigger = CASE WHEN $5 OPERATOR(pg_catalog.=) 'manual'::pg_catalog.text"
+									" THEN $5 ELSE trigger END,"
 									" ended_by = $8, probes = $9, probes_shed = $10"
 									" WHERE database OPERATOR(pg_catalog.=) $7"
 									" AND workload OPERATOR(pg_catalog.=) $1"
@@ -236,7 +240,7 @@ fw_winsync_windows(bool at_start, int *nsynced)
 
 	if (fw_sync == NULL)
 		fw_sync = MemoryContextAllocZero(TopMemoryContext,
-										 sizeof(FwWindowSync) * fw_max_workloads);
+										 sizeof(FwWindowSync) * 2 * fw_max_workloads);
 	n = fw_windows_to_sync(fw_sync, GetCurrentTimestamp(), &next_expiry);
 	*nsynced = n;
 	if (n == 0 && !at_start)

@@ -10,7 +10,11 @@
 # (the default) never probes, whatever the probe settings; a manual window
 # never probes; replay never probes; a batch sends at most one probe per
 # interval (probe_share 0); probe_share 1 makes every call of a window a
-# probe.
+# probe; a window the probes closed that reopens before the worker wrote
+# its end is still recorded as ended by probes, with its probes, and
+# reopened within probe_interval it counts as one more in a row; an open
+# window fw_escalate extends is the operator's: a probe in flight does not
+# close it, none is sent later, nor after a restart.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -48,7 +52,9 @@ INSERT INTO fw_tier.workloads (workload, on_overload, priority_window, window_po
 	('pmanual', 'priority', '60 seconds', 'probe'),
 	('pbatch', 'priority', '60 seconds', 'probe'),
 	('preplay', 'priority', '60 seconds', 'probe'),
-	('pshare', 'priority', '60 seconds', 'probe');
+	('pshare', 'priority', '60 seconds', 'probe'),
+	('preopen', 'priority', '60 seconds', 'probe'),
+	('pop', 'priority', '60 seconds', 'probe');
 });
 
 is( $node->safe_psql('postgres', "SELECT window_policy FROM fw_tier.workloads WHERE workload = 'pdefault'"),
@@ -115,7 +121,9 @@ ok( $node->poll_query_until('postgres', q{
 	FROM fw_tier.escalations WHERE workload = 'pclose'}),
 	'escalations: ended_by probes, long before its 60 s');
 
-# a window reopened after the probes closed one is not one more "in a row"
+# a window reopened more than probe_interval after the probes closed one is
+# not one more "in a row"
+usleep(300_000);
 $sim->rule(fault => 'overload', path => 'standard', count => 1);
 $node->safe_psql('postgres', "SELECT fw_complete('again', 'pclose')");
 is( $node->safe_psql('postgres',
@@ -241,8 +249,85 @@ $node->safe_psql('postgres', "SELECT fw_complete('share ' || i, 'pshare') FROM g
 is( $node->safe_psql('postgres',
 		"SELECT path, closed_by_probes, probes FROM fw_tier.status WHERE workload = 'pshare'"),
 	'standard|1|3', 'probe_share 1: the next 3 calls probe and close the window');
-$node->safe_psql('postgres', 'ALTER SYSTEM RESET fw_tier.probe_share');
+
+# ---- closed by probes, reopened before the worker wrote it -----------------------
+# (review 2, items 4 and 5) the worker cannot write fw_tier.escalations
+# while this transaction holds its lock; a long interval: only the share probes
+$node->safe_psql('postgres', "ALTER SYSTEM SET fw_tier.probe_interval = '60s'");
 $node->reload;
+$node->poll_query_until('postgres', "SELECT current_setting('fw_tier.probe_interval') = '1min'");
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN; LOCK TABLE fw_tier.escalations IN SHARE MODE');
+open_window('preopen');
+$node->safe_psql('postgres', "SELECT fw_complete('share ' || i, 'preopen') FROM generate_series(1, 3) i");
+$sim->rule(fault => 'overload', path => 'standard', count => 1);
+$node->safe_psql('postgres', "SELECT fw_complete('reopen', 'preopen')");
+is( $node->safe_psql('postgres',
+		"SELECT path, escalations, closed_by_probes, windows_in_row FROM fw_tier.status WHERE workload = 'preopen'"),
+	'priority|2|1|2', 'closed by probes and reopened within probe_interval: 2 windows in a row');
+is( $node->safe_psql('postgres', "SELECT count(*) FROM fw_tier.escalations WHERE workload = 'preopen'"),
+	'0', 'the worker has written neither window yet');
+$locker->query_safe('COMMIT');
+$locker->quit;
+ok( $node->poll_query_until('postgres', q{
+	SELECT count(*) = 2
+	   AND count(*) FILTER (WHERE ended_by = 'probes' AND probes = 3 AND probes_shed = 0
+	                        AND ended = priority_until AND ended - started < interval '30 seconds') = 1
+	   AND count(*) FILTER (WHERE ended IS NULL AND ended_by IS NULL AND windows_in_row = 2) = 1
+	FROM fw_tier.escalations WHERE workload = 'preopen'}),
+	'escalations: the reopened window ended by probes, with its 3 probes, then the open one');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET fw_tier.probe_share');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET fw_tier.probe_interval');
+$node->reload;
+$node->poll_query_until('postgres', "SELECT current_setting('fw_tier.probe_interval') = '200ms'");
+
+# ---- fw_escalate on an open probe window: the operator's from then on -----------
+# (review 2, item 2) two probes answered, the third (of 3) in flight
+open_window('pop');
+for my $i (1 .. 2)
+{
+	usleep(250_000);    # the interval's probe is due
+	$node->safe_psql('postgres', "SELECT fw_complete('op $i', 'pop')");
+}
+usleep(250_000);
+my $inflight = $node->background_psql('postgres');
+$inflight->query_until(qr/sent/,
+	"\\echo sent\nSELECT fw_complete('[fwsim:slow=1500] op 3', 'pop');\n");
+usleep(500_000);    # at the simulator
+$node->safe_psql('postgres', "SELECT fw_escalate('pop', '1 hour')");
+$inflight->quit;
+$node->safe_psql('postgres', 'SELECT fw_flush()');
+is( $node->safe_psql('postgres',
+		"SELECT count(*) FROM fw_tier.calls WHERE workload = 'pop' AND probe AND path = 'standard' AND outcome = 'ok'"),
+	'3', 'three probes answered, the third after fw_escalate');
+is( $node->safe_psql('postgres',
+		"SELECT path, closed_by_probes, priority_until - window_started > interval '50 minutes' FROM fw_tier.status WHERE workload = 'pop'"),
+	'priority|0|t', 'the probe in flight did not close the operator\'s hour');
+sub no_more_probes
+{
+	my ($what) = @_;
+	my $q = q{SELECT count(*) FILTER (WHERE probe), count(*) FILTER (WHERE path = 'priority')
+		FROM fw_tier.calls WHERE workload = 'pop'};
+	my ($p0, $pri0) = split /\|/, $node->safe_psql('postgres', $q);
+	for my $i (1 .. 3)
+	{
+		usleep(250_000);
+		$node->safe_psql('postgres', "SELECT fw_complete('later $i', 'pop')");
+	}
+	$node->safe_psql('postgres', 'SELECT fw_flush()');
+	my ($p1, $pri1) = split /\|/, $node->safe_psql('postgres', $q);
+	is("$p0 $p1 " . ($pri1 - $pri0), '3 3 3', "no probe $what: the 3 calls on Priority");
+}
+no_more_probes('after fw_escalate');
+ok( $node->poll_query_until('postgres', q{
+	SELECT trigger = 'manual' AND ended IS NULL
+	FROM fw_tier.escalations WHERE workload = 'pop'}),
+	'escalations: the extended window is recorded as manual');
+$node->restart;
+ok( $node->poll_query_until('postgres',
+		"SELECT path = 'priority' FROM fw_tier.status WHERE workload = 'pop'"),
+	'the window is restored after a restart');
+no_more_probes('after a restart');
 
 $node->stop;
 done_testing();
