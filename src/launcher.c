@@ -135,21 +135,30 @@ fw_launcher_set_sigterm(void)
  * _PG_init: the launcher is the only static worker.  It needs a connection
  * to reach pg_database, but to no database in particular.
  */
+/* Both workers: shared memory, a database connection, after recovery. */
+static void
+fw_worker_describe(BackgroundWorker *worker, const char *function,
+				   const char *name, int restart_time, pid_t notify_pid)
+{
+	memset(worker, 0, sizeof(*worker));
+	worker->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker->bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker->bgw_restart_time = restart_time;
+	strlcpy(worker->bgw_library_name, "fw_tier", BGW_MAXLEN);
+	strlcpy(worker->bgw_function_name, function, BGW_MAXLEN);
+	strlcpy(worker->bgw_name, name, BGW_MAXLEN);
+	strlcpy(worker->bgw_type, name, BGW_MAXLEN);
+	worker->bgw_main_arg = (Datum) 0;
+	worker->bgw_notify_pid = notify_pid;
+}
+
 void
 fw_register_worker(void)
 {
 	BackgroundWorker worker;
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = FW_LAUNCHER_RESTART_S;
-	strlcpy(worker.bgw_library_name, "fw_tier", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "fw_launcher_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "fw_tier launcher", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "fw_tier launcher", BGW_MAXLEN);
-	worker.bgw_main_arg = (Datum) 0;
-	worker.bgw_notify_pid = 0;
+	fw_worker_describe(&worker, "fw_launcher_main", "fw_tier launcher",
+					   FW_LAUNCHER_RESTART_S, 0);
 	RegisterBackgroundWorker(&worker);
 }
 
@@ -158,17 +167,9 @@ fw_launcher_start_flusher(BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = BGW_NEVER_RESTART;
-	strlcpy(worker.bgw_library_name, "fw_tier", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "fw_flusher_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "fw_tier flusher", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "fw_tier flusher", BGW_MAXLEN);
-	worker.bgw_main_arg = (Datum) 0;
-	/* its exit sets our latch */
-	worker.bgw_notify_pid = MyProcPid;
+	/* never restarted by the postmaster; its exit sets our latch */
+	fw_worker_describe(&worker, "fw_flusher_main", "fw_tier flusher",
+					   BGW_NEVER_RESTART, MyProcPid);
 	return RegisterDynamicBackgroundWorker(&worker, handle);
 }
 
