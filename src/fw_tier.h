@@ -22,7 +22,7 @@
 #include "utils/jsonb.h"
 
 /* The extension SQL version this library writes for (fw_tier.control). */
-#define FW_SQL_VERSION	"0.3"
+#define FW_SQL_VERSION	"0.4"
 
 /*
  * The worst case of an attempt's prompt tokens: one per byte of the request

@@ -118,7 +118,7 @@ like($fr, qr/^function fw_tier\.purge_calls.*SECURITY DEFINER/ms,
 	'the description carries function definitions');
 
 # Every released version, updated, gives the objects of a fresh install.
-foreach my $from ('0.1', '0.2')
+foreach my $from ('0.1', '0.2', '0.3')
 {
 	(my $db = "upgraded_$from") =~ s/\./_/g;
 	$node->safe_psql('postgres', "CREATE DATABASE $db");
@@ -150,7 +150,7 @@ my $dump_s = sub {
 	$out =~ s/^\\(un)?restrict .*\n//mg;
 	return $out;
 };
-is($dump_s->($_), $dump_s->('fresh'), "pg_dump --schema-only of $_ is that of a fresh install") for ('upgraded_0_1', 'upgraded_0_2');
+is($dump_s->($_), $dump_s->('fresh'), "pg_dump --schema-only of $_ is that of a fresh install") for ('upgraded_0_1', 'upgraded_0_2', 'upgraded_0_3');
 
 # The restore's COPY of an edited shipped workload replaces the shipped
 # row; INSERT keeps its meaning.
@@ -317,7 +317,7 @@ SELECT count(fw_complete('on the old SQL ' || g)) FROM generate_series(1, 5) g;
 my $waited = 0;
 for (1 .. 300)
 {
-	if (slurp_file($node3->logfile) =~ /is at version 0\.1, the library at 0\.3/)
+	if (slurp_file($node3->logfile) =~ /is at version 0\.1, the library at 0\.4/)
 	{
 		$waited = 1;
 		last;
@@ -364,7 +364,7 @@ is($node3->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.calls'), '5',
 is($node3->safe_psql('postgres', 'SELECT drain_state FROM fw_tier.log_status'), 'ok',
 	'and the log drains again');
 my $log3 = slurp_file($node3->logfile);
-my @warned = ($log3 =~ /is at version 0\.1, the library at 0\.3/g);
+my @warned = ($log3 =~ /is at version 0\.1, the library at 0\.4/g);
 is(scalar @warned, 1, 'said once');
 # (but the fw_flush() above that ran into its statement_timeout on purpose)
 is( scalar(grep { /ERROR:|terminated by signal/ && !/canceling statement due to statement timeout/ }
