@@ -22,7 +22,8 @@ OBJS = \
 	src/jsonschema.o \
 	src/engine.o \
 	src/embed.o \
-	src/sqlfuncs.o
+	src/sqlfuncs.o \
+	src/origin.o
 
 EXTENSION = fw_tier
 DATA = $(wildcard sql/fw_tier--*.sql)

@@ -13,7 +13,40 @@
 -- ---------------------------------------------------------------------
 -- Section R: issue 11, replicas and fleets (origin of a row, standby shipping)
 -- ---------------------------------------------------------------------
--- (section R)
+-- The server a row comes from (src/origin.c): its system identifier and
+-- its node name (fw_tier.node_name, else cluster_name, else an id kept in
+-- pg_fw_tier/node; a streaming standby shares its primary's system
+-- identifier, not its node name).  (origin_sysid, origin_node) in the key
+-- makes a row's key unique across servers: call_id is unique per server.
+CREATE FUNCTION fw_tier.local_origin(OUT origin_sysid bigint, OUT origin_node text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'fw_tier_local_origin'
+LANGUAGE C STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION fw_tier.local_origin() IS
+	'this server''s origin_sysid and origin_node, as fw_tier.calls rows made here carry them';
+
+-- Rows already there were made here: they get this server's identity (the
+-- default evaluated once, for every row).  The flusher fills both columns
+-- itself; the defaults serve rows inserted by hand.
+ALTER TABLE fw_tier.calls
+	ADD COLUMN origin_sysid bigint NOT NULL DEFAULT (fw_tier.local_origin()).origin_sysid,
+	ADD COLUMN origin_node text NOT NULL DEFAULT (fw_tier.local_origin()).origin_node;
+COMMENT ON COLUMN fw_tier.calls.origin_sysid IS
+	'system identifier (pg_control_system()) of the server that made the call';
+COMMENT ON COLUMN fw_tier.calls.origin_node IS
+	'node name of the server that made the call (fw_tier.node_name, cluster_name or a generated id)';
+ALTER TABLE fw_tier.calls DROP CONSTRAINT calls_pkey;
+ALTER TABLE fw_tier.calls ADD CONSTRAINT calls_pkey
+	PRIMARY KEY (origin_sysid, origin_node, call_id, attempt);
+
+-- Dead letters: one per attempt of each origin, as in fw_tier.calls.
+ALTER TABLE fw_tier.calls_dead_letter
+	ADD COLUMN origin_sysid bigint NOT NULL DEFAULT (fw_tier.local_origin()).origin_sysid,
+	ADD COLUMN origin_node text NOT NULL DEFAULT (fw_tier.local_origin()).origin_node;
+ALTER TABLE fw_tier.calls_dead_letter DROP CONSTRAINT calls_dead_letter_call_id_attempt_key;
+ALTER TABLE fw_tier.calls_dead_letter ADD CONSTRAINT calls_dead_letter_origin_key
+	UNIQUE (origin_sysid, origin_node, call_id, attempt);
 
 -- ---------------------------------------------------------------------
 -- Section N: issue 14, continuous enrichment

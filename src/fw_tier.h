@@ -454,6 +454,14 @@ extern void fw_spill_advance(uint64 end_pos, int nrecords, uint64 bytes);
 extern void fw_spill_usage(uint64 *bytes, uint64 *records);
 extern void fw_dead_letter_file(const char *line);
 
+/* ---- origin.c: the server a row comes from (issue 11) ---- */
+#define FW_NODELEN		64		/* node name, incl. terminator */
+extern char *fw_node_name_guc;
+extern void fw_origin_define_gucs(void);
+extern void fw_origin_startup(void);
+extern const char *fw_origin_node_name(void);
+extern int64 fw_origin_sysid(void);
+
 /* ---- launcher.c (no database) and flusher.c (fw_tier.database): the workers ---- */
 extern void fw_register_worker(void);
 extern PGDLLEXPORT void fw_launcher_main(Datum arg);

@@ -29,14 +29,17 @@
  *	  as the bootstrap superuser, which bypasses RLS in SQL too, so the
  *	  shipped SELECT policy does not stop it).
  *	- the SQL insert (fw_sql_insert): one INSERT ... SELECT FROM ROWS FROM
- *	  (unnest($1), ...) ON CONFLICT (call_id, attempt) DO NOTHING, built
+ *	  (unnest($1), ...) ON CONFLICT (origin_sysid, origin_node, call_id,
+ *	  attempt) DO NOTHING, built
  *	  from fw_call_columns, with every function pinned to pg_catalog.
  *	  Used where the multi-insert is not safe (the table changed: the
  *	  SQL insert names its columns, so an added column takes its default
  *	  and triggers fire as for any INSERT), and for every batch that may
  *	  hold rows already written (below).
  *
- * Duplicates.  The primary key (call_id, attempt) is unique: a row written
+ * Duplicates.  The primary key (origin_sysid, origin_node, call_id,
+ * attempt) is unique (issue 11: the origin makes it unique across servers,
+ * origin.c): a row written
  * twice is a unique violation.  Where can a record already be in the
  * table?  The flusher moves the ring's tail only after COMMIT, so a crash
  * between the two leaves committed records in the ring; the next flusher
@@ -79,8 +82,14 @@
  * lock_timeout, held to COMMIT), which also keeps the table's definition
  * from changing between the refusal check and the insert; no LWLock.
  *
- * Called by: flusher.c only (fw_loginsert_batch; fw_loginsert_reset after
- * an aborted transaction).
+ * Origin (issue 11).  The flusher's rows are this server's: origin_sysid
+ * and origin_node come from origin.c.  fw_tier.ingest_calls (shipper.c)
+ * writes a standby's records through the same path, after
+ * fw_loginsert_set_origin() named the standby.
+ *
+ * Called by: flusher.c (fw_loginsert_batch; fw_loginsert_reset after
+ * an aborted transaction); shipper.c's fw_tier.ingest_calls on a primary
+ * (fw_loginsert_set_origin, then fw_loginsert_batch).
  *
  *-------------------------------------------------------------------------
  */
@@ -130,6 +139,12 @@ typedef struct FwCallColumn
 } FwCallColumn;
 
 static FwDrainedRecord *fw_batch = NULL;	/* the batch being written */
+/* issue 11: the batch's origin (fw_loginsert_set_origin; unset = local) */
+static bool fw_origin_set = false;
+static int64 fw_origin_set_sysid = 0;
+static char fw_origin_set_node[FW_NODELEN];
+static int64 fw_batch_sysid = 0;
+static Datum fw_batch_node = (Datum) 0;
 static SPIPlanPtr fw_insert_plan = NULL;
 static Datum *fw_col_values = NULL; /* [column][row], for the SQL insert */
 static bool *fw_col_nulls = NULL;
@@ -350,6 +365,18 @@ fw_col_probe(FwRow *w, bool *isnull)
 	return BoolGetDatum(w->r->probe);
 }
 
+/* issue 11: the server the call was made on (the batch's origin) */
+static Datum
+fw_col_origin_sysid(FwRow *w, bool *isnull)
+{
+	return Int64GetDatum(fw_batch_sysid);
+}
+static Datum
+fw_col_origin_node(FwRow *w, bool *isnull)
+{
+	return fw_batch_node;
+}
+
 /* issue 12: an unknown kind from another process is logged as chat */
 static Datum
 fw_col_kind(FwRow *w, bool *isnull)
@@ -391,6 +418,9 @@ static const FwCallColumn fw_call_columns[] = {
 	/* 0.3: new columns here, in the order of the SQL script */
 	{"kind", TEXTOID, fw_col_kind},	/* issue 12 */
 	{"probe", BOOLOID, fw_col_probe},	/* issue 16 */
+	/* 0.4 */
+	{"origin_sysid", INT8OID, fw_col_origin_sysid},	/* issue 11 */
+	{"origin_node", TEXTOID, fw_col_origin_node},	/* issue 11 */
 };
 
 #define FW_NCOLS	lengthof(fw_call_columns)
@@ -566,7 +596,8 @@ fw_fast_insert(Oid relid, int first, int n)
 
 /*
  * INSERT INTO fw_tier.calls (the columns) SELECT FROM ROWS FROM
- * (pg_catalog.unnest($1), ...) ON CONFLICT (call_id, attempt) DO NOTHING,
+ * (pg_catalog.unnest($1), ...) ON CONFLICT (origin_sysid, origin_node,
+ * call_id, attempt) DO NOTHING,
  * one array parameter per column.  Runs as the bootstrap superuser: the
  * only functions are pg_catalog's (and the search_path is pinned too).  A
  * generic plan at once: a custom plan would copy the batch's arrays into
@@ -596,7 +627,7 @@ fw_sql_prepare(void)
 		appendStringInfo(&sql, "%spg_catalog.unnest($%d)", c ? ", " : "", c + 1);
 		argtypes[c] = get_array_type(fw_call_columns[c].typid);
 	}
-	appendStringInfoString(&sql, ") ON CONFLICT (call_id, attempt) DO NOTHING");
+	appendStringInfoString(&sql, ") ON CONFLICT (origin_sysid, origin_node, call_id, attempt) DO NOTHING");
 
 	fw_insert_plan = SPI_prepare_cursor(sql.data, FW_NCOLS, argtypes,
 										CURSOR_OPT_GENERIC_PLAN);
@@ -741,8 +772,9 @@ fw_worker_dead_letter(FwDrainedRecord *d, ErrorData *edata)
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		Oid			types[5] = {INT8OID, INT4OID, TEXTOID, TEXTOID, TEXTOID};
-		Datum		args[5];
+		Oid			types[7] = {INT8OID, INT4OID, TEXTOID, TEXTOID, TEXTOID,
+		INT8OID, TEXTOID};
+		Datum		args[7];
 		int			ret;
 
 		args[0] = Int64GetDatum(d->rec.call_id);
@@ -750,12 +782,16 @@ fw_worker_dead_letter(FwDrainedRecord *d, ErrorData *edata)
 		args[2] = CStringGetTextDatum(json);
 		args[3] = CStringGetTextDatum(state);
 		args[4] = CStringGetTextDatum(edata->message ? edata->message : "");
+		args[5] = Int64GetDatum(fw_batch_sysid);	/* issue 11 */
+		args[6] = fw_batch_node;
 		ret = SPI_execute_with_args("INSERT INTO fw_tier.calls_dead_letter"
-									" (call_id, attempt, record, sqlstate, error)"
-									" VALUES ($1, $2, $3::pg_catalog.jsonb, $4, $5)"
+									" (call_id, attempt, record, sqlstate, error,"
+									" origin_sysid, origin_node)"
+									" VALUES ($1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7)"
 		/* written again after a crash between COMMIT and the tail moving */
-									" ON CONFLICT (call_id, attempt) DO NOTHING",
-									5, types, args, NULL, false, 0);
+									" ON CONFLICT (origin_sysid, origin_node, call_id, attempt)"
+									" DO NOTHING",
+									7, types, args, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "fw_tier: dead-letter insert failed: %s",
 				 SPI_result_code_string(ret));
@@ -920,6 +956,10 @@ fw_loginsert_batch(FwDrainedRecord *batch, int n, bool may_repeat)
 	const char *refusal;
 
 	fw_batch = batch;
+	/* issue 11: whose rows these are */
+	fw_batch_sysid = fw_origin_set ? fw_origin_set_sysid : fw_origin_sysid();
+	fw_batch_node = CStringGetTextDatum(fw_origin_set ? fw_origin_set_node :
+										fw_origin_node_name());
 	/* under lock_timeout; held to COMMIT */
 	relid = RangeVarGetRelid(makeRangeVar("fw_tier", "calls", -1),
 							 RowExclusiveLock, false);
@@ -928,6 +968,18 @@ fw_loginsert_batch(FwDrainedRecord *batch, int n, bool may_repeat)
 	table_close(rel, NoLock);
 	fw_fast_report(refusal);
 	return fw_write_batch(relid, n, may_repeat || refusal != NULL);
+}
+
+/*
+ * Issue 11: the origin of the next batches (fw_tier.ingest_calls: a
+ * standby's records); node NULL = this server again.
+ */
+void
+fw_loginsert_set_origin(int64 sysid, const char *node)
+{
+	fw_origin_set = (node != NULL);
+	fw_origin_set_sysid = sysid;
+	strlcpy(fw_origin_set_node, node ? node : "", sizeof(fw_origin_set_node));
 }
 
 /* After an aborted transaction: the plan may refer to a dropped table. */

@@ -155,6 +155,8 @@ fw_shmem_startup(void)
 
 	LWLockRelease(AddinShmemInitLock);
 
+	/* issue 11: the node name; a copied call log is removed before mapping */
+	fw_origin_startup();
 	/* the ring file: mapped (and, in the postmaster, validated) here */
 	fw_calllog_startup();
 }

@@ -39,6 +39,7 @@ extern TimestampTz fw_winsync_windows(bool at_start, int *nsynced);
 /* loginsert.c: the batch's rows into fw_tier.calls, flusher only */
 extern uint64 fw_loginsert_batch(FwDrainedRecord *batch, int n, bool may_repeat);
 extern void fw_loginsert_reset(void);
+extern void fw_loginsert_set_origin(int64 sysid, const char *node);	/* issue 11 */
 
 /* prices.c: cost_usd of an attempt, from the cache of fw_tier.prices */
 extern Datum fw_price_cost(FwPath path, const char *model, FwOutcome outcome,

@@ -153,11 +153,13 @@ is(status('dead_letters, drain_state'), '1|ok', 'counted; the log drains');
 # a batch written again (a crash between COMMIT and the tail moving on)
 # does not dead-letter an attempt twice
 is( $node->safe_psql('fwdb', q{
-	INSERT INTO fw_tier.calls_dead_letter (call_id, attempt, record, sqlstate, error)
-	SELECT call_id, attempt, record, sqlstate, error FROM fw_tier.calls_dead_letter
-	ON CONFLICT (call_id, attempt) DO NOTHING;
+	INSERT INTO fw_tier.calls_dead_letter (call_id, attempt, record, sqlstate, error,
+										   origin_sysid, origin_node)
+	SELECT call_id, attempt, record, sqlstate, error, origin_sysid, origin_node
+	  FROM fw_tier.calls_dead_letter
+	ON CONFLICT (origin_sysid, origin_node, call_id, attempt) DO NOTHING;
 	SELECT count(*) FROM fw_tier.calls_dead_letter}),
-	'1', 'one dead letter per (call_id, attempt): the insert the flusher runs adds none');
+	'1', 'one dead letter per (origin, call_id, attempt): the insert the flusher runs adds none');
 ok($node->wait_for_log(qr/1 of \d+ call-log records were refused by fw_tier.calls/),
 	'the flusher warns');
 
