@@ -48,6 +48,26 @@ ALTER TABLE fw_tier.calls_dead_letter DROP CONSTRAINT calls_dead_letter_call_id_
 ALTER TABLE fw_tier.calls_dead_letter ADD CONSTRAINT calls_dead_letter_origin_key
 	UNIQUE (origin_sysid, origin_node, call_id, attempt);
 
+-- (section R, C: central analytics over logical replication)
+-- A call is (origin, call_id): call ids of two servers may be equal, so a
+-- central database that subscribes to many servers' fw_tier.calls (README
+-- "Many servers: one place for spend and 503s") counts calls by origin.
+-- Same columns as 0.2's spend_daily: only the calls count changes.
+CREATE OR REPLACE VIEW fw_tier.spend_daily WITH (security_invoker = true) AS
+SELECT date_trunc('day', c.started_at) AS day,
+	   c.workload, c.path, c.model,
+	   count(DISTINCT (c.origin_sysid, c.origin_node, c.call_id)) AS calls,
+	   count(*) AS attempts,
+	   sum(c.prompt_tokens) AS prompt_tokens,
+	   sum(c.cached_prompt_tokens) AS cached_prompt_tokens,
+	   sum(c.completion_tokens) AS completion_tokens,
+	   CASE WHEN pg_catalog.bool_and(c.cost_usd IS NOT NULL)
+			THEN pg_catalog.round(sum(c.cost_usd), 6) END AS cost_usd,
+	   count(*) FILTER (WHERE c.cost_usd IS NULL) AS unpriced_attempts,
+	   pg_catalog.round(sum(c.cost_usd), 6) AS priced_cost_usd
+FROM fw_tier.calls c
+GROUP BY 1, 2, 3, 4;
+
 -- ---------------------------------------------------------------------
 -- Section N: issue 14, continuous enrichment
 -- ---------------------------------------------------------------------

@@ -177,32 +177,16 @@ ok( wait_for($central, 'central',
 	'central has every row of both publishers');
 
 # per origin: the publishers' own identities, exact counts
-my $has_origin = $central->safe_psql('central',
-	"SELECT count(*) FROM pg_attribute WHERE attrelid = 'fw_tier.calls'::regclass AND attname = 'origin_sysid'");
+my %sysid;
 for my $name ('app1', 'app2')
 {
-	is($central->safe_psql('central', "SELECT count(*) FROM fw_tier.calls WHERE database = '$name'"),
-		$n{$name}, "central: $n{$name} rows made in $name");
-	if ($has_origin)
-	{
-		my $sysid = $pub{$name}->safe_psql($name, 'SELECT system_identifier FROM pg_control_system()');
-		is($central->safe_psql('central',
-				"SELECT count(*) FROM fw_tier.calls WHERE origin_sysid = $sysid"),
-			$n{$name}, "central: $n{$name} rows of ${name}'s system identifier");
-	}
-}
-SKIP:
-{
-	# Without issue 11's origin columns the key is (call_id, attempt):
-	# this test then relies on call ids that cannot collide (each server's
-	# ids start at its start time in microseconds, and app2 started after
-	# app1 had issued all of its ids... only as long as that holds).
-	skip 'fw_tier.calls has the origin columns', 1 if $has_origin;
+	$sysid{$name} = $pub{$name}->safe_psql($name, 'SELECT system_identifier FROM pg_control_system()');
 	is($central->safe_psql('central',
-			"SELECT count(*) FROM (SELECT call_id FROM fw_tier.calls GROUP BY call_id"
-			  . " HAVING count(DISTINCT database) > 1) x"),
-		'0', 'NO ORIGIN KEY: the two publishers\' call ids do not collide');
+			"SELECT origin_node, count(*), count(*) FILTER (WHERE database = '$name')"
+			  . " FROM fw_tier.calls WHERE origin_sysid = $sysid{$name} GROUP BY 1"),
+		"$name|$n{$name}|$n{$name}", "central: $n{$name} rows of ${name}'s origin (system identifier, node name)");
 }
+isnt($sysid{app1}, $sysid{app2}, 'the two publishers are two origins');
 
 # ---- the views over the union: the sums of the publishers' own ----------
 sub view_rows
@@ -293,6 +277,20 @@ is($central->safe_psql('central', 'SELECT count(*) FROM fw_tier.calls'),
 is($central->safe_psql('central',
 		"SELECT count(*) FROM pg_stat_subscription WHERE subname LIKE 'fw_calls_%' AND pid IS NOT NULL"),
 	'2', 'both subscriptions still streaming');
+
+# ---- a call id of another origin is another call ------------------------
+# A third server's call may have the same call_id as one of app1's: the key
+# and spend_daily tell them apart by origin.
+my $q_calls = q{SELECT sum(calls) FROM fw_tier.spend_daily WHERE workload = 'chat'};
+my $before = $central->safe_psql('central', $q_calls);
+$central->safe_psql('central', q{
+INSERT INTO fw_tier.calls (origin_sysid, origin_node, call_id, attempt, started_at, database,
+		username, workload, path, model, outcome, cost_usd)
+SELECT 42, 'app3', call_id, attempt, started_at, 'app3', username, workload, path, model, outcome, cost_usd
+  FROM fw_tier.calls WHERE database = 'app1' AND workload = 'chat' ORDER BY call_id, attempt LIMIT 1;
+});
+is($central->safe_psql('central', $q_calls), $before + 1,
+	'spend_daily counts a call of another origin with an equal call_id as one more call');
 
 # ---- why BYPASSRLS: without it the initial copy is silently empty -------
 $pub{app2}->safe_psql('app2', q{
