@@ -34,59 +34,51 @@ work=$(mktemp -d /tmp/fw_tier-fleet.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cc -O2 -Wall -o "$work/fleetsim" bench/fleet/fleetsim.c -lm
 
-# mean FIELD over the seeds of one configuration
-cell() {
-	local field=$1
-	shift
+# the means over the seeds of one configuration: shed per spike, cost
+# ratio, a never-escalating fleet's shed per spike
+means() {
 	local s
 	for s in $(seq 1 "$SEEDS"); do
 		timeout 120 "$work/fleetsim" --seed "$s" "$@"
-	done | awk -v f="$field" '{
-		for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == f) { sum += kv[2]; n++ } }
-	} END { if (f == "cost_ratio") printf "%.3f", sum / n; else printf "%.1f", sum / n }'
+	done | awk '{
+		for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] += kv[2] } n++
+	} END { printf "%.1f %.3f %.1f\n", v["shed_per_spike"] / n, v["cost_ratio"] / n, v["shed_never_per_spike"] / n }'
 }
 
-echo "| trace | load | N | calls/s per server | never | fixed, local | fixed, shared (poll ${POLL} s) | fixed, shared (poll ${POLL_SLOW} s) | probe, local | probe, shared (poll ${POLL} s) |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+# the per-server rate of a load and N
+rate_of() {
+	if [ "$1" = split ]; then
+		awk -v t="$TOTAL" -v n="$2" 'BEGIN { printf "%g", t / n }'
+	else
+		echo "$EACH"
+	fi
+}
+
+shed_rows=""
+cost_rows=""
 for t in $TRACES; do
 	tr=bench/economics/traces/$t.sched
 	for load in split each; do
 		for n in $SERVERS; do
-			if [ "$load" = split ]; then
-				r=$(awk -v t="$TOTAL" -v n="$n" 'BEGIN { printf "%g", t / n }')
-			else
-				r=$EACH
-			fi
+			r=$(rate_of "$load" "$n")
 			base=(--trace "$tr" --servers "$n" --rate "$r")
-			never=$(cell shed_never_per_spike "${base[@]}")
-			fl=$(cell shed_per_spike "${base[@]}" --policy fixed --signal local)
-			fs=$(cell shed_per_spike "${base[@]}" --policy fixed --signal shared --poll "$POLL")
-			fs2=$(cell shed_per_spike "${base[@]}" --policy fixed --signal shared --poll "$POLL_SLOW")
-			pl=$(cell shed_per_spike "${base[@]}" --policy probe --signal local)
-			ps=$(cell shed_per_spike "${base[@]}" --policy probe --signal shared --poll "$POLL")
-			echo "| $t | $load | $n | $r | $never | $fl | $fs | $fs2 | $pl | $ps |"
+			read -r fl fl_c never < <(means "${base[@]}" --policy fixed --signal local)
+			read -r fs fs_c _ < <(means "${base[@]}" --policy fixed --signal shared --poll "$POLL")
+			read -r fs2 _ _ < <(means "${base[@]}" --policy fixed --signal shared --poll "$POLL_SLOW")
+			read -r pl pl_c _ < <(means "${base[@]}" --policy probe --signal local)
+			read -r ps ps_c _ < <(means "${base[@]}" --policy probe --signal shared --poll "$POLL")
+			shed_rows+="| $t | $load | $n | $r | $never | $fl | $fs | $fs2 | $pl | $ps |"$'\n'
+			cost_rows+="| $t | $load | $n | $fl_c | $fs_c | $pl_c | $ps_c |"$'\n'
 		done
 	done
 done
+
+echo "| trace | load | N | calls/s per server | never | fixed, local | fixed, shared (poll ${POLL} s) | fixed, shared (poll ${POLL_SLOW} s) | probe, local | probe, shared (poll ${POLL} s) |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+printf '%s' "$shed_rows"
 echo
 echo "Cost per call (Standard 1, Priority 1.5; shed attempts free), same runs:"
 echo
 echo "| trace | load | N | fixed, local | fixed, shared | probe, local | probe, shared |"
 echo "|---|---|---|---|---|---|---|"
-for t in $TRACES; do
-	tr=bench/economics/traces/$t.sched
-	for load in split each; do
-		for n in $SERVERS; do
-			if [ "$load" = split ]; then
-				r=$(awk -v t="$TOTAL" -v n="$n" 'BEGIN { printf "%g", t / n }')
-			else
-				r=$EACH
-			fi
-			base=(--trace "$tr" --servers "$n" --rate "$r")
-			echo "| $t | $load | $n | $(cell cost_ratio "${base[@]}" --policy fixed --signal local) |" \
-				"$(cell cost_ratio "${base[@]}" --policy fixed --signal shared --poll "$POLL") |" \
-				"$(cell cost_ratio "${base[@]}" --policy probe --signal local) |" \
-				"$(cell cost_ratio "${base[@]}" --policy probe --signal shared --poll "$POLL") |"
-		done
-	done
-done
+printf '%s' "$cost_rows"
