@@ -100,8 +100,8 @@ typedef struct FwNodeFile
 } FwNodeFile;
 
 /* a name is printable ASCII, 1 to FW_NODELEN - 1 bytes */
-static bool
-fw_node_name_ok(const char *s)
+bool
+fw_origin_name_ok(const char *s)
 {
 	size_t		len = strnlen(s, FW_NODELEN);
 
@@ -118,7 +118,7 @@ fw_node_name_check(char **newval, void **extra, GucSource source)
 {
 	if (*newval == NULL || (*newval)[0] == '\0')
 		return true;
-	if (!fw_node_name_ok(*newval))
+	if (!fw_origin_name_ok(*newval))
 	{
 		GUC_check_errdetail("A node name is 1 to %d bytes of printable ASCII.",
 							FW_NODELEN - 1);
@@ -190,7 +190,7 @@ fw_node_parse(char *text, FwNodeFile *nf)
 		*eq++ = '\0';
 		if (strcmp(line, "node_id") == 0)
 		{
-			if (!fw_node_name_ok(eq))
+			if (!fw_origin_name_ok(eq))
 				return false;
 			strlcpy(nf->id, eq, sizeof(nf->id));
 			have_id = true;
@@ -404,7 +404,7 @@ fw_origin_startup(void)
 
 	if (fw_node_name_guc && fw_node_name_guc[0])
 		strlcpy(fw_node, fw_node_name_guc, sizeof(fw_node));
-	else if (cluster_name && cluster_name[0] && fw_node_name_ok(cluster_name))
+	else if (cluster_name && cluster_name[0] && fw_origin_name_ok(cluster_name))
 		strlcpy(fw_node, cluster_name, sizeof(fw_node));
 	else
 		strlcpy(fw_node, here.id, sizeof(fw_node));
@@ -425,9 +425,9 @@ fw_origin_node_name(void)
 		const char *guc = GetConfigOption("fw_tier.node_name", true, false);
 		FwNodeFile nf;
 
-		if (guc && fw_node_name_ok(guc))
+		if (guc && fw_origin_name_ok(guc))
 			strlcpy(fw_node, guc, sizeof(fw_node));
-		else if (cluster_name && cluster_name[0] && fw_node_name_ok(cluster_name))
+		else if (cluster_name && cluster_name[0] && fw_origin_name_ok(cluster_name))
 			strlcpy(fw_node, cluster_name, sizeof(fw_node));
 		else if (fw_node_read(&nf) == 1)
 			strlcpy(fw_node, nf.id, sizeof(fw_node));

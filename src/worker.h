@@ -15,6 +15,7 @@
 #define FW_WORKER_H
 
 #include "fw_tier.h"
+#include "postmaster/bgworker.h"
 
 #define FW_BATCH_MAX		1000	/* records per transaction */
 #define FW_RETRY_MAX_MS		10000	/* longest pause after a failed batch */
@@ -32,6 +33,12 @@
 extern void fw_worker_pin_search_path(void);
 extern bool fw_database_busy(Oid dboid);
 extern long fw_ms_until(TimestampTz deadline, TimestampTz now);
+extern void fw_worker_describe(BackgroundWorker *worker, const char *function,
+							   const char *name, int restart_time, pid_t notify_pid);
+
+/* shipper.c: the launcher's part on a standby (issue 11) */
+extern TimestampTz fw_shipper_launch(BackgroundWorkerHandle **handle,
+									 TimestampTz now);
 
 /* winsync.c: mirror the windows (and restore them at start), flusher only */
 extern TimestampTz fw_winsync_windows(bool at_start, int *nsynced);

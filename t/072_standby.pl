@@ -5,7 +5,14 @@
 # across a restart; a standby made by pg_basebackup is told from its
 # primary (same system identifier, its own node name and a new node id) and
 # removes the ring, intents and spill it copied instead of logging the
-# primary's records again.
+# primary's records again; N calls on the standby give N rows on the
+# primary with the standby's origin (fw_flush() there waits for them to be
+# replayed back); with the primary stopped the standby's calls answer
+# without blocking, log_status says why the records wait, a call and
+# fw_flush() are cancelled at once; the primary started again: still one
+# row per attempt; fw_tier.ingest_calls is granted to nobody and refuses
+# garbage, a bad node name and the primary's own identity; record mode
+# refuses on a standby.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -80,6 +87,92 @@ is($standby->safe_psql('fwdb', 'SELECT origin_sysid, origin_node FROM fw_tier.lo
 	"$sysid|standby", 'same system identifier, its own node name');
 is($standby->safe_psql('fwdb', 'SELECT records_pushed, bytes_used FROM fw_tier.log_status'),
 	'0|0', 'the copied ring is not the standby\'s: removed, not logged again');
+
+
+# ---- N calls on the standby: N rows on the primary, with its origin -----
+sub standby_rows
+{
+	my ($where) = @_;
+	return $primary->safe_psql('fwdb', qq{
+	SELECT count(*), count(DISTINCT (call_id, attempt)),
+		   count(*) FILTER (WHERE origin_sysid = $sysid AND origin_node = 'standby')
+	  FROM fw_tier.calls WHERE $where});
+}
+$primary->safe_psql('fwdb', q{ALTER SYSTEM SET fw_tier.log_content = on});
+$primary->reload;
+$standby->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.log_content = on});
+$standby->reload;
+my $n = 40;
+$standby->safe_psql('fwdb', qq{SELECT count(fw_complete('s ' || g)) FROM generate_series(1, $n) g});
+$standby->safe_psql('fwdb', q{SET statement_timeout = '60s'; SELECT fw_flush()});
+is(standby_rows(q{prompt LIKE 's %'}), "$n|$n|$n", "$n calls on the standby: $n rows on the primary, with the standby's origin");
+is($standby->safe_psql('fwdb', q{SELECT count(*) FROM fw_tier.calls WHERE origin_node = 'standby'}),
+	$n, 'fw_flush() on the standby returns once the rows are replayed there too');
+is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used, records_pushed = records_flushed FROM fw_tier.log_status'),
+	'standby|0|t', "log_status: 'standby', the ring empty, every record shipped");
+ok($primary->safe_psql('fwdb', q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fw_tier shipper'}) >= 1,
+	'the shipper is connected to the primary');
+
+# ---- the primary down: calls answer, records wait, cancel works ----------
+$primary->stop;
+my $t0 = time();
+my ($ret, $out, $err) = $standby->psql('fwdb',
+	"SET statement_timeout = '60s'; SELECT count(fw_complete('down ' || g)) FROM generate_series(1, 30) g");
+my $elapsed = time() - $t0;
+is($ret, 0, '30 calls on the standby with the primary down') or diag $err;
+cmp_ok($elapsed, '<', 20, sprintf('without blocking on the log (%.1f s)', $elapsed));
+ok( $standby->poll_query_until('fwdb',
+		q{SELECT drain_state LIKE 'standby: %' AND bytes_used + spill_bytes > 0 FROM fw_tier.log_status}),
+	'log_status says why the records wait, and that they do');
+diag $standby->safe_psql('fwdb', 'SELECT drain_state FROM fw_tier.log_status');
+
+$sim->rule(fault => 'slow', ms => 20000, count => 1);
+$t0 = time();
+($ret, $out, $err) = $standby->psql('fwdb',
+	"SET statement_timeout = '500ms'; SELECT fw_complete('cancelled call')");
+$elapsed = time() - $t0;
+like($err, qr/canceling statement due to statement timeout/, 'a standby call is cancelled while the primary is down');
+cmp_ok($elapsed, '<', 10, sprintf('at once (%.1f s)', $elapsed));
+$t0 = time();
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '500ms'; SELECT fw_flush()");
+$elapsed = time() - $t0;
+like($err, qr/canceling statement due to statement timeout/, 'fw_flush() waits for the primary, and is cancelled');
+cmp_ok($elapsed, '<', 10, sprintf('at once (%.1f s)', $elapsed));
+$sim->reset;
+
+# ---- the primary back: still exactly once ---------------------------------
+$primary->start;
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '90s'; SELECT fw_flush()");
+is($ret, 0, 'fw_flush() on the standby returns once the primary is back') or diag $err;
+is(standby_rows(q{prompt LIKE 'down %' OR prompt = 'cancelled call'}), '31|31|31', 'the 30 calls and the cancelled one: one row each, no duplicate');
+is( $primary->safe_psql('fwdb', q{
+	SELECT count(*), count(DISTINCT (origin_sysid, origin_node, call_id, attempt))
+	  FROM fw_tier.calls WHERE origin_node = 'standby'}),
+	($n + 31) . '|' . ($n + 31), "still $n + 31 rows of the standby, none twice");
+
+# ---- the ingest function: privileges and checks ---------------------------
+$primary->safe_psql('fwdb', 'CREATE ROLE shipper LOGIN; CREATE ROLE other LOGIN');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SET ROLE other; SELECT fw_tier.ingest_calls(1, 'x', '\\x00')");
+like($err, qr/permission denied for function ingest_calls/, 'EXECUTE is granted to nobody by default');
+$primary->safe_psql('fwdb', 'GRANT EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) TO shipper');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SET ROLE shipper; SELECT fw_tier.ingest_calls(1, 'x', '\\x00010203')");
+like($err, qr/ERROR:  fw_tier.ingest_calls: the batch is not valid/, 'a grantee may call it; garbage is refused');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"\\set VERBOSITY verbose\nSELECT fw_tier.ingest_calls(1, 'x', pg_catalog.decode(repeat('00', 16), 'hex'))");
+like($err, qr/22P03.*magic number/s, 'a batch without the magic number: 22P03, said why');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SELECT fw_tier.ingest_calls(o.origin_sysid, o.origin_node, '\\x00') FROM fw_tier.local_origin() o");
+like($err, qr/is this server's own identity/, "the primary's own origin is refused");
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SELECT fw_tier.ingest_calls(1, E'a\\nb', '\\x00')");
+like($err, qr/not printable ASCII/, 'a node name with a newline is refused');
+
+# ---- record mode refuses on a standby --------------------------------------
+($ret, $out, $err) = $standby->psql('fwdb',
+	"\\set VERBOSITY verbose\nSET fw_tier.mode = 'record'; SELECT fw_complete('rec')");
+like($err, qr/25006.*cannot record fixtures on a standby/s, "record mode on a standby: 25006, before anything is sent");
 
 $standby->stop;
 $primary->stop;
