@@ -252,6 +252,13 @@ fw_launcher_database_state(void)
 	return FW_DB_OK;
 }
 
+/* issue 11: may a shipper connect to fw_tier.database?  (shipper.c) */
+bool
+fw_launcher_database_ok(void)
+{
+	return fw_launcher_database_state() == FW_DB_OK;
+}
+
 /* Launcher: say once why no flusher can run, and once when it can again. */
 static void
 fw_launcher_report(FwDbState state, FwDbState *reported)

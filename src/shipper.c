@@ -58,6 +58,12 @@
  * count (1 to FW_BATCH_MAX), the total size, and the origin (a valid node
  * name; never this server's own identity, whose keys its flusher uses).
  *
+ * The shipper is connected to fw_tier.database (read-only there, in
+ * recovery) for one more job of the flusher's: a budget's spend rebuilt
+ * from fw_tier.calls (spend.c).  The shipped rows come back by
+ * replication before the tail moves, so "the records before the slot
+ * have landed" means the same on a standby.
+ *
  * Locking: no LWLock of its own; the ring and spill functions take
  * ring_lock inside.  fw_shared->flusher_latch names the shipper while it
  * runs (the launcher passes wakeups on), worker_pid too.
@@ -90,6 +96,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "spend.h"
 #include "worker.h"
 
 #define FW_SHIP_MAGIC			0x46575348	/* "FWSH" */
@@ -278,9 +285,20 @@ fw_shipper_launch(BackgroundWorkerHandle **handle, TimestampTz now)
 		return 0;				/* promoted: the flusher's turn */
 
 	pg_atomic_write_u32(&fw_shared->worker_pid, (uint32) MyProcPid);
-	if (fw_calllog_pending() || fw_spill_pending())
+	if (fw_calllog_pending() || fw_spill_pending() || fw_spend_worker_pending())
 	{
 		BackgroundWorker worker;
+
+		if (!fw_launcher_database_ok())
+		{
+			char		state[FW_ERRLEN];
+
+			snprintf(state, sizeof(state),
+					 "standby: database \"%s\" cannot be connected to (fw_tier.database)",
+					 fw_database);
+			fw_set_drain_state(state);
+			return now + (int64) 1000 * 1000;
+		}
 
 		fw_worker_describe(&worker, "fw_shipper_main", "fw_tier shipper",
 						   BGW_NEVER_RESTART, MyProcPid);
@@ -740,6 +758,9 @@ fw_shipper_main(Datum main_arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
+	/* the budgets' restore reads fw_tier.calls here (spend.c) */
+	BackgroundWorkerInitializeConnection(fw_database, NULL, 0);
+	fw_worker_pin_search_path();
 
 	fw_ship_cxt = AllocSetContextCreate(TopMemoryContext, "fw_tier shipper",
 										ALLOCSET_DEFAULT_SIZES);
@@ -775,6 +796,35 @@ fw_shipper_main(Datum main_arg)
 		/* issue 18: attempts whose owner exited without its callbacks */
 		fw_intents_reap();
 		fw_calllog_sync(false);
+
+		/*
+		 * Budgets (spend.c): a slot's spend is rebuilt from fw_tier.calls
+		 * once the records before it are shipped and replayed here.
+		 */
+		if (fw_spend_worker_pending())
+		{
+			idle_since = GetCurrentTimestamp();
+			PG_TRY();
+			{
+				fw_spend_worker_run();
+			}
+			PG_CATCH();
+			{
+				ErrorData  *edata;
+
+				MemoryContextSwitchTo(fw_ship_cxt);
+				edata = CopyErrorData();
+				FlushErrorState();
+				AbortCurrentTransaction();
+				ereport(WARNING,
+						(errcode(edata->sqlerrcode),
+						 errmsg("fw_tier shipper: could not restore budgets from fw_tier.calls: %s",
+								edata->message ? edata->message : "")));
+				FreeErrorData(edata);
+			}
+			PG_END_TRY();
+			MemoryContextSwitchTo(fw_ship_cxt);
+		}
 
 		now = GetCurrentTimestamp();
 		pending = fw_calllog_pending() || fw_spill_pending();

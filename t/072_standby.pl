@@ -11,7 +11,9 @@
 # without blocking, log_status says why the records wait, a call and
 # fw_flush() are cancelled at once; the primary started again: still one
 # row per attempt; fw_tier.ingest_calls is granted to nobody and refuses
-# garbage, a bad node name and the primary's own identity; record mode
+# garbage, a bad node name and the primary's own identity; a batch the
+# primary committed whose answer the shipper never got is sent again and
+# written once; a budget's spend is restored on the standby; record mode
 # refuses on a standby.
 use strict;
 use warnings;
@@ -89,6 +91,8 @@ is($standby->safe_psql('fwdb', 'SELECT records_pushed, bytes_used FROM fw_tier.l
 	'0|0', 'the copied ring is not the standby\'s: removed, not logged again');
 
 
+my ($t0, $elapsed, $ret, $out, $err);
+
 # ---- N calls on the standby: N rows on the primary, with its origin -----
 sub standby_rows
 {
@@ -113,12 +117,24 @@ is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used, records_pushed =
 ok($primary->safe_psql('fwdb', q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fw_tier shipper'}) >= 1,
 	'the shipper is connected to the primary');
 
+# ---- a budget on the standby: its spend is restored there ----------------
+$primary->safe_psql('fwdb', q{
+SELECT fw_tier.set_price('accounts/fireworks/models/kimi-k2p6', 'standard', 1, 0.5, 2);
+INSERT INTO fw_tier.workloads (workload) VALUES ('sbw');
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('sb', 'sbw', 'day', 100)});
+$primary->wait_for_catchup($standby);
+$t0 = time();
+is($standby->safe_psql('fwdb', q{SET statement_timeout = '60s'; SELECT fw_complete('budget call', 'sbw')}),
+	'Echo: budget call', 'a call under a budget on the standby is answered');
+$elapsed = time() - $t0;
+cmp_ok($elapsed, '<', 20, sprintf('its spend restored on the standby, not refused after a wait (%.1f s)', $elapsed));
+
 # ---- the primary down: calls answer, records wait, cancel works ----------
 $primary->stop;
-my $t0 = time();
-my ($ret, $out, $err) = $standby->psql('fwdb',
+$t0 = time();
+($ret, $out, $err) = $standby->psql('fwdb',
 	"SET statement_timeout = '60s'; SELECT count(fw_complete('down ' || g)) FROM generate_series(1, 30) g");
-my $elapsed = time() - $t0;
+$elapsed = time() - $t0;
 is($ret, 0, '30 calls on the standby with the primary down') or diag $err;
 cmp_ok($elapsed, '<', 20, sprintf('without blocking on the log (%.1f s)', $elapsed));
 ok( $standby->poll_query_until('fwdb',
@@ -148,14 +164,54 @@ is(standby_rows(q{prompt LIKE 'down %' OR prompt = 'cancelled call'}), '31|31|31
 is( $primary->safe_psql('fwdb', q{
 	SELECT count(*), count(DISTINCT (origin_sysid, origin_node, call_id, attempt))
 	  FROM fw_tier.calls WHERE origin_node = 'standby'}),
-	($n + 31) . '|' . ($n + 31), "still $n + 31 rows of the standby, none twice");
+	($n + 32) . '|' . ($n + 32), "still $n + 32 rows of the standby (the budget call too), none twice");
+
+# ---- committed, but the answer lost: sent again, written once -------------
+# The shipper logs in as a role granted EXECUTE on fw_tier.ingest_calls;
+# pg_current_wal_insert_lsn() is taken from PUBLIC, so each batch commits
+# on the primary and the shipper never learns where: it keeps the records
+# and sends them again, and again, until the LSN can be read.
+$primary->safe_psql('fwdb', q{
+CREATE ROLE shipper LOGIN;
+GRANT EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) TO shipper});
+$primary->wait_for_catchup($standby);
+$standby->append_conf('postgresql.conf',
+	"fw_tier.log_conninfo = 'host=" . $primary->host . ' port=' . $primary->port
+	  . " dbname=fwdb user=shipper'");
+$standby->reload;
+# once the shipper has taken the new setting, it ships as that role
+my $as_shipper = 0;
+for my $try (1 .. 20)
+{
+	$standby->safe_psql('fwdb', qq{SELECT fw_complete('as shipper $try'); SET statement_timeout = '60s'; SELECT fw_flush()});
+	$as_shipper = $primary->safe_psql('fwdb',
+		q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fw_tier shipper' AND usename = 'shipper'});
+	last if $as_shipper;
+	usleep(200_000);
+}
+is($as_shipper, 1, 'the shipper logs in as fw_tier.log_conninfo says, a role granted EXECUTE');
+$primary->safe_psql('fwdb', 'REVOKE EXECUTE ON FUNCTION pg_catalog.pg_current_wal_insert_lsn() FROM PUBLIC');
+$standby->safe_psql('fwdb', q{SELECT count(fw_complete('noack ' || g)) FROM generate_series(1, 20) g});
+ok( $primary->poll_query_until('fwdb', q{SELECT count(*) = 20 FROM fw_tier.calls WHERE prompt LIKE 'noack %'}),
+	'the batch is committed on the primary by the granted role');
+ok( $standby->poll_query_until('fwdb',
+		q{SELECT drain_state LIKE '%WAL position%permission denied%' FROM fw_tier.log_status}, 't'),
+	'the shipper cannot read the commit position: log_status says so');
+sleep(2);	# a few resends (back-off 0.1 s, 0.2 s, ...)
+is($standby->safe_psql('fwdb', q{SELECT bytes_used > 0 FROM fw_tier.log_status}), 't',
+	'the records stay in the standby\'s ring meanwhile');
+$primary->safe_psql('fwdb', 'GRANT EXECUTE ON FUNCTION pg_catalog.pg_current_wal_insert_lsn() TO PUBLIC');
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '60s'; SELECT fw_flush()");
+is($ret, 0, 'then shipped') or diag $err;
+is(standby_rows(q{prompt LIKE 'noack %'}), '20|20|20', 'sent several times, each row written once');
+is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used FROM fw_tier.log_status'), 'standby|0',
+	'the ring is empty, the state ok again');
 
 # ---- the ingest function: privileges and checks ---------------------------
-$primary->safe_psql('fwdb', 'CREATE ROLE shipper LOGIN; CREATE ROLE other LOGIN');
+$primary->safe_psql('fwdb', 'CREATE ROLE other LOGIN');
 ($ret, $out, $err) = $primary->psql('fwdb',
 	"SET ROLE other; SELECT fw_tier.ingest_calls(1, 'x', '\\x00')");
 like($err, qr/permission denied for function ingest_calls/, 'EXECUTE is granted to nobody by default');
-$primary->safe_psql('fwdb', 'GRANT EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) TO shipper');
 ($ret, $out, $err) = $primary->psql('fwdb',
 	"SET ROLE shipper; SELECT fw_tier.ingest_calls(1, 'x', '\\x00010203')");
 like($err, qr/ERROR:  fw_tier.ingest_calls: the batch is not valid/, 'a grantee may call it; garbage is refused');
