@@ -39,10 +39,13 @@
  *	  told apart.  A restart, a reboot or a port change keep all four;
  *	  moving the data directory or renaming the host count as a copy
  *	  (stop the server cleanly first: its final flush drains the log);
- *	- no file: a new server, or one that ran fw_tier 0.3 or older.  It
- *	  gets an id; the call log is kept, unless standby.signal is there:
- *	  a standby with no node file is a base backup of a server that had
- *	  none, so its call log is the origin's.
+ *	- a backup_label file (the first start of a base backup: the startup
+ *	  process renames it as soon as it reads it, after this hook): a copy,
+ *	  whatever the node file says (a base backup of a server that ran
+ *	  fw_tier 0.3 has none);
+ *	- no file (and no backup_label): a new server, or one that ran fw_tier
+ *	  0.3 or older, a standby included.  It gets an id; its call log is
+ *	  kept.
  *	- a damaged file: a new id, the call log kept (the damage says
  *	  nothing about whose records they are), with a LOG.
  * The file is written as a whole and renamed into place (durable_rename).
@@ -346,6 +349,7 @@ fw_origin_startup(void)
 	int			st;
 	bool		copy = false;
 	const char *why = NULL;
+	struct stat sst;
 
 	if (IsUnderPostmaster || fw_node_known)
 		return;
@@ -357,31 +361,24 @@ fw_origin_startup(void)
 
 	fw_node_here(&here);
 	st = fw_node_read(&found);
-	if (st == 1)
+	if (stat(BACKUP_LABEL_FILE, &sst) == 0)
+	{
+		copy = true;
+		why = "The data directory starts from a base backup (backup_label)";
+	}
+	else if (st == 1)
 	{
 		if (found.sysid != here.sysid)
-			why = "its system identifier differs";
+			why = "The node file was written by a server of another system identifier";
 		else if (strcmp(found.datadir, here.datadir) != 0)
-			why = "its data directory differs";
+			why = "The node file was written in another data directory";
 		else if (strcmp(found.host, here.host) != 0)
-			why = "its host name differs";
+			why = "The node file was written on another host";
 		else if (found.inode != here.inode)
-			why = "its data directory is another directory of the same name";
+			why = "The node file was written in another directory of the same name";
 		copy = (why != NULL);
-		if (!copy)
-			strlcpy(here.id, found.id, sizeof(here.id));
 	}
-	else if (st == 0)
-	{
-		struct stat sst;
-
-		if (stat(STANDBY_SIGNAL_FILE, &sst) == 0)
-		{
-			copy = true;
-			why = "there is none and this server starts as a standby";
-		}
-	}
-	else
+	else if (st == -1)
 		ereport(LOG,
 				(errmsg("fw_tier: the node file \"%s\" is damaged; this server gets a new node id",
 						FW_NODE_FILE)));
@@ -393,10 +390,12 @@ fw_origin_startup(void)
 		ereport(LOG,
 				(errmsg("fw_tier: this data directory is a copy of another server's; it gets a new node id and the %d call-log files copied with it are removed",
 						removed),
-				 errdetail("The node file \"%s\" was written elsewhere: %s.  The records in the copied ring, intents and spill belong to the server they were copied from, which logs them itself.",
-						   FW_NODE_FILE, why)));
+				 errdetail("%s.  The records in the copied ring, intents and spill belong to the server they were copied from, which logs them itself.",
+						   why)));
 	}
-	if (st != 1 || copy)
+	if (st == 1 && !copy)
+		strlcpy(here.id, found.id, sizeof(here.id));
+	else
 	{
 		fw_node_generate(here.id);
 		fw_node_write(&here);
