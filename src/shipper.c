@@ -389,7 +389,8 @@ fw_ship_wait_socket(int io, TimestampTz deadline)
 		int			rc;
 
 		CHECK_FOR_INTERRUPTS();
-		if (ShutdownRequestPending || !RecoveryInProgress() || now >= deadline)
+		if (ShutdownRequestPending || !RecoveryInProgress() || now >= deadline ||
+			PQsocket(fw_conn) < 0)
 			return false;
 		rc = WaitLatchOrSocket(MyLatch,
 							   WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH | io,
