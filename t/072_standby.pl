@@ -13,8 +13,9 @@
 # row per attempt; fw_tier.ingest_calls is granted to nobody and refuses
 # garbage, a bad node name and the primary's own identity; a batch the
 # primary committed whose answer the shipper never got is sent again and
-# written once; a budget's spend is restored on the standby; record mode
-# refuses on a standby.
+# written once; the shipper killed mid-stream (the standby's crash-restart)
+# writes nothing twice; a budget's spend is restored on the standby;
+# record mode refuses on a standby.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -80,6 +81,7 @@ is($primary->safe_psql('fwdb', 'SELECT count(*) FROM fw_tier.calls'), '12',
 
 my $standby = PostgreSQL::Test::Cluster->new('standby');
 $standby->init_from_backup($primary, 'bk', has_streaming => 1);
+$standby->append_conf('postgresql.conf', 'restart_after_crash = on');
 $standby->start;
 $primary->wait_for_catchup($standby);
 ok($standby->log_contains(qr/this data directory is a copy of another server's/),
@@ -206,6 +208,33 @@ is($ret, 0, 'then shipped') or diag $err;
 is(standby_rows(q{prompt LIKE 'noack %'}), '20|20|20', 'sent several times, each row written once');
 is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used FROM fw_tier.log_status'), 'standby|0',
 	'the ring is empty, the state ok again');
+
+# ---- the shipper killed mid-stream: the standby's crash-restart ----------
+# records pushed while the shipper ships; kill -9 it (the standby's
+# postmaster restarts every process, the ring file survives): shipped
+# again, once each
+my $bgk = $standby->background_psql('fwdb', on_error_stop => 0);
+$bgk->query_until(qr/started/, q{
+\echo started
+SELECT count(fw_complete('kill [fwsim:slow=5] ' || g)) FROM generate_series(1, 200) g;
+});
+ok( $primary->poll_query_until('fwdb', q{SELECT count(*) >= 10 FROM fw_tier.calls WHERE prompt LIKE 'kill %'}),
+	'the standby ships while the client calls');
+my $spid = $standby->safe_psql('fwdb', q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier shipper'});
+ok($spid && kill('KILL', $spid), 'the shipper is killed mid-stream');
+$bgk->quit;
+ok( $standby->poll_query_until('fwdb', q{SELECT true}, 't'), 'the standby is back after its crash-restart');
+# what the client got before its backend died with the others
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '60s'; SELECT fw_flush()");
+is($ret, 0, 'the rest is shipped after the restart') or diag $err;
+is( $primary->safe_psql('fwdb', q{
+	SELECT count(*) >= 10, count(*) = count(DISTINCT prompt) FROM fw_tier.calls WHERE prompt LIKE 'kill %'}),
+	't|t', 'each call answered before the kill has its row, once (a record sent before the kill is not written again)');
+is( $primary->safe_psql('fwdb', q{
+	SELECT count(*) = count(DISTINCT (origin_sysid, origin_node, call_id, attempt)),
+		   count(*) FILTER (WHERE outcome = 'unknown') <= 1
+	  FROM fw_tier.calls WHERE origin_node = 'standby'}),
+	't|t', "every row of the standby once; the attempt in flight at the kill logged as 'unknown'");
 
 # ---- the ingest function: privileges and checks ---------------------------
 $primary->safe_psql('fwdb', 'CREATE ROLE other LOGIN');
