@@ -15,7 +15,7 @@
 # primary committed whose answer the shipper never got is sent again and
 # written once; the shipper killed mid-stream (the standby's crash-restart)
 # writes nothing twice; a budget's spend is restored on the standby;
-# record mode refuses on a standby.
+# fw_chat, fw_complete_batch and replay work there; record mode refuses.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -253,6 +253,20 @@ like($err, qr/is this server's own identity/, "the primary's own origin is refus
 ($ret, $out, $err) = $primary->psql('fwdb',
 	"SELECT fw_tier.ingest_calls(1, E'a\\nb', '\\x00')");
 like($err, qr/not printable ASCII/, 'a node name with a newline is refused');
+
+# ---- fw_chat, fw_complete_batch and replay on the standby ------------------
+is( $standby->safe_psql('fwdb',
+		q{SELECT fw_chat('[{"role": "user", "content": "chat on the standby"}]')->'choices'->0->'message'->>'content'}),
+	'Echo: chat on the standby', 'fw_chat on the standby');
+is($standby->safe_psql('fwdb', q{SELECT array_to_string(fw_complete_batch(ARRAY['b1', 'b2', 'b3']), ',')}),
+	'Echo: b1,Echo: b2,Echo: b3', 'fw_complete_batch on the standby');
+$primary->safe_psql('fwdb', q{SET fw_tier.mode = 'record'; SELECT fw_complete('recorded on the primary')});
+$primary->wait_for_catchup($standby);
+$sim->rule(fault => 'unavailable', count => 100);
+is( $standby->safe_psql('fwdb',
+		q{SET fw_tier.mode = 'replay'; SELECT fw_complete('recorded on the primary')}),
+	'Echo: recorded on the primary', 'replay on the standby answers from a fixture recorded on the primary');
+$sim->reset;
 
 # ---- record mode refuses on a standby --------------------------------------
 ($ret, $out, $err) = $standby->psql('fwdb',
