@@ -49,7 +49,8 @@
  * means primary_conninfo with dbname = fw_tier.database.  On the primary
  * the role it logs in as needs EXECUTE on fw_tier.ingest_calls, granted to
  * nobody by default (README "Read replicas").  The search path of the
- * session is emptied first (what the replication clients do).
+ * session is emptied first (what the replication clients do), and its
+ * lock_timeout and statement_timeout set below the shipper's own wait.
  *
  * fw_tier.ingest_calls is a trust boundary: whoever may execute it may
  * write call-log rows, and the bytes it receives are checked as a damaged
@@ -565,7 +566,10 @@ fail:
 	return NULL;
 }
 
-/* after connecting: an empty search path, and a check of whom we reached */
+/*
+ * After connecting: an empty search path, timeouts below ours, and a
+ * check of whom we reached.
+ */
 static bool
 fw_ship_session_setup(void)
 {
@@ -573,9 +577,15 @@ fw_ship_session_setup(void)
 	bool		ok;
 	int64		their_sysid;
 
+	/*
+	 * A lock on fw_tier.calls or a slow primary must not leave a backend
+	 * there working on a batch this side gave up on (FW_SHIP_QUERY_MS)
+	 */
 	res = fw_ship_exec("SELECT pg_catalog.set_config('search_path', '', false),"
 					   " (SELECT system_identifier FROM pg_catalog.pg_control_system()),"
-					   " pg_catalog.pg_is_in_recovery()",
+					   " pg_catalog.pg_is_in_recovery(),"
+					   " pg_catalog.set_config('lock_timeout', '10s', false),"
+					   " pg_catalog.set_config('statement_timeout', '50s', false)",
 					   0, NULL, NULL, NULL, NULL, FW_SHIP_CONNECT_MS);
 	if (res == NULL)
 		return false;
