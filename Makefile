@@ -23,13 +23,17 @@ OBJS = \
 	src/engine.o \
 	src/embed.o \
 	src/sqlfuncs.o \
-	src/origin.o
+	src/origin.o \
+	src/shipper.o
 
 EXTENSION = fw_tier
 DATA = $(wildcard sql/fw_tier--*.sql)
 PGFILEDESC = "fw_tier - Fireworks AI calls from SQL with tier routing"
 
-PG_CPPFLAGS = -I$(srcdir)/src $(shell curl-config --cflags)
+PG_CPPFLAGS = -I$(srcdir)/src -I$(libpq_srcdir) $(shell curl-config --cflags)
+# libpq: a standby ships its call log to the primary (src/shipper.c), as
+# dblink and postgres_fdw link it
+SHLIB_LINK_INTERNAL = $(libpq)
 SHLIB_LINK = $(shell curl-config --libs)
 
 # Regression suite: run against the simulator by test/run-regress.sh, which

@@ -48,6 +48,20 @@ ALTER TABLE fw_tier.calls_dead_letter DROP CONSTRAINT calls_dead_letter_call_id_
 ALTER TABLE fw_tier.calls_dead_letter ADD CONSTRAINT calls_dead_letter_origin_key
 	UNIQUE (origin_sysid, origin_node, call_id, attempt);
 
+-- A standby's call log, shipped by its fw_tier shipper (src/shipper.c):
+-- the records of one batch, checked byte by byte, written like the
+-- flusher's (ON CONFLICT DO NOTHING on the key: a batch sent again adds
+-- nothing).  Returns the rows inserted.  Whoever may execute it may write
+-- call-log rows of any origin but this server's: EXECUTE is granted to
+-- nobody; a superuser, or the role fw_tier.log_conninfo logs in as once a
+-- superuser ran GRANT EXECUTE (README "Read replicas").
+CREATE FUNCTION fw_tier.ingest_calls(origin_sysid bigint, origin_node text, records bytea)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'fw_tier_ingest_calls'
+LANGUAGE C VOLATILE STRICT SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+REVOKE EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) FROM PUBLIC;
+
 -- (section R, C: central analytics over logical replication)
 -- A call is (origin, call_id): call ids of two servers may be equal, so a
 -- central database that subscribes to many servers' fw_tier.calls (README

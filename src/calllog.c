@@ -374,6 +374,31 @@ fw_rec_to_drained(const char *buf, FwDrainedRecord *out)
 	fw_rec_decode((const FwRingRec *) buf, out);
 }
 
+/*
+ * Issue 11: a drained record framed again as a published ring record
+ * (with its CRC), appended to buf: the standby's shipper sends these, and
+ * fw_tier.ingest_calls checks them with fw_rec_check like the ring's.
+ */
+void
+fw_rec_frame(StringInfo buf, const FwDrainedRecord *d)
+{
+	int			plen = d->prompt ? (int) Min(strlen(d->prompt), FW_CONTENT_MAX) : -1;
+	int			alen = d->answer ? (int) Min(strlen(d->answer), FW_CONTENT_MAX) : -1;
+	uint32		len = FW_REC_ALIGN(sizeof(FwRingRec) + Max(plen, 0) + Max(alen, 0));
+	FwRingRec  *r;
+
+	enlargeStringInfo(buf, len + 8);
+	/* records are 8-byte aligned within the batch; buf->data is MAXALIGNed */
+	while (buf->len % 8 != 0)
+		buf->data[buf->len++] = '\0';
+	r = (FwRingRec *) (buf->data + buf->len);
+	r->len = len;
+	r->state = FW_REC_READY;
+	fw_rec_fill(r, plen, alen, &d->rec, d->prompt, d->answer, d->encoding);
+	buf->len += len;
+	buf->data[buf->len] = '\0';
+}
+
 /* ---- damage in the ring ---- */
 
 /* bytes of [pos, head) readable as one piece from pos (not across the end) */
@@ -1161,11 +1186,12 @@ fw_flush_wait(void)
 
 	if (fw_ring == NULL || fw_shared == NULL)
 		return;
-	if (RecoveryInProgress())
-		ereport(ERROR,
-				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
-				 errmsg("fw_tier: the call log cannot be written during recovery"),
-				 errdetail("Records of calls made on a standby wait in its ring and spill until it is promoted.")));
+	/*
+	 * Issue 11: on a standby the shipper (shipper.c) moves the tail once
+	 * the primary has the rows and this standby has replayed them; while
+	 * the primary cannot be reached this waits, as long as
+	 * statement_timeout lets it (cancel ends it).
+	 */
 
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
 	target = fw_ring->head;

@@ -904,6 +904,9 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 	if (fw_mode != FW_MODE_REPLAY)
 		fw_check_transport_settings(key);
+	/* issue 11: on a standby, record mode could keep nothing */
+	if (fw_mode == FW_MODE_RECORD)
+		fw_fixture_check_writable();
 
 	/*
 	 * The account's budget is the key's, not only the model's: roles with

@@ -34,6 +34,8 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
+
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -200,6 +202,22 @@ typedef struct FwPendingFixture
 
 static List *fw_pending = NIL;
 static bool fw_callbacks_registered = false;
+
+/*
+ * Issue 11: fw_tier.fixtures is read-only on a hot standby.  Record mode
+ * refuses there before anything is sent (else every answer would be paid
+ * for and its fixture dropped with a WARNING); replay works as anywhere.
+ */
+void
+fw_fixture_check_writable(void)
+{
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("fw_tier.mode = 'record' cannot record fixtures on a standby"),
+				 errdetail("fw_tier.fixtures is read-only during recovery; nothing was sent."),
+				 errhint("Record on the primary; on a standby use fw_tier.mode = 'live' or 'replay'.")));
+}
 
 static void
 fw_fixture_write(FwPendingFixture *f)

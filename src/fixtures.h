@@ -14,4 +14,6 @@
 extern FwHttpResult *fw_fixture_replay(FwCall *call);
 extern void fw_fixture_record(FwCall *call, const FwHttpResult *r);
 
+extern void fw_fixture_check_writable(void);	/* issue 11 */
+
 #endif							/* FW_FIXTURES_H */

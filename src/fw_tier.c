@@ -452,6 +452,7 @@ _PG_init(void)
 							PGC_SUSET, 0, NULL, NULL, NULL);
 
 	fw_origin_define_gucs();	/* issue 11: fw_tier.node_name */
+	fw_shipper_define_gucs();	/* issue 11: fw_tier.log_conninfo */
 
 	MarkGUCPrefixReserved("fw_tier");
 

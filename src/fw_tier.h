@@ -442,6 +442,7 @@ extern Size fw_rec_max_size(void);
 extern uint32 fw_rec_len(const char *buf);
 extern const char *fw_rec_check(const char *buf, uint64 avail);
 extern void fw_rec_to_drained(const char *buf, FwDrainedRecord *out);
+extern void fw_rec_frame(StringInfo buf, const FwDrainedRecord *d);	/* issue 11 */
 
 /* ---- spill.c: the call log's overflow in pg_fw_tier/spill.* ---- */
 extern void fw_spill_startup(void);
@@ -461,6 +462,12 @@ extern void fw_origin_define_gucs(void);
 extern void fw_origin_startup(void);
 extern const char *fw_origin_node_name(void);
 extern int64 fw_origin_sysid(void);
+extern bool fw_origin_name_ok(const char *s);
+
+/* ---- shipper.c: a standby's call log to the primary (issue 11) ---- */
+extern char *fw_log_conninfo;
+extern void fw_shipper_define_gucs(void);
+extern PGDLLEXPORT void fw_shipper_main(Datum arg);
 
 /* ---- launcher.c (no database) and flusher.c (fw_tier.database): the workers ---- */
 extern void fw_register_worker(void);

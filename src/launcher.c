@@ -33,9 +33,15 @@
  * is read through fw_calllog_usage() (ring_lock inside), windows through
  * fw_windows_to_sync() (wl_lock inside).
  *
+ * On a hot standby (issue 11) the launcher runs too (it starts at a
+ * consistent state) but starts no flusher: fw_shipper_launch (shipper.c)
+ * starts the "fw_tier shipper" when records wait, and polls for the end
+ * of recovery; once promoted, and the shipper gone, the launcher goes on
+ * as on any primary and its flusher drains what is left.
+ *
  * Called by: the postmaster (fw_register_worker from _PG_init, then
- * fw_launcher_main); fw_worker_pin_search_path, fw_database_busy and
- * fw_ms_until by flusher.c too.
+ * fw_launcher_main); fw_worker_pin_search_path, fw_database_busy,
+ * fw_ms_until and fw_worker_describe by flusher.c and shipper.c too.
  *
  *-------------------------------------------------------------------------
  */
@@ -135,8 +141,11 @@ fw_launcher_set_sigterm(void)
  * _PG_init: the launcher is the only static worker.  It needs a connection
  * to reach pg_database, but to no database in particular.
  */
-/* Both workers: shared memory, a database connection, after recovery. */
-static void
+/*
+ * Both workers: shared memory, a database connection, after recovery.
+ * (The launcher and the shipper also run on a hot standby: issue 11.)
+ */
+void
 fw_worker_describe(BackgroundWorker *worker, const char *function,
 				   const char *name, int restart_time, pid_t notify_pid)
 {
@@ -159,6 +168,8 @@ fw_register_worker(void)
 
 	fw_worker_describe(&worker, "fw_launcher_main", "fw_tier launcher",
 					   FW_LAUNCHER_RESTART_S, 0);
+	/* issue 11: on a hot standby too, where it starts the shipper */
+	worker.bgw_start_time = BgWorkerStart_ConsistentState;
 	RegisterBackgroundWorker(&worker);
 }
 
@@ -241,6 +252,13 @@ fw_launcher_database_state(void)
 	return FW_DB_OK;
 }
 
+/* issue 11: may a shipper connect to fw_tier.database?  (shipper.c) */
+bool
+fw_launcher_database_ok(void)
+{
+	return fw_launcher_database_state() == FW_DB_OK;
+}
+
 /* Launcher: say once why no flusher can run, and once when it can again. */
 static void
 fw_launcher_report(FwDbState state, FwDbState *reported)
@@ -304,6 +322,7 @@ void
 fw_launcher_main(Datum main_arg)
 {
 	BackgroundWorkerHandle *flusher = NULL;
+	BackgroundWorkerHandle *shipper = NULL; /* issue 11: on a standby */
 	FwWindowSync *sync;
 	FwDbState	reported = FW_DB_OK;
 	bool		first_try_done = false;
@@ -374,7 +393,12 @@ fw_launcher_main(Datum main_arg)
 		}
 
 		now = GetCurrentTimestamp();
-		if (running)
+		/* issue 11: a standby ships its log (shipper.c), never flushes */
+		if (flusher == NULL && (shipper != NULL || RecoveryInProgress()))
+			deadline = fw_shipper_launch(&shipper, now);
+		if (deadline != 0)
+			;					/* a standby, or its shipper finishing */
+		else if (running)
 		{
 			/* pass the wakeup on; the flusher's exit wakes us */
 			Latch	   *latch = fw_shared->flusher_latch;
@@ -496,6 +520,11 @@ fw_launcher_main(Datum main_arg)
 		{
 			TerminateBackgroundWorker(flusher);
 			(void) WaitForBackgroundWorkerShutdown(flusher);
+		}
+		if (shipper != NULL)
+		{
+			TerminateBackgroundWorker(shipper);
+			(void) WaitForBackgroundWorkerShutdown(shipper);
 		}
 		ereport(LOG,
 				(errmsg("fw_tier launcher terminated; it restarts in %d s",

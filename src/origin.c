@@ -39,10 +39,13 @@
  *	  told apart.  A restart, a reboot or a port change keep all four;
  *	  moving the data directory or renaming the host count as a copy
  *	  (stop the server cleanly first: its final flush drains the log);
- *	- no file: a new server, or one that ran fw_tier 0.3 or older.  It
- *	  gets an id; the call log is kept, unless standby.signal is there:
- *	  a standby with no node file is a base backup of a server that had
- *	  none, so its call log is the origin's.
+ *	- a backup_label file (the first start of a base backup: the startup
+ *	  process renames it as soon as it reads it, after this hook): a copy,
+ *	  whatever the node file says (a base backup of a server that ran
+ *	  fw_tier 0.3 has none);
+ *	- no file (and no backup_label): a new server, or one that ran fw_tier
+ *	  0.3 or older, a standby included.  It gets an id; its call log is
+ *	  kept.
  *	- a damaged file: a new id, the call log kept (the damage says
  *	  nothing about whose records they are), with a LOG.
  * The file is written as a whole and renamed into place (durable_rename).
@@ -100,8 +103,8 @@ typedef struct FwNodeFile
 } FwNodeFile;
 
 /* a name is printable ASCII, 1 to FW_NODELEN - 1 bytes */
-static bool
-fw_node_name_ok(const char *s)
+bool
+fw_origin_name_ok(const char *s)
 {
 	size_t		len = strnlen(s, FW_NODELEN);
 
@@ -118,7 +121,7 @@ fw_node_name_check(char **newval, void **extra, GucSource source)
 {
 	if (*newval == NULL || (*newval)[0] == '\0')
 		return true;
-	if (!fw_node_name_ok(*newval))
+	if (!fw_origin_name_ok(*newval))
 	{
 		GUC_check_errdetail("A node name is 1 to %d bytes of printable ASCII.",
 							FW_NODELEN - 1);
@@ -190,7 +193,7 @@ fw_node_parse(char *text, FwNodeFile *nf)
 		*eq++ = '\0';
 		if (strcmp(line, "node_id") == 0)
 		{
-			if (!fw_node_name_ok(eq))
+			if (!fw_origin_name_ok(eq))
 				return false;
 			strlcpy(nf->id, eq, sizeof(nf->id));
 			have_id = true;
@@ -346,6 +349,7 @@ fw_origin_startup(void)
 	int			st;
 	bool		copy = false;
 	const char *why = NULL;
+	struct stat sst;
 
 	if (IsUnderPostmaster || fw_node_known)
 		return;
@@ -357,31 +361,24 @@ fw_origin_startup(void)
 
 	fw_node_here(&here);
 	st = fw_node_read(&found);
-	if (st == 1)
+	if (stat(BACKUP_LABEL_FILE, &sst) == 0)
+	{
+		copy = true;
+		why = "The data directory starts from a base backup (backup_label)";
+	}
+	else if (st == 1)
 	{
 		if (found.sysid != here.sysid)
-			why = "its system identifier differs";
+			why = "The node file was written by a server of another system identifier";
 		else if (strcmp(found.datadir, here.datadir) != 0)
-			why = "its data directory differs";
+			why = "The node file was written in another data directory";
 		else if (strcmp(found.host, here.host) != 0)
-			why = "its host name differs";
+			why = "The node file was written on another host";
 		else if (found.inode != here.inode)
-			why = "its data directory is another directory of the same name";
+			why = "The node file was written in another directory of the same name";
 		copy = (why != NULL);
-		if (!copy)
-			strlcpy(here.id, found.id, sizeof(here.id));
 	}
-	else if (st == 0)
-	{
-		struct stat sst;
-
-		if (stat(STANDBY_SIGNAL_FILE, &sst) == 0)
-		{
-			copy = true;
-			why = "there is none and this server starts as a standby";
-		}
-	}
-	else
+	else if (st == -1)
 		ereport(LOG,
 				(errmsg("fw_tier: the node file \"%s\" is damaged; this server gets a new node id",
 						FW_NODE_FILE)));
@@ -393,10 +390,12 @@ fw_origin_startup(void)
 		ereport(LOG,
 				(errmsg("fw_tier: this data directory is a copy of another server's; it gets a new node id and the %d call-log files copied with it are removed",
 						removed),
-				 errdetail("The node file \"%s\" was written elsewhere: %s.  The records in the copied ring, intents and spill belong to the server they were copied from, which logs them itself.",
-						   FW_NODE_FILE, why)));
+				 errdetail("%s.  The records in the copied ring, intents and spill belong to the server they were copied from, which logs them itself.",
+						   why)));
 	}
-	if (st != 1 || copy)
+	if (st == 1 && !copy)
+		strlcpy(here.id, found.id, sizeof(here.id));
+	else
 	{
 		fw_node_generate(here.id);
 		fw_node_write(&here);
@@ -404,7 +403,7 @@ fw_origin_startup(void)
 
 	if (fw_node_name_guc && fw_node_name_guc[0])
 		strlcpy(fw_node, fw_node_name_guc, sizeof(fw_node));
-	else if (cluster_name && cluster_name[0] && fw_node_name_ok(cluster_name))
+	else if (cluster_name && cluster_name[0] && fw_origin_name_ok(cluster_name))
 		strlcpy(fw_node, cluster_name, sizeof(fw_node));
 	else
 		strlcpy(fw_node, here.id, sizeof(fw_node));
@@ -425,9 +424,9 @@ fw_origin_node_name(void)
 		const char *guc = GetConfigOption("fw_tier.node_name", true, false);
 		FwNodeFile nf;
 
-		if (guc && fw_node_name_ok(guc))
+		if (guc && fw_origin_name_ok(guc))
 			strlcpy(fw_node, guc, sizeof(fw_node));
-		else if (cluster_name && cluster_name[0] && fw_node_name_ok(cluster_name))
+		else if (cluster_name && cluster_name[0] && fw_origin_name_ok(cluster_name))
 			strlcpy(fw_node, cluster_name, sizeof(fw_node));
 		else if (fw_node_read(&nf) == 1)
 			strlcpy(fw_node, nf.id, sizeof(fw_node));

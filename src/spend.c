@@ -16,6 +16,11 @@
  * - the restore of a slot's spend from fw_tier.calls, run by the flusher
  *   (the only process that can read the call log of every database), and
  *   the budget alerts (NOTIFY fw_tier_alert), sent by the flusher too.
+ *   Issue 11: the restore counts this server's rows only (origin_sysid,
+ *   origin_node: call ids are per server); on a hot standby the shipper
+ *   runs it (shipper.c; the shipped rows are replayed there before the
+ *   ring's tail moves), and alerts wait for a promotion (no NOTIFY
+ *   during recovery).
  *
  * Money is counted in integer nano-USD.  Reservations round up, settled
  * costs round up: the shared figure is never below what fw_tier.calls says.
@@ -71,6 +76,7 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
@@ -1418,8 +1424,10 @@ fw_spend_worker_pending(void)
 	{
 		FwSpendSlot *s = &fw_spend->slots[i];
 
+		/* issue 11: no NOTIFY during recovery; alerts wait for promotion */
 		pending = s->state == FW_SS_RESTORING ||
-			(s->state != FW_SS_EMPTY && s->notify_pending != 0);
+			(s->state != FW_SS_EMPTY && s->notify_pending != 0 &&
+			 !RecoveryInProgress());
 	}
 	SpinLockRelease(&fw_spend->mutex);
 	return pending;
@@ -1454,6 +1462,9 @@ static const char *fw_restore_sql =
 "   AND c.call_id OPERATOR(pg_catalog.<) $4"
 "   AND ($5 IS NULL OR c.workload OPERATOR(pg_catalog.=) $5)"
 "   AND ($6 IS NULL OR c.username OPERATOR(pg_catalog.=) $6)"
+/* issue 11: this server's calls (call ids, and budgets, are per server) */
+"   AND c.origin_sysid OPERATOR(pg_catalog.=) $7"
+"   AND c.origin_node OPERATOR(pg_catalog.=) $8"
 "   AND NOT c.replayed AND c.cost_usd IS NOT NULL";
 
 typedef struct FwSpendJob
@@ -1514,6 +1525,7 @@ fw_spend_worker_run(void)
 				spill_read;
 	bool		spill_active;
 	bool		any = false;
+	bool		in_recovery = RecoveryInProgress();	/* issue 11 */
 
 	fw_log_positions(&head, &tail, NULL, &spill_read);
 	LWLockAcquire(fw_shared->ring_lock, LW_SHARED);
@@ -1536,8 +1548,8 @@ fw_spend_worker_run(void)
 		j->restore = s->state == FW_SS_RESTORING &&
 			(tail >= s->ring_head_at || head < s->ring_head_at) &&
 			(spill_read >= s->spill_write_at || !spill_active);
-		/* cleared once the NOTIFYs are committed, below */
-		j->notify = s->state == FW_SS_READY ? s->notify_pending : 0;
+		/* cleared once the NOTIFYs are committed, below (none on a standby) */
+		j->notify = (s->state == FW_SS_READY && !in_recovery) ? s->notify_pending : 0;
 		if (!j->restore && j->notify == 0)
 			continue;
 		j->idx = i;
@@ -1575,9 +1587,10 @@ fw_spend_worker_run(void)
 
 		if (j->restore)
 		{
-			Oid			types[6] = {NAMEOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, TEXTOID, NAMEOID};
-			Datum		args[6];
-			char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+			Oid			types[8] = {NAMEOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, TEXTOID, NAMEOID,
+			INT8OID, TEXTOID};
+			Datum		args[8];
+			char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 			int			ret;
 			bool		isnull;
 
@@ -1591,7 +1604,9 @@ fw_spend_worker_run(void)
 			args[5] = NameGetDatum(&j->rolname);
 			if (j->any_role)
 				nulls[5] = 'n';
-			ret = SPI_execute_with_args(fw_restore_sql, 6, types, args, nulls, true, 1);
+			args[6] = Int64GetDatum(fw_origin_sysid());
+			args[7] = CStringGetTextDatum(fw_origin_node_name());
+			ret = SPI_execute_with_args(fw_restore_sql, 8, types, args, nulls, true, 1);
 			if (ret != SPI_OK_SELECT || SPI_processed != 1)
 				elog(ERROR, "fw_tier: reading the spend of budget \"%s\" failed: %s",
 					 j->budget, SPI_result_code_string(ret));

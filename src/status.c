@@ -138,11 +138,10 @@ fw_tier_log_state(PG_FUNCTION_ARGS)
 	fw_calllog_usage(&size, &used, &head, &tail);
 	fw_spill_usage(&spill_bytes, &spill_records);
 	pid = pg_atomic_read_u32(&fw_shared->worker_pid);
-	/* no worker runs on a standby: nothing would say so otherwise */
-	if (RecoveryInProgress())
+	fw_get_drain_state(state, sizeof(state));
+	/* issue 11: the shipper says "standby" or "standby: <why>" (shipper.c) */
+	if (RecoveryInProgress() && strncmp(state, "standby", 7) != 0)
 		strlcpy(state, "standby", sizeof(state));
-	else
-		fw_get_drain_state(state, sizeof(state));
 
 	memset(nulls, 0, sizeof(nulls));
 	values[0] = Int64GetDatum((int64) size);

@@ -4,7 +4,8 @@
  *		What the background-worker files share: launcher.c (the static
  *		worker and what both workers use), flusher.c (the database work),
  *		winsync.c (fw_tier.escalations), loginsert.c (rows of
- *		fw_tier.calls), prices.c (their cost).
+ *		fw_tier.calls), prices.c (their cost), shipper.c (a standby's
+ *		shipper and fw_tier.ingest_calls, issue 11).
  *
  * Private to those four files; the rest of fw_tier sees only the entry
  * points declared in fw_tier.h.
@@ -15,6 +16,7 @@
 #define FW_WORKER_H
 
 #include "fw_tier.h"
+#include "postmaster/bgworker.h"
 
 #define FW_BATCH_MAX		1000	/* records per transaction */
 #define FW_RETRY_MAX_MS		10000	/* longest pause after a failed batch */
@@ -32,6 +34,14 @@
 extern void fw_worker_pin_search_path(void);
 extern bool fw_database_busy(Oid dboid);
 extern long fw_ms_until(TimestampTz deadline, TimestampTz now);
+extern void fw_worker_describe(BackgroundWorker *worker, const char *function,
+							   const char *name, int restart_time, pid_t notify_pid);
+
+extern bool fw_launcher_database_ok(void);	/* issue 11 */
+
+/* shipper.c: the launcher's part on a standby (issue 11) */
+extern TimestampTz fw_shipper_launch(BackgroundWorkerHandle **handle,
+									 TimestampTz now);
 
 /* winsync.c: mirror the windows (and restore them at start), flusher only */
 extern TimestampTz fw_winsync_windows(bool at_start, int *nsynced);

@@ -5,7 +5,17 @@
 # across a restart; a standby made by pg_basebackup is told from its
 # primary (same system identifier, its own node name and a new node id) and
 # removes the ring, intents and spill it copied instead of logging the
-# primary's records again.
+# primary's records again; N calls on the standby give N rows on the
+# primary with the standby's origin (fw_flush() there waits for them to be
+# replayed back); with the primary stopped the standby's calls answer
+# without blocking, log_status says why the records wait, a call and
+# fw_flush() are cancelled at once; the primary started again: still one
+# row per attempt; fw_tier.ingest_calls is granted to nobody and refuses
+# garbage, a bad node name and the primary's own identity; a batch the
+# primary committed whose answer the shipper never got is sent again and
+# written once; the shipper killed mid-stream (the standby's crash-restart)
+# writes nothing twice; a budget's spend is restored on the standby;
+# fw_chat, fw_complete_batch and replay work there; record mode refuses.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -71,6 +81,7 @@ is($primary->safe_psql('fwdb', 'SELECT count(*) FROM fw_tier.calls'), '12',
 
 my $standby = PostgreSQL::Test::Cluster->new('standby');
 $standby->init_from_backup($primary, 'bk', has_streaming => 1);
+$standby->append_conf('postgresql.conf', 'restart_after_crash = on');
 $standby->start;
 $primary->wait_for_catchup($standby);
 ok($standby->log_contains(qr/this data directory is a copy of another server's/),
@@ -80,6 +91,187 @@ is($standby->safe_psql('fwdb', 'SELECT origin_sysid, origin_node FROM fw_tier.lo
 	"$sysid|standby", 'same system identifier, its own node name');
 is($standby->safe_psql('fwdb', 'SELECT records_pushed, bytes_used FROM fw_tier.log_status'),
 	'0|0', 'the copied ring is not the standby\'s: removed, not logged again');
+
+
+my ($t0, $elapsed, $ret, $out, $err);
+
+# ---- N calls on the standby: N rows on the primary, with its origin -----
+sub standby_rows
+{
+	my ($where) = @_;
+	return $primary->safe_psql('fwdb', qq{
+	SELECT count(*), count(DISTINCT (call_id, attempt)),
+		   count(*) FILTER (WHERE origin_sysid = $sysid AND origin_node = 'standby')
+	  FROM fw_tier.calls WHERE $where});
+}
+$primary->safe_psql('fwdb', q{ALTER SYSTEM SET fw_tier.log_content = on});
+$primary->reload;
+$standby->safe_psql('postgres', q{ALTER SYSTEM SET fw_tier.log_content = on});
+$standby->reload;
+my $n = 40;
+$standby->safe_psql('fwdb', qq{SELECT count(fw_complete('s ' || g)) FROM generate_series(1, $n) g});
+$standby->safe_psql('fwdb', q{SET statement_timeout = '60s'; SELECT fw_flush()});
+is(standby_rows(q{prompt LIKE 's %'}), "$n|$n|$n", "$n calls on the standby: $n rows on the primary, with the standby's origin");
+is($standby->safe_psql('fwdb', q{SELECT count(*) FROM fw_tier.calls WHERE origin_node = 'standby'}),
+	$n, 'fw_flush() on the standby returns once the rows are replayed there too');
+is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used, records_pushed = records_flushed FROM fw_tier.log_status'),
+	'standby|0|t', "log_status: 'standby', the ring empty, every record shipped");
+ok($primary->safe_psql('fwdb', q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fw_tier shipper'}) >= 1,
+	'the shipper is connected to the primary');
+
+# ---- a budget on the standby: its spend is restored there ----------------
+$primary->safe_psql('fwdb', q{
+SELECT fw_tier.set_price('accounts/fireworks/models/kimi-k2p6', 'standard', 1, 0.5, 2);
+INSERT INTO fw_tier.workloads (workload) VALUES ('sbw');
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('sb', 'sbw', 'day', 100)});
+$primary->wait_for_catchup($standby);
+$t0 = time();
+is($standby->safe_psql('fwdb', q{SET statement_timeout = '60s'; SELECT fw_complete('budget call', 'sbw')}),
+	'Echo: budget call', 'a call under a budget on the standby is answered');
+$elapsed = time() - $t0;
+cmp_ok($elapsed, '<', 20, sprintf('its spend restored on the standby, not refused after a wait (%.1f s)', $elapsed));
+
+# ---- the primary down: calls answer, records wait, cancel works ----------
+$primary->stop;
+$t0 = time();
+($ret, $out, $err) = $standby->psql('fwdb',
+	"SET statement_timeout = '60s'; SELECT count(fw_complete('down ' || g)) FROM generate_series(1, 30) g");
+$elapsed = time() - $t0;
+is($ret, 0, '30 calls on the standby with the primary down') or diag $err;
+cmp_ok($elapsed, '<', 20, sprintf('without blocking on the log (%.1f s)', $elapsed));
+ok( $standby->poll_query_until('fwdb',
+		q{SELECT drain_state LIKE 'standby: %' AND bytes_used + spill_bytes > 0 FROM fw_tier.log_status}),
+	'log_status says why the records wait, and that they do');
+diag $standby->safe_psql('fwdb', 'SELECT drain_state FROM fw_tier.log_status');
+
+$sim->rule(fault => 'slow', ms => 20000, count => 1);
+$t0 = time();
+($ret, $out, $err) = $standby->psql('fwdb',
+	"SET statement_timeout = '500ms'; SELECT fw_complete('cancelled call')");
+$elapsed = time() - $t0;
+like($err, qr/canceling statement due to statement timeout/, 'a standby call is cancelled while the primary is down');
+cmp_ok($elapsed, '<', 10, sprintf('at once (%.1f s)', $elapsed));
+$t0 = time();
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '500ms'; SELECT fw_flush()");
+$elapsed = time() - $t0;
+like($err, qr/canceling statement due to statement timeout/, 'fw_flush() waits for the primary, and is cancelled');
+cmp_ok($elapsed, '<', 10, sprintf('at once (%.1f s)', $elapsed));
+$sim->reset;
+
+# ---- the primary back: still exactly once ---------------------------------
+$primary->start;
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '90s'; SELECT fw_flush()");
+is($ret, 0, 'fw_flush() on the standby returns once the primary is back') or diag $err;
+is(standby_rows(q{prompt LIKE 'down %' OR prompt = 'cancelled call'}), '31|31|31', 'the 30 calls and the cancelled one: one row each, no duplicate');
+is( $primary->safe_psql('fwdb', q{
+	SELECT count(*), count(DISTINCT (origin_sysid, origin_node, call_id, attempt))
+	  FROM fw_tier.calls WHERE origin_node = 'standby'}),
+	($n + 32) . '|' . ($n + 32), "still $n + 32 rows of the standby (the budget call too), none twice");
+
+# ---- committed, but the answer lost: sent again, written once -------------
+# The shipper logs in as a role granted EXECUTE on fw_tier.ingest_calls;
+# pg_current_wal_insert_lsn() is taken from PUBLIC, so each batch commits
+# on the primary and the shipper never learns where: it keeps the records
+# and sends them again, and again, until the LSN can be read.
+$primary->safe_psql('fwdb', q{
+CREATE ROLE shipper LOGIN;
+GRANT EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) TO shipper});
+$primary->wait_for_catchup($standby);
+$standby->append_conf('postgresql.conf',
+	"fw_tier.log_conninfo = 'host=" . $primary->host . ' port=' . $primary->port
+	  . " dbname=fwdb user=shipper'");
+$standby->reload;
+# once the shipper has taken the new setting, it ships as that role
+my $as_shipper = 0;
+for my $try (1 .. 20)
+{
+	$standby->safe_psql('fwdb', qq{SELECT fw_complete('as shipper $try'); SET statement_timeout = '60s'; SELECT fw_flush()});
+	$as_shipper = $primary->safe_psql('fwdb',
+		q{SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fw_tier shipper' AND usename = 'shipper'});
+	last if $as_shipper;
+	usleep(200_000);
+}
+is($as_shipper, 1, 'the shipper logs in as fw_tier.log_conninfo says, a role granted EXECUTE');
+$primary->safe_psql('fwdb', 'REVOKE EXECUTE ON FUNCTION pg_catalog.pg_current_wal_insert_lsn() FROM PUBLIC');
+$standby->safe_psql('fwdb', q{SELECT count(fw_complete('noack ' || g)) FROM generate_series(1, 20) g});
+ok( $primary->poll_query_until('fwdb', q{SELECT count(*) = 20 FROM fw_tier.calls WHERE prompt LIKE 'noack %'}),
+	'the batch is committed on the primary by the granted role');
+ok( $standby->poll_query_until('fwdb',
+		q{SELECT drain_state LIKE '%WAL position%permission denied%' FROM fw_tier.log_status}, 't'),
+	'the shipper cannot read the commit position: log_status says so');
+sleep(2);	# a few resends (back-off 0.1 s, 0.2 s, ...)
+is($standby->safe_psql('fwdb', q{SELECT bytes_used > 0 FROM fw_tier.log_status}), 't',
+	'the records stay in the standby\'s ring meanwhile');
+$primary->safe_psql('fwdb', 'GRANT EXECUTE ON FUNCTION pg_catalog.pg_current_wal_insert_lsn() TO PUBLIC');
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '60s'; SELECT fw_flush()");
+is($ret, 0, 'then shipped') or diag $err;
+is(standby_rows(q{prompt LIKE 'noack %'}), '20|20|20', 'sent several times, each row written once');
+is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used FROM fw_tier.log_status'), 'standby|0',
+	'the ring is empty, the state ok again');
+
+# ---- the shipper killed mid-stream: the standby's crash-restart ----------
+# records pushed while the shipper ships; kill -9 it (the standby's
+# postmaster restarts every process, the ring file survives): shipped
+# again, once each
+my $bgk = $standby->background_psql('fwdb', on_error_stop => 0);
+$bgk->query_until(qr/started/, q{
+\echo started
+SELECT count(fw_complete('kill [fwsim:slow=5] ' || g)) FROM generate_series(1, 200) g;
+});
+ok( $primary->poll_query_until('fwdb', q{SELECT count(*) >= 10 FROM fw_tier.calls WHERE prompt LIKE 'kill %'}),
+	'the standby ships while the client calls');
+my $spid = $standby->safe_psql('fwdb', q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier shipper'});
+ok($spid && kill('KILL', $spid), 'the shipper is killed mid-stream');
+$bgk->quit;
+ok( $standby->poll_query_until('fwdb', q{SELECT true}, 't'), 'the standby is back after its crash-restart');
+# what the client got before its backend died with the others
+($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '60s'; SELECT fw_flush()");
+is($ret, 0, 'the rest is shipped after the restart') or diag $err;
+is( $primary->safe_psql('fwdb', q{
+	SELECT count(*) >= 10, count(*) = count(DISTINCT prompt) FROM fw_tier.calls WHERE prompt LIKE 'kill %'}),
+	't|t', 'each call answered before the kill has its row, once (a record sent before the kill is not written again)');
+is( $primary->safe_psql('fwdb', q{
+	SELECT count(*) = count(DISTINCT (origin_sysid, origin_node, call_id, attempt)),
+		   count(*) FILTER (WHERE outcome = 'unknown') <= 1
+	  FROM fw_tier.calls WHERE origin_node = 'standby'}),
+	't|t', "every row of the standby once; the attempt in flight at the kill logged as 'unknown'");
+
+# ---- the ingest function: privileges and checks ---------------------------
+$primary->safe_psql('fwdb', 'CREATE ROLE other LOGIN');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SET ROLE other; SELECT fw_tier.ingest_calls(1, 'x', '\\x00')");
+like($err, qr/permission denied for function ingest_calls/, 'EXECUTE is granted to nobody by default');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SET ROLE shipper; SELECT fw_tier.ingest_calls(1, 'x', '\\x00010203')");
+like($err, qr/ERROR:  fw_tier.ingest_calls: the batch is not valid/, 'a grantee may call it; garbage is refused');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"\\set VERBOSITY verbose\nSELECT fw_tier.ingest_calls(1, 'x', pg_catalog.decode(repeat('00', 16), 'hex'))");
+like($err, qr/22P03.*magic number/s, 'a batch without the magic number: 22P03, said why');
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SELECT fw_tier.ingest_calls(o.origin_sysid, o.origin_node, '\\x00') FROM fw_tier.local_origin() o");
+like($err, qr/is this server's own identity/, "the primary's own origin is refused");
+($ret, $out, $err) = $primary->psql('fwdb',
+	"SELECT fw_tier.ingest_calls(1, E'a\\nb', '\\x00')");
+like($err, qr/not printable ASCII/, 'a node name with a newline is refused');
+
+# ---- fw_chat, fw_complete_batch and replay on the standby ------------------
+is( $standby->safe_psql('fwdb',
+		q{SELECT fw_chat('[{"role": "user", "content": "chat on the standby"}]')->'choices'->0->'message'->>'content'}),
+	'Echo: chat on the standby', 'fw_chat on the standby');
+is($standby->safe_psql('fwdb', q{SELECT array_to_string(fw_complete_batch(ARRAY['b1', 'b2', 'b3']), ',')}),
+	'Echo: b1,Echo: b2,Echo: b3', 'fw_complete_batch on the standby');
+$primary->safe_psql('fwdb', q{SET fw_tier.mode = 'record'; SELECT fw_complete('recorded on the primary')});
+$primary->wait_for_catchup($standby);
+$sim->rule(fault => 'unavailable', count => 100);
+is( $standby->safe_psql('fwdb',
+		q{SET fw_tier.mode = 'replay'; SELECT fw_complete('recorded on the primary')}),
+	'Echo: recorded on the primary', 'replay on the standby answers from a fixture recorded on the primary');
+$sim->reset;
+
+# ---- record mode refuses on a standby --------------------------------------
+($ret, $out, $err) = $standby->psql('fwdb',
+	"\\set VERBOSITY verbose\nSET fw_tier.mode = 'record'; SELECT fw_complete('rec')");
+like($err, qr/25006.*cannot record fixtures on a standby/s, "record mode on a standby: 25006, before anything is sent");
 
 $standby->stop;
 $primary->stop;
