@@ -209,8 +209,9 @@ fw_name_datum(const NameData *src, int encoding)
  * is a palloc and a copy, a name a 64-byte palloc0 and a scan, for every
  * row): the enum columns' few texts, and the last database, user,
  * workload and model seen with their encoding (a batch is mostly the
- * calls of a few workloads).  In TopMemoryContext: the slots and the SQL
- * insert's arrays copy the values they are given, nothing frees them.
+ * calls of a few workloads).  In TopMemoryContext; a replaced value is
+ * freed only when the next insert starts, the rows before it having been
+ * formed (the slots and the SQL insert's arrays copy what they point to).
  */
 typedef struct FwLastDatum
 {
@@ -225,6 +226,16 @@ static FwLastDatum fw_last_dbname;
 static FwLastDatum fw_last_username;
 static FwLastDatum fw_last_workload;
 static FwLastDatum fw_last_model;
+static List *fw_last_retired = NIL;	/* replaced values, freed by the next
+										 * insert (fw_last_release) */
+
+/* Free replaced values: called before an insert forms its rows. */
+static void
+fw_last_release(void)
+{
+	list_free_deep(fw_last_retired);
+	fw_last_retired = NIL;
+}
 
 /* a constant text, made on first use */
 static Datum
@@ -265,9 +276,10 @@ fw_last_datum(FwLastDatum *c, const char *s, int encoding, bool is_name)
 		MemoryContextSwitchTo(TopMemoryContext);
 		v = CStringGetTextDatum(clean);
 	}
-	MemoryContextSwitchTo(old);
+	/* earlier rows of this insert may still point at the value it had */
 	if (c->valid)
-		pfree(DatumGetPointer(c->value));
+		fw_last_retired = lappend(fw_last_retired, DatumGetPointer(c->value));
+	MemoryContextSwitchTo(old);
 	c->value = v;
 	c->encoding = encoding;
 	strlcpy(c->key, s, sizeof(c->key));
@@ -589,6 +601,7 @@ fw_fast_insert(Oid relid, int first, int n)
 	TupleTableSlot **slots = fw_slots;
 	bool		check = (RelationGetDescr(rel)->constr != NULL);
 
+	fw_last_release();
 	if (fw_slot_desc == NULL)
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -703,6 +716,7 @@ fw_sql_insert(int first, int n)
 	int			ret;
 
 	fw_sql_prepare();
+	fw_last_release();
 	if (fw_col_values == NULL)
 	{
 		fw_col_values = MemoryContextAlloc(TopMemoryContext,
