@@ -374,11 +374,12 @@ fw_json_depth_ok(const char *s, size_t len)
 }
 
 /*
- * Parse JSON into jsonb without ever raising on bad input: NULL, with
- * *problem saying why, when it is not usable JSON.  from_utf8: the bytes
- * come off the wire (UTF-8 by the protocol); otherwise they are text
- * already in the database encoding (a typed answer taken out of a parsed
- * response).
+ * Parse JSON without ever raising on bad input: false, with *problem
+ * saying why, when it is not usable JSON.  from_utf8: the bytes come off
+ * the wire (UTF-8 by the protocol); otherwise they are text already in
+ * the database encoding (a typed answer taken out of a parsed response).
+ * With sem, its actions see the document and nothing is built; without,
+ * *jb is its jsonb.
  *
  * The cheap checks come first (encoding, nesting depth, the non-throwing
  * parser); what can still raise (conversion to a non-UTF-8 database
@@ -387,28 +388,23 @@ fw_json_depth_ok(const char *s, size_t len)
  * conversion and input code that holds no resources, so flushing them is
  * safe.
  */
-static Jsonb *
-fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
-				  const char **problem)
+static bool
+fw_parse_json_sem(const char *body, size_t len, bool from_utf8,
+				  JsonSemAction *sem, Jsonb **jb, const char **problem)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
-	JsonLexContext *lex;
-	JsonParseErrorType err;
-	Jsonb	   *volatile jb = NULL;
-	const char *dummy;
+	volatile JsonParseErrorType err = JSON_SUCCESS;
 
-	if (problem == NULL)
-		problem = &dummy;
 	/* constants on the hot path: every response is parsed here */
 	*problem = from_utf8 ? "response body is not valid JSON" : "answer is not valid JSON";
 	/* pg_verify_mbstr also refuses NUL bytes */
-	if (len == 0 ||
-		!pg_verify_mbstr(from_utf8 ? PG_UTF8 : GetDatabaseEncoding(), body, len, true))
-		return NULL;
+	if (len == 0 || len > INT_MAX ||
+		!pg_verify_mbstr(from_utf8 ? PG_UTF8 : GetDatabaseEncoding(), body, (int) len, true))
+		return false;
 	if (!fw_json_depth_ok(body, len))
 	{
 		*problem = from_utf8 ? "response body nests too deeply" : "answer nests too deeply";
-		return NULL;
+		return false;
 	}
 
 	PG_TRY();
@@ -418,14 +414,15 @@ fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
 		 * is (the caller NUL-terminates body at len).
 		 */
 		char	   *text = (!from_utf8 || GetDatabaseEncoding() == PG_UTF8) ?
-			(char *) body : pg_any_to_server(body, len, PG_UTF8);
+			(char *) body : pg_any_to_server(body, (int) len, PG_UTF8);
+		JsonLexContext *lex = makeJsonLexContextCstringLen(text, strlen(text),
+														   GetDatabaseEncoding(),
+														   sem != NULL);
 
-		lex = makeJsonLexContextCstringLen(text, strlen(text),
-										   GetDatabaseEncoding(), true);
-		err = pg_parse_json(lex, &nullSemAction);
-		if (err == JSON_SUCCESS)
-			jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-													CStringGetDatum(text)));
+		err = pg_parse_json(lex, sem ? sem : &nullSemAction);
+		if (err == JSON_SUCCESS && sem == NULL)
+			*jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+													 CStringGetDatum(text)));
 	}
 	PG_CATCH();
 	{
@@ -440,9 +437,23 @@ fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
 		*problem = psprintf("%s could not be read: %s",
 							from_utf8 ? "response body" : "answer", edata->message);
 		FreeErrorData(edata);
-		jb = NULL;
+		return false;
 	}
 	PG_END_TRY();
+	return err == JSON_SUCCESS;
+}
+
+/* As jsonb: NULL, with *problem (if not NULL) set, when not usable JSON. */
+static Jsonb *
+fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
+				  const char **problem)
+{
+	Jsonb	   *jb = NULL;
+	const char *dummy;
+
+	if (!fw_parse_json_sem(body, len, from_utf8, NULL, &jb,
+						   problem ? problem : &dummy))
+		return NULL;
 	return jb;
 }
 
@@ -713,42 +724,14 @@ fw_cp_scalar(void *state, char *token, JsonTokenType type)
 }
 
 /*
- * The checks fw_parse_json_enc makes before parsing: false with *problem
- * set when the bytes cannot be JSON (bad encoding, NUL, too deep).
- */
-static bool
-fw_json_precheck(const char *body, size_t len, bool from_utf8,
-				 const char **problem)
-{
-	/* constants on the hot path: every response is parsed here */
-	*problem = from_utf8 ? "response body is not valid JSON" : "answer is not valid JSON";
-	/* pg_verify_mbstr also refuses NUL bytes */
-	if (len == 0 || len > INT_MAX ||
-		!pg_verify_mbstr(from_utf8 ? PG_UTF8 : GetDatabaseEncoding(), body, (int) len, true))
-		return false;
-	if (!fw_json_depth_ok(body, len))
-	{
-		*problem = from_utf8 ? "response body nests too deeply" : "answer nests too deeply";
-		return false;
-	}
-	return true;
-}
-
-/*
  * fw_parse_completion for need_text, in one pass (see FwCompletionParse).
- * Never raises for anything in the body: conversion to a non-UTF-8
- * database encoding, which can, runs under PG_TRY as in fw_parse_json_enc.
+ * Never raises for anything in the body (fw_parse_json_sem).
  */
 static bool
 fw_parse_completion_text(const char *body, size_t len, FwParsed *out)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
 	FwCompletionParse st;
 	JsonSemAction sem;
-	volatile JsonParseErrorType err = JSON_SUCCESS;
-
-	if (!fw_json_precheck(body, len, true, &out->problem))
-		return false;
 
 	memset(&st, 0, sizeof(st));
 	st.out = out;
@@ -762,36 +745,10 @@ fw_parse_completion_text(const char *body, size_t len, FwParsed *out)
 	sem.object_field_start = fw_cp_field_start;
 	sem.scalar = fw_cp_scalar;
 
-	PG_TRY();
+	if (!fw_parse_json_sem(body, len, true, &sem, NULL, &out->problem))
 	{
-		char	   *text = GetDatabaseEncoding() == PG_UTF8 ?
-			(char *) body : pg_any_to_server(body, (int) len, PG_UTF8);
-		JsonLexContext *lex = makeJsonLexContextCstringLen(text, strlen(text),
-														   GetDatabaseEncoding(),
-														   true);
-
-		err = pg_parse_json(lex, &sem);
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		if (geterrcode() == ERRCODE_QUERY_CANCELED)
-			PG_RE_THROW();
-		edata = CopyErrorData();
-		FlushErrorState();
-		out->problem = psprintf("response body could not be read: %s", edata->message);
-		FreeErrorData(edata);
 		out->content = NULL;
-		return false;
-	}
-	PG_END_TRY();
-
-	if (err != JSON_SUCCESS)
-	{
-		out->problem = "response body is not valid JSON";
-		out->content = NULL;
+		out->cut_off = false;
 		return false;
 	}
 	out->problem = NULL;
