@@ -139,6 +139,15 @@ SELECT count(*) = (SELECT count(*) FROM fw_tier.calls) AS sees_all,
 -- the table is read-only for it
 DELETE FROM fw_tier.calls;
 RESET ROLE;
+-- a role renamed since its last call: the next row has its new name
+ALTER ROLE fw_log_reader RENAME TO fw_log_renamed;
+SET ROLE fw_log_renamed;
+SELECT fw_complete('after a rename', 'log_b') IS NOT NULL AS answered;
+RESET ROLE;
+SELECT fw_flush();
+SELECT username FROM fw_tier.calls
+ WHERE call_id = (SELECT max(call_id) FROM fw_tier.calls);
+ALTER ROLE fw_log_renamed RENAME TO fw_log_reader;
 REVOKE pg_read_all_stats FROM fw_log_reader;
 REVOKE SELECT ON fw_tier.calls FROM fw_log_reader;
 REVOKE EXECUTE ON FUNCTION fw_complete(text, text) FROM fw_log_reader;

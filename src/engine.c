@@ -51,7 +51,9 @@
 #include "storage/proc.h"
 #include "access/xact.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 #include "utils/numeric.h"
+#include "utils/syscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -79,9 +81,19 @@
 
 static char *fw_dbname = NULL;
 
-/* the user name of the records, for fw_uname_uid; reset per run */
+/*
+ * the user name of the records, for fw_uname_uid; forgotten when any role
+ * changes (issue 15: looking it up for every statement was a catalog
+ * lookup per fw_complete)
+ */
 static Oid	fw_uname_uid = InvalidOid;
 static NameData fw_uname;
+
+static void
+fw_uname_forget(Datum arg, int cacheid, uint32 hashvalue)
+{
+	fw_uname_uid = InvalidOid;
+}
 
 static int	fw_option_max_tokens(Jsonb *options);
 
@@ -299,8 +311,8 @@ fw_fill_record(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 	{
 		/*
 		 * never raise here: this runs in cleanup paths (a dropped role).
-		 * Looked up once per statement and user (each attempt fills two
-		 * records: its write-ahead slot and its own).
+		 * Looked up once per user until a role changes (each attempt
+		 * fills two records: its write-ahead slot and its own).
 		 */
 		Oid			uid = GetUserId();
 
@@ -1121,11 +1133,12 @@ fw_engine_run(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 
 	concurrency = Max(1, Min(concurrency, ncalls));
 	fw_http_reserve(concurrency);
-	fw_uname_uid = InvalidOid;	/* a role renamed since shows its new name */
 	if (!exit_hook)
 	{
 		before_shmem_exit(fw_engine_exit, (Datum) 0);
 		RegisterXactCallback(fw_engine_xact_cb, NULL);
+		/* a role renamed since shows its new name */
+		CacheRegisterSyscacheCallback(AUTHOID, fw_uname_forget, (Datum) 0);
 		exit_hook = true;
 	}
 

@@ -13,11 +13,14 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+
 #include "common/cryptohash.h"
 #include "common/jsonapi.h"
 #include "common/sha2.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
@@ -201,21 +204,39 @@ fw_build_body(const char *model, Jsonb *messages, Jsonb *fields,
 	StringInfoData buf;
 
 	fw_check_options(options);
-	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
-	fw_push_string(&st, "model", model);
-	if (messages)
-		fw_push_container(&st, "messages", messages);
-	else
-		fw_push_options(&st, fields, fw_no_keys, false);
-	fw_push_options(&st, options, fw_own_keys, true);
-	if (priority)
-		fw_push_string(&st, "service_tier", "priority");
-	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
-	jb = JsonbValueToJsonb(res);
-
 	initStringInfo(&buf);
-	JsonbToCString(&buf, &jb->root, VARSIZE(jb));
-	pfree(jb);
+	if (messages && (options == NULL || JB_ROOT_COUNT(options) == 0))
+	{
+		/*
+		 * No options: the text the jsonb below would print, written
+		 * directly (issue 15: the object's round trip through jsonb was a
+		 * few percent of a call).  jsonb orders keys by length, so model,
+		 * messages, service_tier is its order too.
+		 */
+		appendStringInfoString(&buf, "{\"model\": ");
+		escape_json(&buf, model);
+		appendStringInfoString(&buf, ", \"messages\": ");
+		(void) JsonbToCString(&buf, &messages->root, VARSIZE(messages));
+		if (priority)
+			appendStringInfoString(&buf, ", \"service_tier\": \"priority\"");
+		appendStringInfoChar(&buf, '}');
+	}
+	else
+	{
+		pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+		fw_push_string(&st, "model", model);
+		if (messages)
+			fw_push_container(&st, "messages", messages);
+		else
+			fw_push_options(&st, fields, fw_no_keys, false);
+		fw_push_options(&st, options, fw_own_keys, true);
+		if (priority)
+			fw_push_string(&st, "service_tier", "priority");
+		res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+		jb = JsonbValueToJsonb(res);
+		JsonbToCString(&buf, &jb->root, VARSIZE(jb));
+		pfree(jb);
+	}
 
 	/*
 	 * JSON on the wire is UTF-8 (RFC 8259): text of another database
@@ -314,6 +335,19 @@ fw_json_depth_ok(const char *s, size_t len)
 {
 	int			depth = 0;
 	bool		in_str = false;
+	size_t		opens = 0;
+
+	/*
+	 * Fewer brackets than the limit in all cannot nest deeper than it:
+	 * memchr finds the few of an answer of a normal size at once.
+	 */
+	for (const char *open = "[{"; *open && opens <= FW_MAX_JSON_DEPTH; open++)
+		for (const char *p = s, *end = s + len;
+			 opens <= FW_MAX_JSON_DEPTH && (p = memchr(p, *open, end - p)) != NULL;
+			 p++)
+			opens++;
+	if (opens <= FW_MAX_JSON_DEPTH)
+		return true;
 
 	for (size_t i = 0; i < len; i++)
 	{
@@ -340,11 +374,12 @@ fw_json_depth_ok(const char *s, size_t len)
 }
 
 /*
- * Parse JSON into jsonb without ever raising on bad input: NULL, with
- * *problem saying why, when it is not usable JSON.  from_utf8: the bytes
- * come off the wire (UTF-8 by the protocol); otherwise they are text
- * already in the database encoding (a typed answer taken out of a parsed
- * response).
+ * Parse JSON without ever raising on bad input: false, with *problem
+ * saying why, when it is not usable JSON.  from_utf8: the bytes come off
+ * the wire (UTF-8 by the protocol); otherwise they are text already in
+ * the database encoding (a typed answer taken out of a parsed response).
+ * With sem, its actions see the document and nothing is built; without,
+ * *jb is its jsonb.
  *
  * The cheap checks come first (encoding, nesting depth, the non-throwing
  * parser); what can still raise (conversion to a non-UTF-8 database
@@ -353,28 +388,23 @@ fw_json_depth_ok(const char *s, size_t len)
  * conversion and input code that holds no resources, so flushing them is
  * safe.
  */
-static Jsonb *
-fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
-				  const char **problem)
+static bool
+fw_parse_json_sem(const char *body, size_t len, bool from_utf8,
+				  JsonSemAction *sem, Jsonb **jb, const char **problem)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
-	JsonLexContext *lex;
-	JsonParseErrorType err;
-	Jsonb	   *volatile jb = NULL;
-	const char *dummy;
+	volatile JsonParseErrorType err = JSON_SUCCESS;
 
-	if (problem == NULL)
-		problem = &dummy;
 	/* constants on the hot path: every response is parsed here */
 	*problem = from_utf8 ? "response body is not valid JSON" : "answer is not valid JSON";
 	/* pg_verify_mbstr also refuses NUL bytes */
-	if (len == 0 ||
-		!pg_verify_mbstr(from_utf8 ? PG_UTF8 : GetDatabaseEncoding(), body, len, true))
-		return NULL;
+	if (len == 0 || len > INT_MAX ||
+		!pg_verify_mbstr(from_utf8 ? PG_UTF8 : GetDatabaseEncoding(), body, (int) len, true))
+		return false;
 	if (!fw_json_depth_ok(body, len))
 	{
 		*problem = from_utf8 ? "response body nests too deeply" : "answer nests too deeply";
-		return NULL;
+		return false;
 	}
 
 	PG_TRY();
@@ -384,14 +414,15 @@ fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
 		 * is (the caller NUL-terminates body at len).
 		 */
 		char	   *text = (!from_utf8 || GetDatabaseEncoding() == PG_UTF8) ?
-			(char *) body : pg_any_to_server(body, len, PG_UTF8);
+			(char *) body : pg_any_to_server(body, (int) len, PG_UTF8);
+		JsonLexContext *lex = makeJsonLexContextCstringLen(text, strlen(text),
+														   GetDatabaseEncoding(),
+														   sem != NULL);
 
-		lex = makeJsonLexContextCstringLen(text, strlen(text),
-										   GetDatabaseEncoding(), true);
-		err = pg_parse_json(lex, &nullSemAction);
-		if (err == JSON_SUCCESS)
-			jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-													CStringGetDatum(text)));
+		err = pg_parse_json(lex, sem ? sem : &nullSemAction);
+		if (err == JSON_SUCCESS && sem == NULL)
+			*jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+													 CStringGetDatum(text)));
 	}
 	PG_CATCH();
 	{
@@ -406,9 +437,23 @@ fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
 		*problem = psprintf("%s could not be read: %s",
 							from_utf8 ? "response body" : "answer", edata->message);
 		FreeErrorData(edata);
-		jb = NULL;
+		return false;
 	}
 	PG_END_TRY();
+	return err == JSON_SUCCESS;
+}
+
+/* As jsonb: NULL, with *problem (if not NULL) set, when not usable JSON. */
+static Jsonb *
+fw_parse_json_enc(const char *body, size_t len, bool from_utf8,
+				  const char **problem)
+{
+	Jsonb	   *jb = NULL;
+	const char *dummy;
+
+	if (!fw_parse_json_sem(body, len, from_utf8, NULL, &jb,
+						   problem ? problem : &dummy))
+		return NULL;
 	return jb;
 }
 
@@ -456,21 +501,290 @@ fw_object_field(JsonbContainer *c, const char *key)
 }
 
 /*
+ * fw_complete's answer in one pass (issue 15).  Building the jsonb of the
+ * whole body (a validating pass, then jsonb_in's own parse, key sorting
+ * and a numeric per number) was an eighth of a call's CPU; when only the
+ * text and the usage are wanted, the same non-throwing parser with
+ * semantic actions picks them up as it validates.  What it yields is what
+ * the jsonb path yields: a key given twice counts by its last value (each
+ * key's fields are reset when it starts), and a token count is -1 unless
+ * a number in 0..INT_MAX (rounded, as numeric_int4 does).
+ */
+typedef enum FwCpRole
+{
+	FW_CP_OTHER = 0,
+	FW_CP_ROOT,					/* the body's object */
+	FW_CP_USAGE,				/* root.usage */
+	FW_CP_DETAILS,				/* root.usage.prompt_tokens_details */
+	FW_CP_CHOICES,				/* root.choices */
+	FW_CP_CHOICE0,				/* root.choices[0] */
+	FW_CP_MESSAGE				/* root.choices[0].message */
+} FwCpRole;
+
+#define FW_CP_DEPTH 4			/* roles are only kept this deep */
+
+typedef struct FwCompletionParse
+{
+	int			depth;
+	FwCpRole	role[FW_CP_DEPTH + 1];
+	char	   *field;			/* the innermost object's current key */
+	bool		not_object;		/* the body is no JSON object */
+	int			nchoices;		/* elements of the last root.choices */
+	bool		choices_array;	/* the last root.choices is an array */
+	FwParsed   *out;
+} FwCompletionParse;
+
+static FwCpRole
+fw_cp_role(FwCompletionParse *st)
+{
+	return (st->depth >= 0 && st->depth <= FW_CP_DEPTH) ? st->role[st->depth] : FW_CP_OTHER;
+}
+
+static bool
+fw_cp_field_is(FwCompletionParse *st, const char *name)
+{
+	return st->field != NULL && strcmp(st->field, name) == 0;
+}
+
+static void
+fw_cp_push(FwCompletionParse *st, FwCpRole role)
+{
+	st->depth++;
+	if (st->depth <= FW_CP_DEPTH)
+		st->role[st->depth] = role;
+}
+
+static void
+fw_cp_pop(void *state)
+{
+	((FwCompletionParse *) state)->depth--;
+}
+
+/* The role of a container that starts now, from its parent and key. */
+static FwCpRole
+fw_cp_child(FwCompletionParse *st, bool is_object)
+{
+	switch (fw_cp_role(st))
+	{
+		case FW_CP_ROOT:
+			if (is_object && fw_cp_field_is(st, "usage"))
+				return FW_CP_USAGE;
+			if (!is_object && fw_cp_field_is(st, "choices"))
+			{
+				st->choices_array = true;
+				return FW_CP_CHOICES;
+			}
+			break;
+		case FW_CP_USAGE:
+			if (is_object && fw_cp_field_is(st, "prompt_tokens_details"))
+				return FW_CP_DETAILS;
+			break;
+		case FW_CP_CHOICES:
+			/* array_element_start counted it: the first is number 1 */
+			if (is_object && st->nchoices == 1)
+				return FW_CP_CHOICE0;
+			break;
+		case FW_CP_CHOICE0:
+			if (is_object && fw_cp_field_is(st, "message"))
+				return FW_CP_MESSAGE;
+			break;
+		default:
+			break;
+	}
+	return FW_CP_OTHER;
+}
+
+static void
+fw_cp_object_start(void *state)
+{
+	FwCompletionParse *st = state;
+
+	fw_cp_push(st, st->depth == 0 ? FW_CP_ROOT : fw_cp_child(st, true));
+}
+
+static void
+fw_cp_array_start(void *state)
+{
+	FwCompletionParse *st = state;
+
+	if (st->depth == 0)
+		st->not_object = true;
+	fw_cp_push(st, fw_cp_child(st, false));
+}
+
+static void
+fw_cp_element_start(void *state, bool isnull)
+{
+	FwCompletionParse *st = state;
+
+	if (fw_cp_role(st) == FW_CP_CHOICES)
+		st->nchoices++;
+}
+
+/* A key starts: what it named before is replaced (jsonb keeps the last). */
+static void
+fw_cp_field_start(void *state, char *fname, bool isnull)
+{
+	FwCompletionParse *st = state;
+	FwParsed   *out = st->out;
+
+	st->field = fname;
+	switch (fw_cp_role(st))
+	{
+		case FW_CP_ROOT:
+			if (fw_cp_field_is(st, "usage"))
+				out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+			else if (fw_cp_field_is(st, "choices"))
+			{
+				st->nchoices = 0;
+				st->choices_array = false;
+				out->content = NULL;
+				out->cut_off = false;
+			}
+			break;
+		case FW_CP_USAGE:
+			if (fw_cp_field_is(st, "prompt_tokens"))
+				out->prompt_tokens = -1;
+			else if (fw_cp_field_is(st, "completion_tokens"))
+				out->completion_tokens = -1;
+			else if (fw_cp_field_is(st, "prompt_tokens_details"))
+				out->cached_tokens = -1;
+			break;
+		case FW_CP_DETAILS:
+			if (fw_cp_field_is(st, "cached_tokens"))
+				out->cached_tokens = -1;
+			break;
+		case FW_CP_CHOICE0:
+			if (fw_cp_field_is(st, "message"))
+				out->content = NULL;
+			else if (fw_cp_field_is(st, "finish_reason"))
+				out->cut_off = false;
+			break;
+		case FW_CP_MESSAGE:
+			if (fw_cp_field_is(st, "content"))
+				out->content = NULL;
+			break;
+		default:
+			break;
+	}
+}
+
+/* A number token as a token count: fw_int_field's rule, without numeric. */
+static int
+fw_cp_count(const char *tok)
+{
+	size_t		len = strlen(tok);
+	double		d;
+
+	if (len > 0 && len <= 9 && strspn(tok, "0123456789") == len)
+		return atoi(tok);
+	d = strtod(tok, NULL);
+	/* numeric_int4 rounds half away from zero; -0.4 is 0 */
+	if (!(d > -0.5) || d >= (double) PG_INT32_MAX + 0.5)
+		return -1;
+	return (int) floor(d + 0.5);
+}
+
+static void
+fw_cp_scalar(void *state, char *token, JsonTokenType type)
+{
+	FwCompletionParse *st = state;
+	FwParsed   *out = st->out;
+
+	if (st->depth == 0)
+	{
+		st->not_object = true;
+		return;
+	}
+	switch (fw_cp_role(st))
+	{
+		case FW_CP_USAGE:
+			if (type != JSON_TOKEN_NUMBER)
+				break;
+			if (fw_cp_field_is(st, "prompt_tokens"))
+				out->prompt_tokens = fw_cp_count(token);
+			else if (fw_cp_field_is(st, "completion_tokens"))
+				out->completion_tokens = fw_cp_count(token);
+			break;
+		case FW_CP_DETAILS:
+			if (type == JSON_TOKEN_NUMBER && fw_cp_field_is(st, "cached_tokens"))
+				out->cached_tokens = fw_cp_count(token);
+			break;
+		case FW_CP_CHOICE0:
+			if (type == JSON_TOKEN_STRING && fw_cp_field_is(st, "finish_reason"))
+				out->cut_off = strcmp(token, "length") == 0;
+			break;
+		case FW_CP_MESSAGE:
+			if (type == JSON_TOKEN_STRING && fw_cp_field_is(st, "content"))
+				out->content = token;	/* the parser's own copy */
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * fw_parse_completion for need_text, in one pass (see FwCompletionParse).
+ * Never raises for anything in the body (fw_parse_json_sem).
+ */
+static bool
+fw_parse_completion_text(const char *body, size_t len, FwParsed *out)
+{
+	FwCompletionParse st;
+	JsonSemAction sem;
+
+	memset(&st, 0, sizeof(st));
+	st.out = out;
+	memset(&sem, 0, sizeof(sem));
+	sem.semstate = &st;
+	sem.object_start = fw_cp_object_start;
+	sem.object_end = fw_cp_pop;
+	sem.array_start = fw_cp_array_start;
+	sem.array_end = fw_cp_pop;
+	sem.array_element_start = fw_cp_element_start;
+	sem.object_field_start = fw_cp_field_start;
+	sem.scalar = fw_cp_scalar;
+
+	if (!fw_parse_json_sem(body, len, true, &sem, NULL, &out->problem))
+	{
+		out->content = NULL;
+		out->cut_off = false;
+		return false;
+	}
+	out->problem = NULL;
+	if (st.not_object)
+		out->problem = "response body is not a JSON object";
+	else if (!st.choices_array || st.nchoices == 0)
+		out->problem = "response has no choices";
+	else if (out->content == NULL)
+		out->problem = "choices[0].message.content is not a string";
+	if (out->problem)
+	{
+		out->content = NULL;
+		out->cut_off = false;
+		return false;
+	}
+	return true;
+}
+
+/*
  * Is this 200 body a usable chat completion?  Fills out; returns false
  * with out->problem set when not.  need_text: fw_complete wants
- * choices[0].message.content as a string.
+ * choices[0].message.content as a string, and not the whole response
+ * (out->response stays NULL; see fw_parse_completion_text).
  */
 bool
 fw_parse_completion(const char *body, size_t len, bool need_text, FwParsed *out)
 {
 	JsonbValue	v;
-	JsonbValue *first;
 	JsonbContainer *root;
 	JsonbContainer *usage;
-	JsonbContainer *msg;
 
 	memset(out, 0, sizeof(*out));
 	out->prompt_tokens = out->cached_tokens = out->completion_tokens = -1;
+
+	if (need_text)
+		return fw_parse_completion_text(body, len, out);
 
 	out->response = fw_parse_json(body, len, &out->problem);
 	if (out->response == NULL)
@@ -499,26 +813,6 @@ fw_parse_completion(const char *body, size_t len, bool need_text, FwParsed *out)
 		out->problem = "response has no choices";
 		return false;
 	}
-	if (!need_text)
-		return true;
-
-	first = getIthJsonbValueFromContainer(v.val.binary.data, 0);
-	if (first == NULL || first->type != jbvBinary ||
-		!JsonContainerIsObject(first->val.binary.data) ||
-		(msg = fw_object_field(first->val.binary.data, "message")) == NULL ||
-		!getKeyJsonValueFromContainer(msg, "content", 7, &v) ||
-		v.type != jbvString)
-	{
-		out->problem = "choices[0].message.content is not a string";
-		return false;
-	}
-	out->content = pnstrdup(v.val.string.val, v.val.string.len);
-
-	/* a typed answer cut by max_tokens is no answer (issue 12) */
-	if (getKeyJsonValueFromContainer(first->val.binary.data, "finish_reason", 13, &v) &&
-		v.type == jbvString && v.val.string.len == 6 &&
-		memcmp(v.val.string.val, "length", 6) == 0)
-		out->cut_off = true;
 	return true;
 }
 

@@ -219,6 +219,89 @@ fw_name_datum(const NameData *src, int encoding)
 	return NameGetDatum(dst);
 }
 
+/*
+ * Values that repeat from row to row, made once (issue 15: a text datum
+ * is a palloc and a copy, a name a 64-byte palloc0 and a scan, for every
+ * row): the enum columns' few texts, and the last database, user,
+ * workload and model seen with their encoding (a batch is mostly the
+ * calls of a few workloads).  In TopMemoryContext; a replaced value is
+ * freed only when the next insert starts, the rows before it having been
+ * formed (the slots and the SQL insert's arrays copy what they point to).
+ */
+typedef struct FwLastDatum
+{
+	bool		valid;
+	int			encoding;
+	char		key[FW_MODELLEN];	/* the record's bytes; every string
+									 * field is at most this long */
+	Datum		value;
+} FwLastDatum;
+
+static FwLastDatum fw_last_dbname;
+static FwLastDatum fw_last_username;
+static FwLastDatum fw_last_workload;
+static FwLastDatum fw_last_model;
+static List *fw_last_retired = NIL;	/* replaced values, freed by the next
+										 * insert (fw_last_release) */
+
+/* Free replaced values: called before an insert forms its rows. */
+static void
+fw_last_release(void)
+{
+	list_free_deep(fw_last_retired);
+	fw_last_retired = NIL;
+}
+
+/* a constant text, made on first use */
+static Datum
+fw_const_text(Datum *cache, const char *s)
+{
+	if (*cache == (Datum) 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		*cache = CStringGetTextDatum(s);
+		MemoryContextSwitchTo(old);
+	}
+	return *cache;
+}
+
+/*
+ * The datum of record string s (terminated, shorter than FW_MODELLEN):
+ * the last one made when s and its encoding are the same, else a new one
+ * (is_name: a name column, else text).
+ */
+static Datum
+fw_last_datum(FwLastDatum *c, const char *s, int encoding, bool is_name)
+{
+	MemoryContext old;
+	Datum		v;
+
+	if (c->valid && c->encoding == encoding && strcmp(c->key, s) == 0)
+		return c->value;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	if (is_name)
+		v = fw_name_datum((const NameData *) s, encoding);
+	else
+	{
+		char	   *clean;
+
+		MemoryContextSwitchTo(old);
+		clean = fw_clean_text(s, encoding);
+		MemoryContextSwitchTo(TopMemoryContext);
+		v = CStringGetTextDatum(clean);
+	}
+	/* earlier rows of this insert may still point at the value it had */
+	if (c->valid)
+		fw_last_retired = lappend(fw_last_retired, DatumGetPointer(c->value));
+	MemoryContextSwitchTo(old);
+	c->value = v;
+	c->encoding = encoding;
+	strlcpy(c->key, s, sizeof(c->key));
+	c->valid = true;
+	return v;
+}
+
 /* -1 (and any negative) is unknown: NULL */
 static Datum
 fw_int_datum(int32 v, bool *isnull)
@@ -254,33 +337,38 @@ fw_col_started_at(FwRow *w, bool *isnull)
 static Datum
 fw_col_database(FwRow *w, bool *isnull)
 {
-	return fw_name_datum(&w->r->dbname, w->d->encoding);
+	return fw_last_datum(&fw_last_dbname, NameStr(w->r->dbname), w->d->encoding, true);
 }
 static Datum
 fw_col_username(FwRow *w, bool *isnull)
 {
-	return fw_name_datum(&w->r->username, w->d->encoding);
+	return fw_last_datum(&fw_last_username, NameStr(w->r->username), w->d->encoding, true);
 }
 static Datum
 fw_col_workload(FwRow *w, bool *isnull)
 {
-	return fw_text_datum(w->r->workload, w->d->encoding, false, isnull);
+	return fw_last_datum(&fw_last_workload, w->r->workload, w->d->encoding, false);
 }
 static Datum
 fw_col_path(FwRow *w, bool *isnull)
 {
-	return CStringGetTextDatum(fw_path_name(w->path));
+	static Datum texts[FW_NUM_PATHS];
+
+	return fw_const_text(&texts[w->path], fw_path_name(w->path));
 }
 static Datum
 fw_col_model(FwRow *w, bool *isnull)
 {
-	return CStringGetTextDatum(w->model);
+	/* w->model is r->model cleaned, as fw_last_datum cleans it */
+	return fw_last_datum(&fw_last_model, w->r->model, w->d->encoding, false);
 }
 static Datum
 fw_col_service_tier(FwRow *w, bool *isnull)
 {
+	static Datum priority;
+
 	*isnull = !w->r->priority_sent;
-	return *isnull ? (Datum) 0 : CStringGetTextDatum("priority");
+	return *isnull ? (Datum) 0 : fw_const_text(&priority, "priority");
 }
 static Datum
 fw_col_escalated(FwRow *w, bool *isnull)
@@ -296,7 +384,9 @@ fw_col_http_status(FwRow *w, bool *isnull)
 static Datum
 fw_col_outcome(FwRow *w, bool *isnull)
 {
-	return CStringGetTextDatum(fw_outcome_name(w->outcome));
+	static Datum texts[FW_NUM_OUTCOMES];
+
+	return fw_const_text(&texts[w->outcome], fw_outcome_name(w->outcome));
 }
 static Datum
 fw_col_prompt_tokens(FwRow *w, bool *isnull)
@@ -381,10 +471,12 @@ fw_col_origin_node(FwRow *w, bool *isnull)
 static Datum
 fw_col_kind(FwRow *w, bool *isnull)
 {
+	static Datum texts[FW_NUM_KINDS];
 	int			k = w->r->kind;
 
-	return CStringGetTextDatum(fw_kind_name((k > 0 && k < FW_NUM_KINDS) ?
-											(FwCallKind) k : FW_KIND_CHAT));
+	if (k <= 0 || k >= FW_NUM_KINDS)
+		k = FW_KIND_CHAT;
+	return fw_const_text(&texts[k], fw_kind_name((FwCallKind) k));
 }
 
 /*
@@ -539,6 +631,7 @@ fw_fast_insert(Oid relid, int first, int n)
 	TupleTableSlot **slots = fw_slots;
 	bool		check = (RelationGetDescr(rel)->constr != NULL);
 
+	fw_last_release();
 	if (fw_slot_desc == NULL)
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -654,6 +747,7 @@ fw_sql_insert(int first, int n)
 	int			ret;
 
 	fw_sql_prepare();
+	fw_last_release();
 	if (fw_col_values == NULL)
 	{
 		fw_col_values = MemoryContextAlloc(TopMemoryContext,

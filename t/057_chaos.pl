@@ -46,7 +46,9 @@ my $connstr = $node->connstr('postgres');
 
 sub server_up
 {
-	my ($rc) = $node->psql('postgres', 'SELECT 1', timeout => 20);
+	# psql may exit before it reads its input (the server is still in
+	# recovery): IPC::Run then dies on the broken pipe, which is "not up"
+	my $rc = eval { ($node->psql('postgres', 'SELECT 1', timeout => 20))[0] };
 	return defined $rc && $rc == 0;
 }
 
@@ -72,7 +74,10 @@ for my $n (1 .. $CLIENTS)
 		my $k = 0;
 		open(STDERR, '>', '/dev/null');
 		$ENV{PGOPTIONS} = '-c statement_timeout=60s';
-		while (!-e "$dir/stop")
+		my $parent = getppid();
+		# the test stops the clients; a test that died cannot, so also stop
+		# when its process is gone
+		while (!-e "$dir/stop" && getppid() == $parent)
 		{
 			$k++;
 			my $sql =
