@@ -22,6 +22,7 @@ OBJS = \
 	src/jsonschema.o \
 	src/engine.o \
 	src/embed.o \
+	src/enrich.o \
 	src/sqlfuncs.o
 
 EXTENSION = fw_tier

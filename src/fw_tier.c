@@ -451,6 +451,8 @@ _PG_init(void)
 							&fw_max_output_tokens, 4096, 1, 1000000,
 							PGC_SUSET, 0, NULL, NULL, NULL);
 
+	fw_enrich_init();			/* issue 14: its GUC and shared slots */
+
 	MarkGUCPrefixReserved("fw_tier");
 
 	fw_shmem_install_hooks();

@@ -1,0 +1,255 @@
+# Continuous enrichment (issue 14): fw_enrich_create and its workers.
+#
+# Pins: create refuses bad templates (22023), unknown columns (42703),
+# tables without a primary key (55000) and roles without the rights
+# (42501); 10,000 rows by COPY all get the simulator's answer for their
+# own prompt, one paid request each; an UPDATE of an unreferenced column
+# sends nothing, of the referenced one re-enriches only those rows; a row
+# updated while its request is in flight ends with the answer for its
+# latest value; pause holds the queue, resume drains it; a failing row
+# goes to fw_tier.enrich_dead_letters after max_attempts and
+# fw_enrich_retry brings it back; answers saved while the rows were locked
+# survive a worker SIGKILL and are written without paying again; a
+# SIGKILL, a cancel and a server restart mid-run lose nothing; the worker
+# shows in pg_stat_activity; fw_enrich_drop removes the triggers and the
+# queue, and later inserts send nothing.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+use FindBin;
+use lib "$FindBin::Bin";
+use FwSim;
+
+plan skip_all => 'FWSIM is not set' unless $ENV{FWSIM} && -x $ENV{FWSIM};
+
+my $sim = FwSim->start('--time-scale', '0');
+
+my $node = PostgreSQL::Test::Cluster->new('enrich');
+$node->init;
+$node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'fw_tier'
+fw_tier.base_url = '@{[$sim->url]}/inference/v1'
+fw_tier.flush_interval = '50ms'
+fw_tier.max_concurrency = 32
+max_worker_processes = 16
+restart_after_crash = on
+});
+$node->start;
+$node->safe_psql('postgres', q{
+CREATE EXTENSION fw_tier;
+CREATE ROLE app LOGIN;
+CREATE ROLE other LOGIN;
+CREATE SCHEMA appdata AUTHORIZATION app;
+GRANT USAGE ON SCHEMA appdata TO other;
+GRANT EXECUTE ON FUNCTION fw_enrich_create(text, regclass, name, text, text, jsonb) TO app, other;
+GRANT EXECUTE ON FUNCTION fw_enrich_drop(text), fw_enrich_pause(text),
+	fw_enrich_resume(text), fw_enrich_retry(text) TO app, other;
+SET ROLE app;
+CREATE TABLE appdata.docs (id int PRIMARY KEY, body text, note text, summary text);
+CREATE TABLE appdata.nokey (id int, body text, summary text);
+GRANT SELECT ON appdata.docs TO other;
+});
+
+sub paid
+{
+	my $s = $sim->stats;
+	my $n = 0;
+	$n += $s->{paths}{$_}{ok} for keys %{ $s->{paths} };
+	return $n;
+}
+
+# wait (bounded) until the condition query returns 't'
+sub wait_for
+{
+	my ($sql, $what, $secs) = @_;
+	$secs //= 90;
+	my $deadline = time + $secs;
+	while (time < $deadline)
+	{
+		return 1 if $node->safe_psql('postgres', $sql) eq 't';
+		usleep(100_000);
+	}
+	diag("timed out waiting for $what: "
+		  . $node->safe_psql('postgres', 'SELECT * FROM fw_tier.enrich_status'));
+	return 0;
+}
+
+sub drained
+{
+	my ($what) = @_;
+	return wait_for(q{SELECT queued = 0 AND in_flight = 0 FROM fw_tier.enrich_status WHERE name = 'sum'},
+		$what);
+}
+
+sub wrong
+{
+	return $node->safe_psql('postgres',
+		q{SELECT count(*) FROM appdata.docs WHERE summary IS DISTINCT FROM 'Echo: Summarise: ' || body});
+}
+
+# --- create: the checks -------------------------------------------------
+my @bad = (
+	[ q|'x', 'appdata.docs', 'summary', 'Summarise {body'|, '22023', 'an unclosed brace' ],
+	[ q|'x', 'appdata.docs', 'summary', 'Summarise } {body}'|, '22023', 'a lone closing brace' ],
+	[ q{'x', 'appdata.docs', 'summary', 'Summarise: {bodyy}'}, '42703', 'an unknown column' ],
+	[ q{'x', 'appdata.docs', 'summary', 'Summarise: {summary}'}, '22023', 'the target in the prompt' ],
+	[ q{'x', 'appdata.nokey', 'summary', 'Summarise: {body}'}, '55000', 'a table without a primary key' ],
+	[ q{'x', 'appdata.docs', 'summary', 'Summarise: {body}', 'nosuch'}, '22023', 'an unknown workload' ],
+);
+for my $b (@bad)
+{
+	my ($rc, $out, $err) = $node->psql('postgres',
+		"\\set VERBOSITY verbose\nSET ROLE app; SELECT fw_enrich_create($b->[0]);");
+	like($err, qr/ERROR:  $b->[1]/, "create refuses $b->[2] ($b->[1])");
+}
+{
+	my ($rc, $out, $err) = $node->psql('postgres',
+		"\\set VERBOSITY verbose\nSET ROLE other; SELECT fw_enrich_create('x', 'appdata.docs', 'summary', 'S: {body}');");
+	like($err, qr/ERROR:  42501/, 'a role with SELECT but no UPDATE on the target may not create one');
+}
+is($node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.enrichments'), 0, 'nothing was registered');
+
+# --- 10,000 rows by COPY ------------------------------------------------
+$node->safe_psql('postgres', q{SET ROLE app;
+SELECT fw_enrich_create('sum', 'appdata.docs', 'summary', 'Summarise: {body}', 'batch',
+						'{"max_attempts": 2}')});
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_trigger WHERE tgrelid = 'appdata.docs'::regclass AND NOT tgisinternal}),
+	2, 'two triggers on the table');
+
+my $p0 = paid();
+my $copy = "COPY appdata.docs (id, body) FROM STDIN;\n"
+  . join('', map { "$_\tdocument {number} $_ {{x}}\n" } 1 .. 10000) . "\\.\n";
+$node->safe_psql('postgres', "SET ROLE app;\n$copy");
+ok(drained('the COPY'), '10,000 rows enriched');
+is(wrong(), 0, 'every row has the answer for its own prompt (braces in values stay as they are)');
+is(paid() - $p0, 10000, 'one paid request per row');
+is( $node->safe_psql('postgres',
+		q{SELECT done FROM fw_tier.enrich_status WHERE name = 'sum'}),
+	10000, 'enrich_status counts them done');
+
+# --- updates --------------------------------------------------------------
+$p0 = paid();
+$node->safe_psql('postgres', q{UPDATE appdata.docs SET note = 'n' WHERE id <= 100});
+sleep 2;
+is(paid() - $p0, 0, 'an UPDATE of a column the prompt does not name sends nothing');
+$node->safe_psql('postgres',
+	q{UPDATE appdata.docs SET body = 'changed ' || id WHERE id BETWEEN 101 AND 150});
+ok(drained('the update'), 'updated rows drained');
+is(wrong(), 0, 'the changed rows have their new answers');
+is(paid() - $p0, 50, 'only the 50 changed rows were sent');
+
+# --- a row updated while its request is in flight ------------------------
+$node->safe_psql('postgres',
+	q{UPDATE appdata.docs SET body = '[fwsim:slow=1500] first' WHERE id = 1});
+ok( wait_for(
+		q{SELECT count(*) = 1 FROM fw_tier.enrich_queue WHERE state = 'in_flight'},
+		'the slow request in flight', 30),
+	'the slow request is in flight');
+$node->safe_psql('postgres', q{UPDATE appdata.docs SET body = 'second' WHERE id = 1});
+ok(drained('the in-flight update'), 'drained');
+is( $node->safe_psql('postgres', 'SELECT summary FROM appdata.docs WHERE id = 1'),
+	'Echo: Summarise: second', 'the row ends with the answer for its latest value');
+
+# --- pause / resume ------------------------------------------------------
+$node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_pause('sum')});
+$p0 = paid();
+$node->safe_psql('postgres',
+	q{UPDATE appdata.docs SET body = 'paused ' || id WHERE id BETWEEN 201 AND 210});
+sleep 2;
+is(paid() - $p0, 0, 'paused: nothing sent');
+is( $node->safe_psql('postgres',
+		q{SELECT queued || ' ' || paused FROM fw_tier.enrich_status WHERE name = 'sum'}),
+	'10 true', 'paused: 10 queued');
+$node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_resume('sum')});
+ok(drained('resume'), 'resumed');
+is(wrong(), 0, 'the rows updated while paused are enriched');
+is(paid() - $p0, 10, 'ten requests');
+
+# --- dead letters and retry ---------------------------------------------
+$sim->rule(fault => 'status', status => 400, count => 2);
+$node->safe_psql('postgres', q{INSERT INTO appdata.docs (id, body) VALUES (20001, 'doomed')});
+ok( wait_for(q{SELECT failed = 1 FROM fw_tier.enrich_status WHERE name = 'sum'}, 'the dead letter', 30),
+	'after max_attempts (2) the row is a dead letter')
+  or diag($node->safe_psql('postgres', q{SELECT * FROM fw_tier.enrich_queue; SELECT fw_flush(); SELECT call_id, attempt, outcome, http_status, error FROM fw_tier.calls ORDER BY started_at DESC LIMIT 5}));
+like( $node->safe_psql('postgres',
+		q{SET ROLE app; SELECT pk::text || ' ' || attempts || ' ' || last_error FROM fw_tier.enrich_dead_letters}),
+	qr/^\{"id": 20001\} 2 client_error/, 'the dead letter names the row, its attempts and last error');
+is( $node->safe_psql('postgres', q{SET ROLE other; SELECT count(*) FROM fw_tier.enrich_dead_letters}),
+	0, 'another role does not see them');
+is($node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_retry('sum')}), 1, 'retry puts it back');
+ok(drained('retry'), 'retried');
+is(wrong(), 0, 'the retried row is enriched');
+
+# --- answers saved while the rows are locked survive a SIGKILL ----------
+my $locker = $node->background_psql('postgres');
+$p0 = paid();
+$node->safe_psql('postgres',
+	q{INSERT INTO appdata.docs (id, body) SELECT g, 'locked ' || g FROM generate_series(30001, 30300) g});
+$locker->query_safe(q{BEGIN; SELECT id FROM appdata.docs WHERE id > 30000 FOR UPDATE});
+ok( wait_for(q{SELECT count(*) FILTER (WHERE summary IS NULL) =
+			(SELECT count(*) FROM fw_tier.enrich_queue WHERE answer IS NOT NULL AND state = 'queued')
+		FROM appdata.docs WHERE id > 30000}, 'the saved answers', 60),
+	'every answer not written back (rows locked) is saved in its queue item');
+my $saved = $node->safe_psql('postgres', q{SELECT count(*) FROM fw_tier.enrich_queue WHERE answer IS NOT NULL});
+cmp_ok($saved, '>', 0, "answers saved: $saved");
+my $wpid = $node->safe_psql('postgres',
+	q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich'});
+like($wpid, qr/^\d+$/, 'one enrich worker in pg_stat_activity');
+like( $node->safe_psql('postgres', "SELECT application_name FROM pg_stat_activity WHERE pid = $wpid"),
+	qr/^fw_tier enrich postgres$/, 'application_name names the database');
+kill 'KILL', $wpid;
+eval { $locker->quit; };
+$node->poll_query_until('postgres', 'SELECT true') or die;
+ok(drained('after the SIGKILL'), 'drained after the crash restart');
+is(wrong(), 0, 'every locked row enriched');
+is(paid() - $p0, 300, 'the saved answers were written without paying again');
+
+# --- SIGKILL, cancel and restart mid-run: nothing lost --------------------
+$sim->post('/control/config', { time_scale => 0.2 });
+for my $how ('kill', 'cancel', 'restart')
+{
+	my $base = { kill => 40000, cancel => 50000, restart => 60000 }->{$how};
+	$p0 = paid();
+	$node->safe_psql('postgres',
+		"INSERT INTO appdata.docs (id, body) SELECT g, '$how ' || g FROM generate_series($base + 1, $base + 600) g");
+	ok( wait_for(
+			"SELECT count(summary) >= 64 FROM appdata.docs WHERE id > $base", "some answers ($how)", 60),
+		"$how: the run is under way");
+	my $pid = $node->safe_psql('postgres',
+		q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich'});
+	if ($how eq 'kill') { kill 'KILL', $pid; }
+	elsif ($how eq 'cancel') { $node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)"); }
+	else { $node->restart; }
+	$node->poll_query_until('postgres', 'SELECT true') or die;
+	ok(drained("after $how"), "$how: drained");
+	is(wrong(), 0, "$how: every row has the answer for its own prompt");
+	my $extra = paid() - $p0 - 600;
+	cmp_ok($extra, '>=', 0, "$how: every row was paid for");
+	cmp_ok($extra, '<=', 32, "$how: at most the requests in flight at the $how paid again ($extra)");
+	if ($how eq 'cancel')
+	{
+		is( $node->safe_psql('postgres',
+				q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich'}),
+			$pid, 'cancel: the same worker went on');
+	}
+}
+$sim->post('/control/config', { time_scale => 0 });
+
+# --- drop -----------------------------------------------------------------
+$node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('sum')});
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_trigger WHERE tgrelid = 'appdata.docs'::regclass AND NOT tgisinternal}),
+	0, 'drop removes the triggers');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.enrich_queue'), 0, 'and the queue');
+$p0 = paid();
+$node->safe_psql('postgres', q{INSERT INTO appdata.docs (id, body) VALUES (99999, 'after drop')});
+sleep 2;
+is(paid() - $p0, 0, 'an insert after the drop sends nothing');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.enrichments'), 0, 'the registry is empty');
+
+$node->stop;
+done_testing();
