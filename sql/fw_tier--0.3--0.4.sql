@@ -58,7 +58,8 @@ CREATE TABLE fw_tier.enrichments (
 );
 SELECT pg_catalog.pg_extension_config_dump('fw_tier.enrichments', '');
 SELECT pg_catalog.pg_extension_config_dump('fw_tier.enrichments_id_seq', '');
-GRANT SELECT ON fw_tier.enrichments TO PUBLIC;
+-- the sequence too: a database owner who is no superuser dumps them (README)
+GRANT SELECT ON fw_tier.enrichments, fw_tier.enrichments_id_seq TO PUBLIC;
 
 CREATE TABLE fw_tier.enrich_queue (
 	enrichment		integer NOT NULL REFERENCES fw_tier.enrichments (id) ON DELETE CASCADE,
