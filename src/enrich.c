@@ -551,6 +551,7 @@ typedef struct FwEnrichItem
 	char	   *saved;			/* a saved answer, or NULL */
 	char		saved_md5[33];
 	int			call;			/* index in job->calls, -1 = none */
+	char	   *err;			/* the run's error, charged to this item */
 	bool		handled;
 } FwEnrichItem;
 
@@ -1083,7 +1084,7 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 	{
 		FwEnrichItem *it = &job->items[i];
 
-		if (!it->handled && (it->call < 0 || job->calls[it->call].finished))
+		if (!it->handled && (it->call < 0 || it->err || job->calls[it->call].finished))
 			any = true;
 	}
 	if (!any)
@@ -1127,9 +1128,11 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 			continue;
 		}
 		c = &job->calls[it->call];
-		if (!c->finished)
+		if (it->err && !c->finished)
+			fw_enrich_finish_item(job, it, NULL, NULL, it->err);
+		else if (!c->finished)
 			continue;
-		if (c->ok)
+		else if (c->ok)
 			fw_enrich_finish_item(job, it, job->json ? NULL : c->content,
 								  job->json ? c->output : NULL, NULL);
 		else
@@ -1231,6 +1234,29 @@ fw_enrich_chunk(int id, MemoryContext cxt)
 		if (job->calls)
 		{
 			bool		stop = fw_enrich_stop;
+
+			/*
+			 * Not a cancel: an error of the run itself (a replay miss, a
+			 * bad setting) came from the first call not finished, in the
+			 * order the engine starts them; that item is charged with it
+			 * (so a replay miss becomes a dead letter, not a loop), the
+			 * others go back to the queue uncharged.
+			 */
+			if (edata->sqlerrcode != ERRCODE_QUERY_CANCELED)
+			{
+				int			first = -1;
+
+				for (int i = 0; i < job->nitems; i++)
+				{
+					FwEnrichItem *it = &job->items[i];
+
+					if (it->call >= 0 && !job->calls[it->call].finished &&
+						(first < 0 || it->call < job->items[first].call))
+						first = i;
+				}
+				if (first >= 0)
+					job->items[first].err = psprintf("error: %s", edata->message);
+			}
 
 			/* the cancel was for the engine, not for the write-back */
 			QueryCancelPending = false;
