@@ -49,7 +49,7 @@ CREATE TABLE fw_tier.enrichments (
 	workload		text NOT NULL,
 	options			jsonb NOT NULL,		-- as given to fw_enrich_create
 	kind			text NOT NULL
-					CHECK (kind OPERATOR(pg_catalog.=) ANY (ARRAY['complete', 'json']::pg_catalog.text[])),
+					CHECK (kind OPERATOR(pg_catalog.=) ANY (ARRAY['complete', 'json', 'embed']::pg_catalog.text[])),
 	max_attempts	integer NOT NULL
 					CHECK (max_attempts OPERATOR(pg_catalog.>=) 1 AND max_attempts OPERATOR(pg_catalog.<=) 100),
 	owner			oid NOT NULL,		-- the creating role: the worker writes as it
@@ -213,6 +213,7 @@ DECLARE
 	maxatt	integer;
 	e		fw_tier.enrichments;
 	ttype	oid;
+	atype	oid;
 BEGIN
 	IF ename IS NULL OR src IS NULL OR target IS NULL OR template IS NULL
 	   OR wl IS NULL OR opts IS NULL THEN
@@ -278,16 +279,24 @@ BEGIN
 	END IF;
 
 	k := coalesce(opts ->> 'kind', 'complete');
-	IF k NOT IN ('complete', 'json') THEN
+	IF k NOT IN ('complete', 'json', 'embed') THEN
 		RAISE EXCEPTION 'unsupported enrichment kind "%"', k
-			USING ERRCODE = '22023', HINT = 'Use "complete" or "json".';
+			USING ERRCODE = '22023', HINT = 'Use "complete", "json" or "embed".';
+	END IF;
+	-- the answer is assigned to the target: the type must take it
+	atype := CASE k WHEN 'json' THEN 'jsonb'::regtype WHEN 'embed' THEN 'real[]'::regtype
+					ELSE 'text'::regtype END;
+	IF NOT (ttype = atype
+			OR (SELECT typcategory FROM pg_catalog.pg_type WHERE oid = ttype) = 'S'
+			OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast
+						WHERE castsource = atype AND casttarget = ttype AND castcontext IN ('a', 'i'))) THEN
+		RAISE EXCEPTION 'kind "%" cannot write column "%" of type %', k, target, ttype::regtype
+			USING ERRCODE = '42804',
+				  HINT = 'complete writes text, json jsonb, embed real[] (or pgvector''s vector).';
 	END IF;
 	IF k = 'json' THEN
 		IF NOT opts ? 'schema' THEN
 			RAISE EXCEPTION 'kind "json" needs options.schema' USING ERRCODE = '22023';
-		END IF;
-		IF ttype NOT IN ('jsonb'::regtype, 'json'::regtype, 'text'::regtype) THEN
-			RAISE EXCEPTION 'kind "json" writes a jsonb, json or text column' USING ERRCODE = '42804';
 		END IF;
 		PERFORM fw_tier.json_options(opts -> 'schema');	-- checks the schema
 	END IF;

@@ -108,6 +108,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "embed.h"
 #include "engine.h"
 #include "fwjson.h"
 #include "jsonschema.h"
@@ -117,6 +118,11 @@
 #define FW_ENRICH_IDLE_MS	10000	/* a worker with nothing to do leaves */
 #define FW_ENRICH_RECOVER_MS 10000	/* look for orphaned in_flight items */
 #define FW_ENRICH_ERRLEN	500 /* last_error kept, bytes */
+
+/* options.kind */
+#define FW_ENRICH_COMPLETE	0
+#define FW_ENRICH_JSON		1
+#define FW_ENRICH_EMBED		2
 
 int			fw_enrich_workers = 1;
 
@@ -559,7 +565,11 @@ typedef struct FwEnrichJob
 {
 	int			id;
 	Oid			owner;
-	bool		json;
+	int			kind;			/* FW_ENRICH_* */
+	Oid			type;			/* the answer's: text, jsonb or real[] */
+	Oid			typinput;
+	Oid			typoutput;
+	Oid			typioparam;
 	int			max_attempts;
 	int			concurrency;
 	int			chunk;
@@ -738,7 +748,17 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	tmpl = fw_getstr(tup, td, 4);
 	keys = DatumGetArrayTypeP(SPI_getbinval(tup, td, 5, &isnull));
 	job->workload = fw_getstr(tup, td, 6);
-	job->json = strcmp(fw_getstr(tup, td, 7), "json") == 0;
+	{
+		char	   *k = fw_getstr(tup, td, 7);
+		bool		varlena;
+
+		job->kind = strcmp(k, "json") == 0 ? FW_ENRICH_JSON :
+			strcmp(k, "embed") == 0 ? FW_ENRICH_EMBED : FW_ENRICH_COMPLETE;
+		job->type = job->kind == FW_ENRICH_JSON ? JSONBOID :
+			job->kind == FW_ENRICH_EMBED ? FLOAT4ARRAYOID : TEXTOID;
+		getTypeInputInfo(job->type, &job->typinput, &job->typioparam);
+		getTypeOutputInfo(job->type, &job->typoutput, &varlena);
+	}
 	d = SPI_getbinval(tup, td, 8, &isnull);
 	job->options = isnull ? NULL : DatumGetJsonbPCopy(d);
 	d = SPI_getbinval(tup, td, 9, &isnull);
@@ -751,7 +771,7 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	d = SPI_getbinval(tup, td, 12, &isnull);
 	job->chunk = isnull ? Min(8 * job->concurrency, 2000) : Max(1, Min(DatumGetInt32(d), 10000));
 
-	if (job->json)
+	if (job->kind == FW_ENRICH_JSON)
 	{
 		fw_schema_check(job->schema);
 		job->options = fw_json_options(job->options, job->schema);
@@ -891,8 +911,8 @@ fw_enrich_claim(FwEnrichJob *job)
  * caller's transaction.  answer NULL: the call failed with err.
  */
 static void
-fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, const char *answer,
-					  Jsonb *janswer, const char *err)
+fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
+					  const char *answer, const char *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -919,7 +939,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, const char *answer,
 								   3, qtypes, qv, NULL, false, 1);
 		if (rc != SPI_OK_SELECT || SPI_processed != 1)
 			fail = NULL;		/* not ours any more: nothing to do */
-		else if (answer != NULL || janswer != NULL)
+		else if (answer != NULL)
 		{
 			Oid			ltypes[1] = {TEXTOID};
 			Datum		lv[1] = {qv[1]};
@@ -949,7 +969,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, const char *answer,
 				{
 					Datum		uv[2];
 
-					uv[0] = janswer ? JsonbPGetDatum(janswer) : CStringGetTextDatum(answer);
+					uv[0] = value;
 					uv[1] = tid;
 					rc = SPI_execute_plan(job->p_update, uv, NULL, false, 0);
 					if (rc != SPI_OK_UPDATE)
@@ -977,7 +997,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, const char *answer,
 				if (rc == SPI_OK_SELECT && SPI_processed == 1)
 				{
 					/* a writer holds the row: keep the answer, look again soon */
-					qv[3] = CStringGetTextDatum(janswer ? JsonbToCString(NULL, &janswer->root, VARSIZE(janswer)) : answer);
+					qv[3] = CStringGetTextDatum(answer);
 					qv[4] = CStringGetTextDatum(it->md5);
 					fw_q("UPDATE fw_tier.enrich_queue SET state = 'queued', claimed_by = NULL,"
 						 " claimed_at = NULL, answer = $4, answer_md5 = $5,"
@@ -1014,7 +1034,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, const char *answer,
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 		fail = psprintf("write-back: %s", edata->message);
-		save = (answer != NULL || janswer != NULL);
+		save = (answer != NULL);
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
@@ -1030,7 +1050,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, const char *answer,
 		fv[3] = Int32GetDatum(job->max_attempts);
 		if (save)
 		{
-			fv[4] = CStringGetTextDatum(janswer ? JsonbToCString(NULL, &janswer->root, VARSIZE(janswer)) : answer);
+			fv[4] = CStringGetTextDatum(answer);
 			fv[5] = CStringGetTextDatum(it->md5);
 			qn[4] = qn[5] = ' ';
 		}
@@ -1102,7 +1122,7 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 	if (job->p_lock == NULL)
 	{
 		Oid			t1[1] = {TEXTOID};
-		Oid			t2[2] = {job->json ? JSONBOID : TEXTOID, TIDOID};
+		Oid			t2[2] = {job->type, TIDOID};
 
 		fw_as(job->owner);
 		job->p_lock = fw_plan(job->sql_lock, 1, t1);
@@ -1120,23 +1140,34 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 		if (it->call < 0)
 		{
 			/* nothing to send, or a saved answer still good */
-			fw_enrich_finish_item(job, it, (it->prompt && it->saved) ? it->saved : NULL,
-								  (it->prompt && it->saved && job->json) ?
-								  DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(it->saved))) : NULL,
-								  NULL);
+			if (it->prompt && it->saved)
+				fw_enrich_finish_item(job, it,
+									  OidInputFunctionCall(job->typinput, it->saved, job->typioparam, -1),
+									  it->saved, NULL);
+			else
+				fw_enrich_finish_item(job, it, (Datum) 0, NULL, NULL);
 			it->handled = true;
 			continue;
 		}
 		c = &job->calls[it->call];
 		if (it->err && !c->finished)
-			fw_enrich_finish_item(job, it, NULL, NULL, it->err);
+			fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
 		else if (!c->finished)
 			continue;
 		else if (c->ok)
-			fw_enrich_finish_item(job, it, job->json ? NULL : c->content,
-								  job->json ? c->output : NULL, NULL);
+		{
+			Datum		v;
+
+			if (job->kind == FW_ENRICH_JSON)
+				v = JsonbPGetDatum(c->output);
+			else if (job->kind == FW_ENRICH_EMBED)
+				v = PointerGetDatum(fw_embed_answer(c));
+			else
+				v = CStringGetTextDatum(c->content);
+			fw_enrich_finish_item(job, it, v, OidOutputFunctionCall(job->typoutput, v), NULL);
+		}
 		else
-			fw_enrich_finish_item(job, it, NULL, NULL,
+			fw_enrich_finish_item(job, it, (Datum) 0, NULL,
 								  psprintf("%s: %s", fw_outcome_name(c->outcome),
 										   c->detail ? c->detail : "no detail"));
 		it->handled = true;
@@ -1198,10 +1229,15 @@ fw_enrich_chunk(int id, MemoryContext cxt)
 				continue;
 			it->saved = NULL;
 			c = &job->calls[job->ncalls];
-			fw_call_init(c, job->workload, fw_messages_from_prompt(it->prompt),
-						 job->options, true);
-			c->prompt_text = it->prompt;
-			c->schema = job->json ? job->schema : NULL;
+			if (job->kind == FW_ENRICH_EMBED)
+				fw_embed_prepare(c, job->workload, it->prompt, job->options);
+			else
+			{
+				fw_call_init(c, job->workload, fw_messages_from_prompt(it->prompt),
+							 job->options, true);
+				c->prompt_text = it->prompt;
+				c->schema = job->kind == FW_ENRICH_JSON ? job->schema : NULL;
+			}
 			it->call = job->ncalls++;
 		}
 		if (job->ncalls > 0)

@@ -69,7 +69,9 @@ sub wait_for
 	my $deadline = time + $secs;
 	while (time < $deadline)
 	{
-		return 1 if $node->safe_psql('postgres', $sql) eq 't';
+		# a crash restart may be under way: an error is "not yet"
+		my ($rc, $out) = $node->psql('postgres', $sql);
+		return 1 if $rc == 0 && $out eq 't';
 		usleep(100_000);
 	}
 	diag("timed out waiting for $what: "
@@ -79,8 +81,9 @@ sub wait_for
 
 sub drained
 {
-	my ($what) = @_;
-	return wait_for(q{SELECT queued = 0 AND in_flight = 0 FROM fw_tier.enrich_status WHERE name = 'sum'},
+	my ($what, $name) = @_;
+	$name //= 'sum';
+	return wait_for("SELECT queued = 0 AND in_flight = 0 FROM fw_tier.enrich_status WHERE name = '$name'",
 		$what);
 }
 
@@ -203,6 +206,7 @@ like( $node->safe_psql('postgres', "SELECT application_name FROM pg_stat_activit
 	qr/^fw_tier enrich postgres$/, 'application_name names the database');
 kill 'KILL', $wpid;
 eval { $locker->quit; };
+usleep(200_000) while kill 0, $wpid;
 $node->poll_query_until('postgres', 'SELECT true') or die;
 ok(drained('after the SIGKILL'), 'drained after the crash restart');
 is(wrong(), 0, 'every locked row enriched');
@@ -221,7 +225,7 @@ for my $how ('kill', 'cancel', 'restart')
 		"$how: the run is under way");
 	my $pid = $node->safe_psql('postgres',
 		q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich'});
-	if ($how eq 'kill') { kill 'KILL', $pid; }
+	if ($how eq 'kill') { kill 'KILL', $pid; usleep(200_000) while kill 0, $pid; }
 	elsif ($how eq 'cancel') { $node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)"); }
 	else { $node->restart; }
 	$node->poll_query_until('postgres', 'SELECT true') or die;
@@ -238,6 +242,29 @@ for my $how ('kill', 'cancel', 'restart')
 	}
 }
 $sim->post('/control/config', { time_scale => 0 });
+
+# --- kinds: json (with a schema) and embed ---------------------------------
+my $schema = '{"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}';
+$node->safe_psql('postgres', qq{SET ROLE app;
+CREATE TABLE appdata.items (id bigint PRIMARY KEY, title text, meta jsonb, emb real[], n bigint);
+SELECT fw_enrich_create('meta', 'appdata.items', 'meta', 'Classify: {title}', 'batch',
+						'{"kind": "json", "schema": $schema}');
+SELECT fw_enrich_create('emb', 'appdata.items', 'emb', '{title}', 'batch',
+						'{"kind": "embed", "dimensions": 8}');
+INSERT INTO appdata.items (id, title) SELECT g, 'item ' || g FROM generate_series(1, 20) g;});
+ok(drained('json', 'meta') && drained('embed', 'emb'), 'json and embed enrichments drained');
+is( $node->safe_psql('postgres', qq{SELECT count(*) FROM appdata.items
+		WHERE meta = fw_complete_json('Classify: ' || title, '$schema', 'batch')}),
+	20, 'kind json: each row holds fw_complete_json\'s answer for its prompt');
+is( $node->safe_psql('postgres', q{SELECT count(*) FROM appdata.items
+		WHERE emb = fw_embed(title, 'batch', '{"dimensions": 8}') AND array_length(emb, 1) = 8}),
+	20, 'kind embed: each row holds fw_embed\'s vector');
+{
+	my ($rc, $out, $err) = $node->psql('postgres',
+		"\\set VERBOSITY verbose\nSET ROLE app; SELECT fw_enrich_create('x', 'appdata.items', 'n', '{title}', 'batch', '{\"kind\": \"embed\"}');");
+	like($err, qr/ERROR:  42804/, 'embed into a bigint column is refused (42804)');
+}
+$node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('meta'); SELECT fw_enrich_drop('emb')});
 
 # --- drop -----------------------------------------------------------------
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('sum')});
