@@ -3,9 +3,10 @@
 -- settings, read when the worker starts), so the enriched column is the
 -- same on every run and nothing reaches the network; a row without a
 -- fixture is a dead letter (replay miss, 42704) and does not stop the
--- others; the template's {{ }} are literal braces; create's checks.
+-- others; the template's {{ }} are literal braces; create's checks; a
+-- dropped column or table takes the enrichment along (event trigger).
 \set VERBOSITY terse
-CREATE TABLE enr (id int PRIMARY KEY, body text, summary text);
+CREATE TABLE enr (id int PRIMARY KEY, body text, summary text, n int);
 SELECT fw_fixture('Summarise {one}: one', 'batch', 200, 'the first') IS NOT NULL AS fixture;
 SELECT fw_fixture('Summarise {one}: two', 'batch', 200, 'the second') IS NOT NULL AS fixture;
 DO $$ BEGIN
@@ -16,7 +17,8 @@ END $$;
 SELECT fw_enrich_create('bad', 'enr', 'summary', 'Summarise {body');
 SELECT fw_enrich_create('bad', 'enr', 'summary', 'Summarise {nosuch}');
 SELECT fw_enrich_create('bad', 'enr', 'summary', 'no column at all');
-SELECT fw_enrich_create('bad', 'enr', 'summary', '{body}', 'batch', '{"kind": "embed"}');
+SELECT fw_enrich_create('bad', 'enr', 'summary', '{body}', 'batch', '{"kind": "rerank"}');
+SELECT fw_enrich_create('bad', 'enr', 'n', '{body}', 'batch', '{"kind": "embed"}');
 
 SELECT fw_enrich_create('enr_sum', 'enr', 'summary', 'Summarise {{one}}: {body}', 'batch',
 						'{"max_attempts": 1}') > 0 AS created;
@@ -38,8 +40,18 @@ SELECT name, pk, attempts, last_error ~ '^error: no fw_tier fixture for request 
 SELECT name, queued, in_flight, done, failed, paused FROM fw_tier.enrich_status;
 
 SELECT fw_enrich_drop('enr_sum');
+-- dropping a column it names, or the table, drops the enrichment and its triggers
+SELECT fw_enrich_create('again', 'enr', 'summary', '{body}') > 0 AS created;
+ALTER TABLE enr DROP COLUMN n;		-- not one it names
+SELECT count(*) AS enrichments FROM fw_tier.enrichments;
+ALTER TABLE enr DROP COLUMN summary;
+SELECT count(*) AS enrichments FROM fw_tier.enrichments;
+SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'enr'::regclass;
+INSERT INTO enr VALUES (10, 'after the drop');
+SELECT fw_enrich_create('again', 'enr', 'body', 'x{id}') > 0 AS created;
+DROP TABLE enr;
 DO $$ BEGIN
 	EXECUTE format('ALTER DATABASE %I RESET fw_tier.mode', current_database());
 END $$;
-SELECT count(*) AS enrichments FROM fw_tier.enrichments;
-DROP TABLE enr;
+SELECT count(*) AS enrichments, (SELECT count(*) FROM fw_tier.enrich_queue) AS queued
+  FROM fw_tier.enrichments;

@@ -214,6 +214,7 @@ DECLARE
 	e		fw_tier.enrichments;
 	ttype	oid;
 	atype	oid;
+	watched	name[];
 BEGIN
 	IF ename IS NULL OR src IS NULL OR target IS NULL OR template IS NULL
 	   OR wl IS NULL OR opts IS NULL THEN
@@ -326,15 +327,17 @@ BEGIN
 		 FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.enrich_enqueue_insert(%L, %L, %s)',
 		'fw_enrich_' || e.id || '_insert', src, e.id, target,
 		(SELECT pg_catalog.string_agg(pg_catalog.quote_literal(x), ', ') FROM pg_catalog.unnest(keys) x));
+	-- what the trigger watches: the prompt's columns and the key, each once
+	watched := ARRAY(SELECT DISTINCT x FROM pg_catalog.unnest(cols || keys) x ORDER BY x);
 	EXECUTE pg_catalog.format(
 		'CREATE TRIGGER %I AFTER UPDATE OF %s ON %s FOR EACH ROW
 		 WHEN (ROW(%s)::pg_catalog.text IS DISTINCT FROM ROW(%s)::pg_catalog.text)
 		 EXECUTE FUNCTION fw_tier.enrich_enqueue_update(%L, %L, %s)',
 		'fw_enrich_' || e.id || '_update',
-		(SELECT pg_catalog.string_agg(pg_catalog.quote_ident(x), ', ') FROM pg_catalog.unnest(cols || keys) x),
+		(SELECT pg_catalog.string_agg(pg_catalog.quote_ident(x), ', ') FROM pg_catalog.unnest(watched) x),
 		src,
-		(SELECT pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(x), ', ') FROM pg_catalog.unnest(cols || keys) x),
-		(SELECT pg_catalog.string_agg('NEW.' || pg_catalog.quote_ident(x), ', ') FROM pg_catalog.unnest(cols || keys) x),
+		(SELECT pg_catalog.string_agg('OLD.' || pg_catalog.quote_ident(x), ', ') FROM pg_catalog.unnest(watched) x),
+		(SELECT pg_catalog.string_agg('NEW.' || pg_catalog.quote_ident(x), ', ') FROM pg_catalog.unnest(watched) x),
 		e.id, target,
 		(SELECT pg_catalog.string_agg(pg_catalog.quote_literal(x), ', ') FROM pg_catalog.unnest(keys) x));
 	PERFORM fw_tier.enrich_backfill(e);
@@ -409,6 +412,41 @@ REVOKE EXECUTE ON FUNCTION fw_enrich_drop(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION fw_enrich_pause(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION fw_enrich_resume(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION fw_enrich_retry(text) FROM PUBLIC;
+
+-- a dropped source table (or one of its columns an enrichment names)
+-- takes its enrichments along, queue included
+CREATE FUNCTION fw_tier.enrich_sql_drop()
+RETURNS event_trigger
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	e	record;
+BEGIN
+	FOR e IN
+		SELECT x.id, x.source, d.objsubid = 0 AS table_gone
+		  FROM fw_tier.enrichments x,
+			   pg_catalog.pg_event_trigger_dropped_objects() d
+		 WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = x.source
+		   AND (d.objsubid = 0 OR EXISTS (
+				SELECT 1 FROM pg_catalog.unnest(x.columns || x.key_columns || x.target_column) c
+				 WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+									WHERE a.attrelid = x.source AND a.attname = c
+									  AND NOT a.attisdropped)))
+	LOOP
+		IF NOT e.table_gone THEN
+			-- a column it names is gone: its triggers must not enqueue for nobody
+			EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_insert', e.source);
+			EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_update', e.source);
+		END IF;
+		DELETE FROM fw_tier.enrichments WHERE id = e.id;
+	END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION fw_tier.enrich_sql_drop() FROM PUBLIC;
+CREATE EVENT TRIGGER fw_enrich_sql_drop ON sql_drop
+	EXECUTE FUNCTION fw_tier.enrich_sql_drop();
 
 CREATE VIEW fw_tier.enrich_status AS
 SELECT e.name,

@@ -779,6 +779,12 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	job->segs = fw_template_parse(tmpl, &cols);
 	job->ncols = list_length(cols);
 
+	if (get_rel_name(relid) == NULL)
+	{
+		/* dropped under us (the event trigger removes the enrichment) */
+		MemoryContextSwitchTo(old);
+		return NULL;
+	}
 	rel = quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
 									 get_rel_name(relid));
 	initStringInfo(&sel);
