@@ -24,10 +24,10 @@ SELECT fw_enrich_create('enr_sum', 'enr', 'summary', 'Summarise {{one}}: {body}'
 						'{"max_attempts": 1}') > 0 AS created;
 INSERT INTO enr (id, body) VALUES (1, 'one'), (2, 'two'), (3, 'three'), (4, NULL);
 
-CREATE FUNCTION pg_temp.wait_enriched() RETURNS boolean LANGUAGE plpgsql AS $$
+CREATE FUNCTION pg_temp.wait_enriched(e text DEFAULT 'enr_sum') RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
 	FOR i IN 1 .. 300 LOOP
-		IF (SELECT queued = 0 AND in_flight = 0 FROM fw_tier.enrich_status WHERE name = 'enr_sum') THEN
+		IF (SELECT queued = 0 AND in_flight = 0 FROM fw_tier.enrich_status WHERE name = e) THEN
 			RETURN true;
 		END IF;
 		PERFORM pg_sleep(0.1);
@@ -40,6 +40,16 @@ SELECT name, pk, attempts, last_error ~ '^error: no fw_tier fixture for request 
 SELECT name, queued, in_flight, done, failed, paused FROM fw_tier.enrich_status;
 
 SELECT fw_enrich_drop('enr_sum');
+
+-- a two-column key: the INSERT trigger queues each row's key (no range)
+CREATE TABLE enr2 (a int, b text, body text, summary text, PRIMARY KEY (a, b));
+SELECT fw_fixture('K: x', 'batch', 200, 'kx') IS NOT NULL AS fixture;
+SELECT fw_enrich_create('enr2', 'enr2', 'summary', 'K: {body}') > 0 AS created;
+INSERT INTO enr2 VALUES (1, 'p', 'x', NULL), (2, 'q', 'x', NULL), (3, 'r', 'x', 'given');
+SELECT pg_temp.wait_enriched('enr2');
+SELECT a, b, summary FROM enr2 ORDER BY a;
+SELECT fw_enrich_drop('enr2');
+DROP TABLE enr2;
 -- dropping a column it names, or the table, drops the enrichment and its triggers
 SELECT fw_enrich_create('again', 'enr', 'summary', '{body}') > 0 AS created;
 ALTER TABLE enr DROP COLUMN n;		-- not one it names

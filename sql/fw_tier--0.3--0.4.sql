@@ -100,15 +100,21 @@ REVOKE EXECUTE ON FUNCTION fw_tier.enrich_notify() FROM PUBLIC;
 
 /*
  * The triggers only enqueue.  INSERT: a statement trigger over the
- * transition table (one INSERT ... SELECT per statement, so a COPY of
- * 100,000 rows costs one set-based insert, not 100,000 calls); rows
- * inserted with a target already set are not enqueued (a restore of an
- * enriched table pays nothing).  UPDATE: a row trigger, AFTER UPDATE OF
- * the referenced columns with a WHEN clause comparing them, so an UPDATE
- * that changes none of them (the workers' own write-back among them) never
+ * transition table.  With a one-column key that has min/max (int, bigint,
+ * text, ...: mode 'range') it enqueues ONE item per statement, the key
+ * range [min, max] of the rows inserted with a NULL target, as a jsonb
+ * array (a row's key is an object, so the two never collide); a worker
+ * expands it into one item per row of that range whose target is still
+ * NULL (src/enrich.c), so a COPY of 100,000 rows costs the writer one scan
+ * of its transition table and one queue row.  Other keys (mode 'rows'):
+ * one INSERT ... SELECT of the rows' keys per statement.  Rows inserted
+ * with a target already set are not enqueued (a restore of an enriched
+ * table pays nothing).  UPDATE: a row trigger, AFTER UPDATE OF the
+ * referenced columns with a WHEN clause comparing them, so an UPDATE that
+ * changes none of them (the workers' own write-back among them) never
  * calls the function.  SECURITY DEFINER: writers of the table cannot
- * write the queue themselves.  TG_ARGV: enrichment id, target column, the
- * key columns.
+ * write the queue themselves.  TG_ARGV: enrichment id, target column,
+ * (INSERT only) the mode, then the key columns.
  */
 CREATE FUNCTION fw_tier.enrich_enqueue_insert()
 RETURNS trigger
@@ -118,11 +124,30 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	keyexpr	text;
+	lo		jsonb;
+	hi		jsonb;
 	n		bigint;
 BEGIN
+	IF TG_ARGV[2] = 'range' THEN
+		EXECUTE pg_catalog.format(
+			'SELECT pg_catalog.to_jsonb(pg_catalog.min(n.%1$I)), pg_catalog.to_jsonb(pg_catalog.max(n.%1$I))
+			   FROM fw_enrich_new n WHERE n.%2$I IS NULL',
+			TG_ARGV[3], TG_ARGV[1])
+		  INTO lo, hi;
+		IF lo IS NULL THEN
+			RETURN NULL;
+		END IF;
+		INSERT INTO fw_tier.enrich_queue AS q (enrichment, pk)
+		VALUES (TG_ARGV[0]::integer,
+				pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(TG_ARGV[3], lo),
+											 pg_catalog.jsonb_build_object(TG_ARGV[3], hi)))
+		ON CONFLICT (enrichment, pk) DO NOTHING;
+		PERFORM fw_tier.enrich_notify();
+		RETURN NULL;
+	END IF;
 	SELECT pg_catalog.string_agg(pg_catalog.format('%L, n.%I', k, k), ', ')
 	  INTO keyexpr
-	  FROM pg_catalog.unnest(TG_ARGV[2:]) k;
+	  FROM pg_catalog.unnest(TG_ARGV[3:]) k;
 	EXECUTE pg_catalog.format(
 		'INSERT INTO fw_tier.enrich_queue (enrichment, pk)
 		 SELECT $1, pg_catalog.jsonb_build_object(%s) FROM fw_enrich_new n WHERE n.%I IS NULL
@@ -324,8 +349,15 @@ BEGIN
 
 	EXECUTE pg_catalog.format(
 		'CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS fw_enrich_new
-		 FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.enrich_enqueue_insert(%L, %L, %s)',
+		 FOR EACH STATEMENT EXECUTE FUNCTION fw_tier.enrich_enqueue_insert(%L, %L, %L, %s)',
 		'fw_enrich_' || e.id || '_insert', src, e.id, target,
+		CASE WHEN pg_catalog.cardinality(keys) = 1 AND EXISTS (
+				SELECT 1 FROM pg_catalog.pg_proc p, pg_catalog.pg_attribute a
+				 WHERE a.attrelid = src AND a.attname = keys[1]
+				   AND p.proname = 'min' AND p.prokind = 'a'
+				   AND p.pronamespace = 'pg_catalog'::regnamespace
+				   AND p.proargtypes[0] = a.atttypid)
+			 THEN 'range' ELSE 'rows' END,
 		(SELECT pg_catalog.string_agg(pg_catalog.quote_literal(x), ', ') FROM pg_catalog.unnest(keys) x));
 	-- what the trigger watches: the prompt's columns and the key, each once
 	watched := ARRAY(SELECT DISTINCT x FROM pg_catalog.unnest(cols || keys) x ORDER BY x);

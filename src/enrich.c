@@ -582,6 +582,7 @@ typedef struct FwEnrichJob
 	char	   *sql_lock;		/* one row, locked */
 	char	   *sql_exists;
 	char	   *sql_update;
+	char	   *sql_expand;		/* a key range into its rows, or NULL */
 	SPIPlanPtr	p_lock;
 	SPIPlanPtr	p_exists;
 	SPIPlanPtr	p_update;
@@ -808,6 +809,20 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	job->sql_exists = psprintf("SELECT 1 FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
 							   " WHERE %s", rel, rel, join.data);
 	job->sql_update = psprintf("UPDATE %s SET %s = $1 WHERE ctid = $2", rel, quote_identifier(target));
+	if (nk == 1)
+	{
+		const char *k = NameStr(*DatumGetName(kd[0]));
+		const char *qk = quote_identifier(k);
+
+		job->sql_expand = psprintf("INSERT INTO fw_tier.enrich_queue (enrichment, pk)"
+								   " SELECT $1, pg_catalog.jsonb_build_object(%s, t.%s)"
+								   " FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb -> 0) lo,"
+								   " pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb -> 1) hi"
+								   " WHERE t.%s >= lo.%s AND t.%s <= hi.%s AND t.%s IS NULL"
+								   " ON CONFLICT (enrichment, pk) DO NOTHING",
+								   quote_literal_cstr(k), qk, rel, rel, rel, qk, qk, qk, qk,
+								   quote_identifier(target));
+	}
 	MemoryContextSwitchTo(old);
 	return job;
 }
@@ -844,8 +859,35 @@ fw_enrich_claim(FwEnrichJob *job)
 	values[0] = Int32GetDatum(job->id);
 	values[1] = Int32GetDatum(job->chunk);
 	values[2] = Int32GetDatum(MyProcPid);
+
+	/* key ranges the INSERT trigger queued: one item per row still NULL */
+	if (job->sql_expand)
+	{
+		List	   *ranges = NIL;
+		ListCell   *lc;
+		Oid			etypes[2] = {INT4OID, TEXTOID};
+
+		rc = SPI_execute_with_args("SELECT q.pk::pg_catalog.text FROM fw_tier.enrich_queue q"
+								   " WHERE q.enrichment = $1 AND pg_catalog.jsonb_typeof(q.pk) = 'array'"
+								   " AND q.state = 'queued' LIMIT 20 FOR UPDATE SKIP LOCKED",
+								   1, types, values, NULL, false, 0);
+		if (rc != SPI_OK_SELECT)
+			elog(ERROR, "fw_tier enrich: reading key ranges failed: %d", rc);
+		for (uint64 r = 0; r < SPI_processed; r++)
+			ranges = lappend(ranges, SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1));
+		foreach(lc, ranges)
+		{
+			Datum		ev[2] = {values[0], CStringGetTextDatum((char *) lfirst(lc))};
+
+			fw_q(job->sql_expand, 2, etypes, ev, NULL);
+			fw_q("DELETE FROM fw_tier.enrich_queue WHERE enrichment = $1 AND pk = $2::pg_catalog.jsonb",
+				 2, etypes, ev, NULL);
+		}
+	}
+
 	rc = SPI_execute_with_args("WITH c AS (SELECT q.pk FROM fw_tier.enrich_queue q"
 							   "  WHERE q.enrichment = $1 AND q.state = 'queued'"
+							   "    AND pg_catalog.jsonb_typeof(q.pk) = 'object'"
 							   "    AND q.not_before <= pg_catalog.now()"
 							   "  LIMIT $2 FOR UPDATE SKIP LOCKED)"
 							   " UPDATE fw_tier.enrich_queue q SET state = 'in_flight',"
