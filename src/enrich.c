@@ -32,6 +32,13 @@
  * (SetUserIdAndSecContext), so an enrichment writes nothing its creator
  * could not, and the owner's row level security applies.
  *
+ * Key ranges.  For a one-column key the INSERT trigger queues one item per
+ * statement, a jsonb array [{key: min}, {key: max}] (a row's item is an
+ * object); the worker that claims next expands it, in the claim's
+ * transaction, into one item per row of the range whose target is NULL
+ * (ON CONFLICT DO NOTHING), as the superuser (the rows are read again as
+ * the owner before anything is sent).
+ *
  * A chunk: claim up to `chunk` queued items (FOR UPDATE SKIP LOCKED, state
  * in_flight, claimed_by = our pid), read their rows, build the prompts,
  * commit; run the calls on the engine (fw_engine_run: the concurrency,
@@ -44,7 +51,10 @@
  * value the row no longer has); row locked by a writer: the answer and the
  * md5 of its prompt are saved in the item, queued again; failed call:
  * attempts + 1, backoff 2^attempts s (at most 300), 'dead' at
- * max_attempts (fw_tier.enrich_dead_letters, fw_enrich_retry).
+ * max_attempts (fw_tier.enrich_dead_letters, fw_enrich_retry).  An error
+ * of the engine run itself (a replay miss raises) is charged to the first
+ * call not finished, in the order the engine starts them; one raised while
+ * the calls are built (a bad option) to every item of the chunk.
  *
  * Nothing lost, nothing twice.  An item leaves the queue only in the
  * transaction that writes its answer, so a crash at any point leaves it
@@ -1185,6 +1195,12 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 
 		if (it->handled)
 			continue;
+		if (it->call == -2)
+		{
+			fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
+			it->handled = true;
+			continue;
+		}
 		if (it->call < 0)
 		{
 			/* nothing to send, or a saved answer still good */
@@ -1340,6 +1356,17 @@ fw_enrich_chunk(int id, MemoryContext cxt)
 				}
 				if (first >= 0)
 					job->items[first].err = psprintf("error: %s", edata->message);
+				else
+				{
+					/* raised while the calls were built (options): all of them */
+					for (int i = 0; i < job->nitems; i++)
+						if (job->items[i].prompt && job->items[i].call < 0 &&
+							!(job->items[i].saved && strcmp(job->items[i].saved_md5, job->items[i].md5) == 0))
+						{
+							job->items[i].err = psprintf("error: %s", edata->message);
+							job->items[i].call = -2;
+						}
+				}
 			}
 
 			/* the cancel was for the engine, not for the write-back */
