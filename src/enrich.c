@@ -74,6 +74,10 @@
  * queue.  Dropping an enrichment deletes its items, so answers in flight
  * find no item and are not written.
  *
+ * Locking: a worker takes RowExclusiveLock on the source table before it
+ * locks queue rows (claim, write-back), the order DDL on the table takes
+ * them (its event trigger deletes queue rows), so the two never deadlock.
+ *
  * Called by: SQL (the entry points, fw_tier.enrich_template_columns,
  * fw_tier.enrich_notify), the postmaster (fw_enrich_main,
  * fw_enrich_scout_main), _PG_init (fw_enrich_init), the launcher
@@ -115,6 +119,8 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "storage/lmgr.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
@@ -575,6 +581,7 @@ typedef struct FwEnrichJob
 {
 	int			id;
 	Oid			owner;
+	Oid			relid;			/* the source */
 	int			kind;			/* FW_ENRICH_* */
 	Oid			type;			/* the answer's: text, jsonb or real[] */
 	Oid			typinput;
@@ -755,6 +762,7 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	job->id = id;
 	job->owner = DatumGetObjectId(SPI_getbinval(tup, td, 1, &isnull));
 	relid = DatumGetObjectId(SPI_getbinval(tup, td, 2, &isnull));
+	job->relid = relid;
 	target = fw_getstr(tup, td, 3);
 	tmpl = fw_getstr(tup, td, 4);
 	keys = DatumGetArrayTypeP(SPI_getbinval(tup, td, 5, &isnull));
@@ -837,6 +845,22 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	return job;
 }
 
+/* RowExclusiveLock on the source (no privilege needed: a lock only); false if gone */
+static bool
+fw_enrich_lock_source(FwEnrichJob *job)
+{
+	LockRelationOid(job->relid, RowExclusiveLock);
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(job->relid)))
+	{
+		UnlockRelationOid(job->relid, RowExclusiveLock);
+		return false;
+	}
+	/* a snapshot taken before the lock may not see what DDL committed */
+	PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	return true;
+}
+
 static SPIPlanPtr
 fw_plan(const char *sql, int nargs, Oid *types)
 {
@@ -869,6 +893,14 @@ fw_enrich_claim(FwEnrichJob *job)
 	values[0] = Int32GetDatum(job->id);
 	values[1] = Int32GetDatum(job->chunk);
 	values[2] = Int32GetDatum(MyProcPid);
+
+	/*
+	 * The table before the queue rows, as DDL on it does (ALTER TABLE's
+	 * event trigger deletes queue rows under AccessExclusiveLock): never
+	 * the other order, so the two cannot deadlock.
+	 */
+	if (!fw_enrich_lock_source(job))
+		return 0;
 
 	/* key ranges the INSERT trigger queued: one item per row still NULL */
 	if (job->sql_expand)
@@ -1177,6 +1209,23 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 		CommitTransactionCommand();
 	}
 	fw_xact_begin();
+	if (!fw_enrich_lock_source(job))
+	{
+		/* the table is gone, and its items with it */
+		for (int i = 0; i < job->nitems; i++)
+			job->items[i].handled = true;
+		fw_xact_end();
+		if (in_engine)
+		{
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			fw_as(job->owner);
+		}
+		RESUME_CANCEL_INTERRUPTS();
+		MemoryContextSwitchTo(old);
+		return;
+	}
 	if (job->p_lock == NULL)
 	{
 		Oid			t1[1] = {TEXTOID};
