@@ -1178,54 +1178,10 @@ fw_enrich_count_done(FwEnrichJob *job)
 	job->done = 0;
 }
 
-/*
- * Make every finished, unhandled item durable, in one transaction.  With
- * in_engine, the engine's transaction is committed first and a new one
- * begun after (the engine keeps no snapshot or SPI connection between
- * turns).
- */
+/* the write-back of a turn, in the caller's transaction (source locked) */
 static void
-fw_enrich_flush(FwEnrichJob *job, bool in_engine)
+fw_enrich_write_turn(FwEnrichJob *job)
 {
-	bool		any = false;
-	MemoryContext old = CurrentMemoryContext;
-
-	for (int i = 0; i < job->nitems && !any; i++)
-	{
-		FwEnrichItem *it = &job->items[i];
-
-		if (!it->handled && (it->call < 0 || it->err || job->calls[it->call].finished))
-			any = true;
-	}
-	if (!any)
-		return;
-
-	/* a cancel is for the calls: the write-back is short and goes through */
-	HOLD_CANCEL_INTERRUPTS();
-	if (in_engine)
-	{
-		fw_as(BOOTSTRAP_SUPERUSERID);
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
-	fw_xact_begin();
-	if (!fw_enrich_lock_source(job))
-	{
-		/* the table is gone, and its items with it */
-		for (int i = 0; i < job->nitems; i++)
-			job->items[i].handled = true;
-		fw_xact_end();
-		if (in_engine)
-		{
-			SetCurrentStatementStartTimestamp();
-			StartTransactionCommand();
-			PushActiveSnapshot(GetTransactionSnapshot());
-			fw_as(job->owner);
-		}
-		RESUME_CANCEL_INTERRUPTS();
-		MemoryContextSwitchTo(old);
-		return;
-	}
 	if (job->p_lock == NULL)
 	{
 		Oid			t1[1] = {TEXTOID};
@@ -1286,6 +1242,47 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 		it->handled = true;
 	}
 	fw_enrich_count_done(job);
+}
+
+/*
+ * Make every finished, unhandled item durable, in one transaction.  With
+ * in_engine, the engine's transaction is committed first and a new one
+ * begun after (the engine keeps no snapshot or SPI connection between
+ * turns).
+ */
+static void
+fw_enrich_flush(FwEnrichJob *job, bool in_engine)
+{
+	bool		any = false;
+	MemoryContext old = CurrentMemoryContext;
+
+	for (int i = 0; i < job->nitems && !any; i++)
+	{
+		FwEnrichItem *it = &job->items[i];
+
+		if (!it->handled && (it->call < 0 || it->err || job->calls[it->call].finished))
+			any = true;
+	}
+	if (!any)
+		return;
+
+	/* a cancel is for the calls: the write-back is short and goes through */
+	HOLD_CANCEL_INTERRUPTS();
+	if (in_engine)
+	{
+		fw_as(BOOTSTRAP_SUPERUSERID);
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	fw_xact_begin();
+	if (!fw_enrich_lock_source(job))
+	{
+		/* the table is gone, and its items with it */
+		for (int i = 0; i < job->nitems; i++)
+			job->items[i].handled = true;
+	}
+	else
+		fw_enrich_write_turn(job);
 	fw_xact_end();
 	if (in_engine)
 	{
