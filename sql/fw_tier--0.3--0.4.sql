@@ -52,7 +52,7 @@ CREATE TABLE fw_tier.enrichments (
 					CHECK (kind OPERATOR(pg_catalog.=) ANY (ARRAY['complete', 'json', 'embed']::pg_catalog.text[])),
 	max_attempts	integer NOT NULL
 					CHECK (max_attempts OPERATOR(pg_catalog.>=) 1 AND max_attempts OPERATOR(pg_catalog.<=) 100),
-	owner			oid NOT NULL,		-- the creating role: the worker writes as it
+	owner			regrole NOT NULL,	-- the creating role: the worker writes as it (dumped by name)
 	paused			boolean NOT NULL DEFAULT false,
 	created_at		timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
@@ -344,7 +344,7 @@ BEGIN
 	INSERT INTO fw_tier.enrichments (name, source, target_column, prompt, columns,
 									 key_columns, workload, options, kind,
 									 max_attempts, owner)
-	VALUES (ename, src, target, template, cols, keys, wl, opts, k, maxatt, caller)
+	VALUES (ename, src, target, template, cols, keys, wl, opts, k, maxatt, caller::regrole)
 	RETURNING * INTO e;
 
 	EXECUTE pg_catalog.format(

@@ -942,6 +942,9 @@ fw_enrich_claim(FwEnrichJob *job)
 	n = (int) SPI_processed;
 	if (n == 0)
 		return 0;
+	/* a full chunk: there may be work for one more worker (fw_tier.enrich_workers) */
+	if (n == job->chunk)
+		(void) fw_enrich_kick(MyDatabaseId, 0);
 
 	old = MemoryContextSwitchTo(job->cxt);
 	job->items = palloc0(sizeof(FwEnrichItem) * n);

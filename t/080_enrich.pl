@@ -266,6 +266,36 @@ is( $node->safe_psql('postgres', q{SELECT count(*) FROM appdata.items
 }
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('meta'); SELECT fw_enrich_drop('emb')});
 
+# --- two workers; the registry in pg_dump ----------------------------------
+$node->append_conf('postgresql.conf', 'fw_tier.enrich_workers = 2');
+$node->reload;
+$node->safe_psql('postgres', q{SET ROLE app;
+CREATE TABLE appdata.many (id int PRIMARY KEY, body text, summary text);
+SELECT fw_enrich_create('many', 'appdata.many', 'summary', 'M: {body}', 'batch', '{"chunk": 50}');});
+$sim->post('/control/config', { time_scale => 0.2 });
+$p0 = paid();
+$node->safe_psql('postgres', q{INSERT INTO appdata.many SELECT g, 'm' || g FROM generate_series(1, 1000) g});
+ok( wait_for(q{SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich'},
+		'a second worker', 30),
+	'with fw_tier.enrich_workers = 2 a full chunk starts a second worker');
+ok(drained('two workers', 'many'), 'two workers drained the queue');
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM appdata.many WHERE summary IS DISTINCT FROM 'Echo: M: ' || body}),
+	0, 'two workers: every row has its own answer');
+is(paid() - $p0, 1000, 'two workers: one paid request per row (SKIP LOCKED: no item twice)');
+$sim->post('/control/config', { time_scale => 0 });
+like($node->safe_psql('postgres', q{SELECT 1}), qr/1/, 'alive');
+{
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ 'pg_dump', '-d', $node->connstr('postgres') ], '>', \$out, '2>', \$err);
+	like($out, qr/^COPY fw_tier\.enrichments /m, 'pg_dump keeps the registry (pg_extension_config_dump)');
+	like($out, qr/^\d+\tmany\tappdata\.many\tsummary\tM: \{body\}\t.*\tapp\tf\t/m,
+		'its row names the table and the owner role by name');
+	like($out, qr/CREATE TRIGGER fw_enrich_\d+_insert AFTER INSERT ON appdata\.many/,
+		'and the triggers, with the table');
+}
+$node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('many')});
+
 # --- drop -----------------------------------------------------------------
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('sum')});
 is( $node->safe_psql('postgres',
