@@ -1552,6 +1552,9 @@ fw_enrich_main(Datum main_arg)
 		}
 		if (fw_enrich_workers <= 0)
 			break;
+		/* never block a DROP DATABASE (or ALTER DATABASE) of ours */
+		if (fw_database_busy(MyDatabaseId))
+			break;
 
 		now = GetCurrentTimestamp();
 		pgstat_report_activity(STATE_RUNNING, "fw_tier enrich: looking for work");

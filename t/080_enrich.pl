@@ -294,6 +294,28 @@ like($node->safe_psql('postgres', q{SELECT 1}), qr/1/, 'alive');
 	like($out, qr/CREATE TRIGGER fw_enrich_\d+_insert AFTER INSERT ON appdata\.many/,
 		'and the triggers, with the table');
 }
+# restored into another database: the registry and the triggers work there
+{
+	my $dump = $node->basedir . '/enrich.dump';
+	$node->command_ok([ 'pg_dump', '-Fc', '-f', $dump, '-d', $node->connstr('postgres') ], 'pg_dump -Fc');
+	$node->safe_psql('postgres', 'CREATE DATABASE restored');
+	$node->command_ok([ 'pg_restore', '-d', $node->connstr('restored'), $dump ], 'pg_restore');
+	$node->safe_psql('restored', q{INSERT INTO appdata.many VALUES (5001, 'restored row')});
+	my $ok = 0;
+	for (1 .. 300)
+	{
+		$ok = 1, last if $node->safe_psql('restored',
+			'SELECT summary FROM appdata.many WHERE id = 5001') eq 'Echo: M: restored row';
+		usleep(100_000);
+	}
+	ok($ok, 'after pg_restore an insert is enriched by a worker of the restored database');
+	# the restored database's worker is idle there: it leaves for the DROP
+	is( $node->safe_psql('postgres',
+			q{SELECT count(*) FROM pg_stat_activity WHERE datname = 'restored' AND backend_type = 'fw_tier enrich'}),
+		1, 'a worker is connected to the restored database');
+	$node->safe_psql('postgres', 'DROP DATABASE restored');
+	pass('DROP DATABASE is not blocked by its enrich worker');
+}
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('many')});
 
 # --- drop -----------------------------------------------------------------
