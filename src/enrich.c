@@ -749,7 +749,8 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 							   " e.options -> 'schema', e.max_attempts,"
 							   " (e.options ->> 'concurrency')::pg_catalog.int4,"
 							   " (e.options ->> 'chunk')::pg_catalog.int4"
-							   " FROM fw_tier.enrichments e WHERE e.id = $1 AND NOT e.paused",
+							   " FROM fw_tier.enrichments e WHERE e.id = $1 AND NOT e.paused"
+							   " AND EXISTS (SELECT 1 FROM pg_catalog.pg_authid r WHERE r.oid = e.owner)",
 							   1, types, values, NULL, true, 1);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		return NULL;
@@ -1467,6 +1468,7 @@ fw_enrich_next(int after, bool *pending)
 
 	*pending = false;
 	if (SPI_execute_with_args("SELECT e.id FROM fw_tier.enrichments e WHERE NOT e.paused AND e.id > $1"
+							  " AND EXISTS (SELECT 1 FROM pg_catalog.pg_authid r WHERE r.oid = e.owner)"
 							  " AND EXISTS (SELECT 1 FROM fw_tier.enrich_queue q WHERE q.enrichment = e.id"
 							  "  AND q.state = 'queued' AND q.not_before <= pg_catalog.now())"
 							  " ORDER BY e.id LIMIT 1", 1, types, values, NULL, true, 1) == SPI_OK_SELECT &&
@@ -1478,7 +1480,8 @@ fw_enrich_next(int after, bool *pending)
 		return id;
 	}
 	if (SPI_execute("SELECT 1 FROM fw_tier.enrich_queue q JOIN fw_tier.enrichments e ON e.id = q.enrichment"
-					" WHERE NOT e.paused AND q.state <> 'dead' LIMIT 1", true, 1) == SPI_OK_SELECT)
+					" WHERE NOT e.paused AND q.state <> 'dead'"
+					" AND EXISTS (SELECT 1 FROM pg_catalog.pg_authid r WHERE r.oid = e.owner) LIMIT 1", true, 1) == SPI_OK_SELECT)
 		*pending = SPI_processed > 0;
 	return -1;
 }
