@@ -113,6 +113,13 @@ for my $b (@bad)
 		"\\set VERBOSITY verbose\nSET ROLE other; SELECT fw_enrich_create('x', 'appdata.docs', 'summary', 'S: {body}');");
 	like($err, qr/ERROR:  42501/, 'a role with SELECT but no UPDATE on the target may not create one');
 }
+{
+	$node->safe_psql('postgres', 'CREATE ROLE nogrant LOGIN; GRANT USAGE ON SCHEMA appdata TO nogrant');
+	my ($rc, $out, $err) = $node->psql('postgres',
+		"SET ROLE nogrant; SELECT fw_enrich_create('x', 'appdata.docs', 'summary', 'S: {body}');");
+	like($err, qr/HINT:  A superuser or the extension's owner can run GRANT EXECUTE ON FUNCTION fw_enrich_create\(text, regclass, name, text, text, jsonb\) TO nogrant/,
+		'without EXECUTE: 42501 with the GRANT to run as its hint');
+}
 is($node->safe_psql('postgres', 'SELECT count(*) FROM fw_tier.enrichments'), 0, 'nothing was registered');
 
 # --- 10,000 rows by COPY ------------------------------------------------
