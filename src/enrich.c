@@ -822,12 +822,14 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 							   " CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, k.pk) p"
 							   " JOIN %s t ON %s",
 							   sel.data, rel, rel, join.data);
-	job->sql_lock = psprintf("SELECT t.ctid%s FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
+	job->sql_lock = psprintf("SELECT 1%s FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
 							 " WHERE %s FOR UPDATE OF t SKIP LOCKED",
 							 sel.data, rel, rel, join.data);
 	job->sql_exists = psprintf("SELECT 1 FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
 							   " WHERE %s", rel, rel, join.data);
-	job->sql_update = psprintf("UPDATE %s SET %s = $1 WHERE ctid = $2", rel, quote_identifier(target));
+	/* by the key, not ctid: a creator with column privileges cannot read ctid */
+	job->sql_update = psprintf("UPDATE %s t SET %s = $1 FROM pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb) p"
+							   " WHERE %s", rel, quote_identifier(target), rel, join.data);
 	if (nk == 1)
 	{
 		const char *k = NameStr(*DatumGetName(kd[0]));
@@ -1037,7 +1039,6 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 		{
 			Oid			ltypes[1] = {TEXTOID};
 			Datum		lv[1] = {qv[1]};
-			bool		isnull;
 
 			fw_as(job->owner);
 			rc = SPI_execute_plan(job->p_lock, lv, NULL, false, 1);
@@ -1045,7 +1046,6 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 			{
 				HeapTuple	tup = SPI_tuptable->vals[0];
 				TupleDesc	td = SPI_tuptable->tupdesc;
-				Datum		tid = SPI_getbinval(tup, td, 1, &isnull);
 				char	  **vals = palloc(sizeof(char *) * (job->ncols + 1));
 				bool		anynull = false;
 				char		md5[33];
@@ -1064,7 +1064,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 					Datum		uv[2];
 
 					uv[0] = value;
-					uv[1] = tid;
+					uv[1] = qv[1];	/* the key: the row we hold locked */
 					rc = SPI_execute_plan(job->p_update, uv, NULL, false, 0);
 					if (rc != SPI_OK_UPDATE)
 						elog(ERROR, "fw_tier enrich: write-back failed: %d", rc);
@@ -1189,7 +1189,7 @@ fw_enrich_write_turn(FwEnrichJob *job)
 	if (job->p_lock == NULL)
 	{
 		Oid			t1[1] = {TEXTOID};
-		Oid			t2[2] = {job->type, TIDOID};
+		Oid			t2[2] = {job->type, TEXTOID};
 
 		fw_as(job->owner);
 		job->p_lock = fw_plan(job->sql_lock, 1, t1);

@@ -273,6 +273,30 @@ is( $node->safe_psql('postgres', q{SELECT count(*) FROM appdata.items
 }
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('meta'); SELECT fw_enrich_drop('emb')});
 
+# --- the worker writes as the creator: privileges and row level security -
+$node->safe_psql('postgres', q{SET ROLE app;
+CREATE TABLE appdata.shared (id int PRIMARY KEY, body text, summary text);
+GRANT SELECT (id, body), UPDATE (summary) ON appdata.shared TO other;
+ALTER TABLE appdata.shared ENABLE ROW LEVEL SECURITY;
+CREATE POLICY see_low ON appdata.shared FOR SELECT TO other USING (id <= 5);
+CREATE POLICY upd_low ON appdata.shared FOR UPDATE TO other USING (id <= 5);});
+$node->safe_psql('postgres', q{SET ROLE other;
+SELECT fw_enrich_create('shared', 'appdata.shared', 'summary', 'Shared: {body}')});
+$p0 = paid();
+$node->safe_psql('postgres', q{SET ROLE app;
+INSERT INTO appdata.shared SELECT g, 'row ' || g FROM generate_series(1, 10) g});
+ok(drained('row level security', 'shared'), 'drained');
+is( $node->safe_psql('postgres',
+		q{SELECT string_agg(id || ':' || coalesce(summary, '-'), ' ' ORDER BY id) FROM appdata.shared}),
+	'1:Echo: Shared: row 1 2:Echo: Shared: row 2 3:Echo: Shared: row 3 4:Echo: Shared: row 4 5:Echo: Shared: row 5 6:- 7:- 8:- 9:- 10:-',
+	'only the rows its creator may see and update are enriched');
+is(paid() - $p0, 5, 'and only those were sent');
+{
+	my ($rc, $out, $err) = $node->psql('postgres', q{SET ROLE other; SELECT fw_enrich_drop('sum')});
+	like($err, qr/must be the owner of enrichment "sum" or of its table/, 'another role may not drop an enrichment');
+}
+$node->safe_psql('postgres', q{SET ROLE other; SELECT fw_enrich_drop('shared')});
+
 # --- two workers; the registry in pg_dump ----------------------------------
 $node->append_conf('postgresql.conf', 'fw_tier.enrich_workers = 2');
 $node->reload;
