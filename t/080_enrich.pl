@@ -221,9 +221,9 @@ is(paid() - $p0, 300, 'the saved answers were written without paying again');
 
 # --- SIGKILL, cancel and restart mid-run: nothing lost --------------------
 $sim->post('/control/config', { time_scale => 0.2 });
-for my $how ('kill', 'cancel', 'restart')
+for my $how ('kill', 'cancel', 'terminate', 'restart')
 {
-	my $base = { kill => 40000, cancel => 50000, restart => 60000 }->{$how};
+	my $base = { kill => 40000, cancel => 50000, terminate => 55000, restart => 60000 }->{$how};
 	$p0 = paid();
 	$node->safe_psql('postgres',
 		"INSERT INTO appdata.docs (id, body) SELECT g, '$how ' || g FROM generate_series($base + 1, $base + 600) g");
@@ -234,6 +234,15 @@ for my $how ('kill', 'cancel', 'restart')
 		q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich'});
 	if ($how eq 'kill') { kill 'KILL', $pid; usleep(200_000) while kill 0, $pid; }
 	elsif ($how eq 'cancel') { $node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)"); }
+	elsif ($how eq 'terminate')
+	{
+		my $t0 = time;
+		$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
+		usleep(50_000) while kill(0, $pid) && time - $t0 < 30;
+		cmp_ok(time - $t0, '<', 5, 'terminate: the worker exits promptly');
+		# nobody starts another until a commit queues: resume does
+		$node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_resume('sum')});
+	}
 	else { $node->restart; }
 	$node->poll_query_until('postgres', 'SELECT true') or die;
 	ok(drained("after $how"), "$how: drained");
