@@ -256,9 +256,6 @@ BEGIN
 		RAISE EXCEPTION 'enrichment source "%" is not a table', src
 			USING ERRCODE = '42809', DETAIL = 'Only ordinary tables take an enrichment.';
 	END IF;
-	-- the rows the trigger sees are the table's own: lock out concurrent DDL
-	EXECUTE pg_catalog.format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', src);
-
 	cols := fw_tier.enrich_template_columns(template);	-- 22023 on bad syntax
 	IF pg_catalog.cardinality(cols) = 0 THEN
 		RAISE EXCEPTION 'the prompt template names no column'
@@ -303,6 +300,10 @@ BEGIN
 			END IF;
 		END LOOP;
 	END IF;
+
+	-- no DDL under us from here; taken after the checks, so that a role
+	-- without rights never queues for a lock on someone else's table
+	EXECUTE pg_catalog.format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', src);
 
 	k := coalesce(opts ->> 'kind', 'complete');
 	IF k NOT IN ('complete', 'json', 'embed') THEN
