@@ -22,6 +22,7 @@ OBJS = \
 	src/jsonschema.o \
 	src/engine.o \
 	src/embed.o \
+	src/enrich.o \
 	src/sqlfuncs.o \
 	src/origin.o \
 	src/shipper.o
@@ -38,7 +39,7 @@ SHLIB_LINK = $(shell curl-config --libs)
 
 # Regression suite: run against the simulator by test/run-regress.sh, which
 # writes test/regress.conf and exports FWSIM_URL.
-REGRESS = install complete chat routing failures cancel secrets privileges escalation calllog batch replay json embed rerank
+REGRESS = install complete chat routing failures cancel secrets privileges escalation calllog batch replay json embed rerank enrich
 REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --temp-instance=$(srcdir)/tmp_check
 
 # TAP tests (t/*.pl) are run by test/run-tap.sh with prove.

@@ -648,6 +648,27 @@ fw_embed_vector(FwTyped *t, int i)
 }
 
 /*
+ * issue 14 (enrich.c): one input's embeddings request, options checked as
+ * fw_embed checks them, and its answer as real[].
+ */
+void
+fw_embed_prepare(FwCall *call, const char *workload, const char *input,
+				 Jsonb *options)
+{
+	Datum		elem = CStringGetTextDatum(input);
+	int			pos = 0;
+
+	fw_embed_call(call, workload, &elem, &pos, 1, options,
+				  fw_typed_options(options, FW_KIND_EMBED));
+}
+
+ArrayType *
+fw_embed_answer(FwCall *call)
+{
+	return fw_embed_vector(call->typed, 0);
+}
+
+/*
  * fw_embed(input text, workload text DEFAULT 'default',
  *			options jsonb DEFAULT '{}') RETURNS real[]
  */

@@ -10,6 +10,7 @@
 
 #include "engine.h"
 #include "fwjson.h"
+#include "utils/array.h"
 
 /* Bounds on what a response may make us allocate. */
 #define FW_EMBED_MAX_DIMS	16000	/* pgvector's vector type holds 16,000 */
@@ -28,6 +29,11 @@ typedef struct FwTyped
 								 * descending score */
 	double	   *score;
 } FwTyped;
+
+/* issue 14: one input's request and its vector, for enrich.c */
+extern void fw_embed_prepare(FwCall *call, const char *workload, const char *input,
+							 Jsonb *options);
+extern ArrayType *fw_embed_answer(FwCall *call);
 
 extern bool fw_parse_typed(FwCall *call, const char *body, size_t len,
 						   FwParsed *out);

@@ -81,6 +81,17 @@
 
 static char *fw_dbname = NULL;
 
+/* issue 14: the enrichment worker's per-turn hook (fw_engine_set_hook) */
+static FwEngineHook fw_turn_hook = NULL;
+static void *fw_turn_hook_arg = NULL;
+
+void
+fw_engine_set_hook(FwEngineHook hook, void *arg)
+{
+	fw_turn_hook = hook;
+	fw_turn_hook_arg = arg;
+}
+
 /*
  * the user name of the records, for fw_uname_uid; forgotten when any role
  * changes (issue 15: looking it up for every statement was a catalog
@@ -1049,6 +1060,8 @@ fw_engine_loop(FwCall *calls, int ncalls, int concurrency, bool stop_on_error)
 				break;			/* the loop's top collects and cancels */
 		}
 		fw_progress_update(s.done, s.in_flight, s.failed, s.limit);
+		if (fw_turn_hook)
+			fw_turn_hook(calls, ncalls, fw_turn_hook_arg);
 	}
 	fw_progress_end();
 	for (int k = 0; k < FW_NUM_KINDS; k++)

@@ -81,6 +81,13 @@ extern void fw_call_init_kind(FwCall *call, FwCallKind kind, const char *workloa
 							  Jsonb *content, Jsonb *options);
 extern void fw_engine_run(FwCall *calls, int ncalls, int concurrency,
 						  bool stop_on_error);
+/*
+ * issue 14: called once per turn of the run's loop (and never while a
+ * transfer is being read), so that a caller outside any statement (the
+ * enrichment worker) can make each finished call durable at once.
+ */
+typedef void (*FwEngineHook) (FwCall *calls, int ncalls, void *arg);
+extern void fw_engine_set_hook(FwEngineHook hook, void *arg);
 extern FwOnError fw_call_on_error(Jsonb *options);
 extern void fw_call_raise(FwCall *call);
 extern char *fw_workload_arg(FunctionCallInfo fcinfo, int argno);

@@ -193,6 +193,12 @@ static const struct
 	{"fw_embed", "FUNCTION fw_embed(text, text, jsonb)"},
 	{"fw_embed_batch", "FUNCTION fw_embed_batch(text[], text, jsonb)"},
 	{"fw_rerank", "FUNCTION fw_rerank(text, text[], integer, text, jsonb)"},
+	/* issue 14 */
+	{"fw_enrich_create", "FUNCTION fw_enrich_create(text, regclass, name, text, text, jsonb)"},
+	{"fw_enrich_drop", "FUNCTION fw_enrich_drop(text)"},
+	{"fw_enrich_pause", "FUNCTION fw_enrich_pause(text)"},
+	{"fw_enrich_resume", "FUNCTION fw_enrich_resume(text)"},
+	{"fw_enrich_retry", "FUNCTION fw_enrich_retry(text)"},
 };
 
 static void
@@ -453,6 +459,7 @@ _PG_init(void)
 
 	fw_origin_define_gucs();	/* issue 11: fw_tier.node_name */
 	fw_shipper_define_gucs();	/* issue 11: fw_tier.log_conninfo */
+	fw_enrich_init();			/* issue 14: its GUC and shared slots */
 
 	MarkGUCPrefixReserved("fw_tier");
 

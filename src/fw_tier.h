@@ -474,4 +474,11 @@ extern void fw_register_worker(void);
 extern PGDLLEXPORT void fw_launcher_main(Datum arg);
 extern PGDLLEXPORT void fw_flusher_main(Datum arg);
 
+/* ---- enrich.c: continuous enrichment (issue 14) ---- */
+extern int	fw_enrich_workers;
+extern void fw_enrich_init(void);
+extern void fw_enrich_start_scout(void);
+extern PGDLLEXPORT void fw_enrich_main(Datum arg);
+extern PGDLLEXPORT void fw_enrich_scout_main(Datum arg);
+
 #endif							/* FW_TIER_H */

@@ -350,6 +350,9 @@ fw_launcher_main(Datum main_arg)
 			(errmsg("fw_tier launcher started; the call log goes to database \"%s\"",
 					fw_database)));
 
+	/* issue 14: a worker in each database with queued enrichment work */
+	fw_enrich_start_scout();
+
 	for (;;)
 	{
 		TimestampTz now;
