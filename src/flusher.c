@@ -630,6 +630,10 @@ fw_flusher_main(Datum main_arg)
 		/* issue 18: attempts whose owner exited without its callbacks */
 		fw_intents_reap();
 
+		/* backing off after an error: what is committed still lands */
+		if (retry_at != 0)
+			fw_flusher_move_tail(true);
+
 		now = GetCurrentTimestamp();
 		if (retry_at == 0 || now >= retry_at || ShutdownRequestPending)
 		{
