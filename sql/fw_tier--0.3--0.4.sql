@@ -28,10 +28,14 @@ COMMENT ON FUNCTION fw_tier.local_origin() IS
 
 -- Rows already there were made here: they get this server's identity (the
 -- default evaluated once, for every row).  The flusher fills both columns
--- itself; the defaults serve rows inserted by hand.
+-- itself; the defaults serve rows inserted by hand.  origin_node is
+-- COLLATE "C" (issue 15): the key starts with it, so every insert's
+-- descent and uniqueness check compares it, and node names (identifiers,
+-- origin.c) need byte order only; equality, hence uniqueness, is the same
+-- under any deterministic collation.
 ALTER TABLE fw_tier.calls
 	ADD COLUMN origin_sysid bigint NOT NULL DEFAULT (fw_tier.local_origin()).origin_sysid,
-	ADD COLUMN origin_node text NOT NULL DEFAULT (fw_tier.local_origin()).origin_node;
+	ADD COLUMN origin_node text COLLATE "C" NOT NULL DEFAULT (fw_tier.local_origin()).origin_node;
 COMMENT ON COLUMN fw_tier.calls.origin_sysid IS
 	'system identifier (pg_control_system()) of the server that made the call';
 COMMENT ON COLUMN fw_tier.calls.origin_node IS
@@ -43,7 +47,7 @@ ALTER TABLE fw_tier.calls ADD CONSTRAINT calls_pkey
 -- Dead letters: one per attempt of each origin, as in fw_tier.calls.
 ALTER TABLE fw_tier.calls_dead_letter
 	ADD COLUMN origin_sysid bigint NOT NULL DEFAULT (fw_tier.local_origin()).origin_sysid,
-	ADD COLUMN origin_node text NOT NULL DEFAULT (fw_tier.local_origin()).origin_node;
+	ADD COLUMN origin_node text COLLATE "C" NOT NULL DEFAULT (fw_tier.local_origin()).origin_node;
 ALTER TABLE fw_tier.calls_dead_letter DROP CONSTRAINT calls_dead_letter_call_id_attempt_key;
 ALTER TABLE fw_tier.calls_dead_letter ADD CONSTRAINT calls_dead_letter_origin_key
 	UNIQUE (origin_sysid, origin_node, call_id, attempt);
@@ -588,3 +592,7 @@ GRANT SELECT ON fw_tier.enrich_dead_letters TO PUBLIC;
 -- Section P: issue 15, the call log's CPU
 -- ---------------------------------------------------------------------
 -- (section P)
+-- fw_tier.calls.origin_node and calls_dead_letter.origin_node are
+-- COLLATE "C", declared where section R adds them: spend_daily (section R)
+-- depends on the column, and ALTER COLUMN ... TYPE refuses a column a view
+-- uses.

@@ -1042,6 +1042,19 @@ fw_ring_header_ok_locked(void)
 int
 fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 {
+	return fw_calllog_read_after(0, out, max, end_pos);
+}
+
+/*
+ * Flusher (issue 15): the same from start, the end of records already
+ * read whose tail move waits for their commit to be durable (flusher.c);
+ * from the tail when start is not within [tail, head] (0, or the ring was
+ * reset).
+ */
+int
+fw_calllog_read_after(uint64 start, FwDrainedRecord *out, int max,
+					  uint64 *end_pos)
+{
 	uint64		head;
 	uint64		pos;
 	int			n = 0;
@@ -1052,6 +1065,8 @@ fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos)
 	header_ok = fw_ring_header_ok_locked();
 	head = fw_ring->head;
 	pos = fw_ring->tail;
+	if (header_ok && start > pos && start <= head)
+		pos = start;
 	LWLockRelease(fw_shared->ring_lock);
 	if (!header_ok)
 	{

@@ -22,7 +22,10 @@
  *
  * One transaction per batch (fw_flusher_drain_batch); the rows are written
  * by loginsert.c.  The ring is drained first, then the spill (spill.c).
- * The tail (ring or spill) moves only after the COMMIT.  A failure that is
+ * The tail (ring or spill) moves only after the COMMIT is durable: a ring
+ * batch commits with synchronous_commit off and its tail move waits, in
+ * order, for the WAL flush past its commit record (fw_flusher_move_tail,
+ * issue 15); the spill's commits are synchronous.  A failure that is
  * not about a row keeps the records and backs off.  The flusher runs with
  * lock_timeout, so a lock held on fw_tier.calls cannot hang it.  Why the
  * log does not drain (no database, no extension, lock timeout, a failing
@@ -47,6 +50,7 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "common/string.h"
@@ -55,6 +59,9 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "postmaster/walwriter.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -99,6 +106,59 @@ static int	fw_fail_count = 0;
 static uint64 fw_checked_below = 0;
 static bool fw_spill_checked = true;
 static bool fw_advance_pending = false;
+
+/*
+ * Issue 15: a ring batch commits with synchronous_commit off, so its
+ * COMMIT does not wait for the WAL flush; the walwriter flushes it within
+ * a few wal_writer_delay.  Its tail move waits here, in commit order,
+ * until the WAL is flushed past its commit record (fw_flusher_move_tail);
+ * the next batch is read after it (fw_read_pos).  The tail thus still
+ * moves only past durable rows, in order.  XLogFlush is ours only when
+ * something waits: fw_flush(), a ring over half full, a full queue, a
+ * move older than FW_MOVE_WAIT_MS, the spill, the flusher's exit.  With
+ * synchronous replication configured the batches commit as before (the
+ * commit waits for the standby).
+ */
+#define FW_MOVES_MAX	64
+#define FW_MOVE_WAIT_MS	1000
+
+typedef struct FwTailMove
+{
+	uint64		end_pos;		/* where the tail goes */
+	int			nrecords;		/* records_flushed's share */
+	XLogRecPtr	lsn;			/* WAL flushed to here: the batch is durable */
+} FwTailMove;
+
+static FwTailMove fw_moves[FW_MOVES_MAX];
+static int	fw_nmoves = 0;
+static uint64 fw_read_pos = 0;	/* with fw_nmoves > 0: the last move's end */
+static TimestampTz fw_moves_since = 0;	/* the oldest waiting move's age */
+
+/*
+ * Move the ring's tail past the batches whose commit the WAL has flushed
+ * (all of them, flushing it ourselves, when flush).  No lock held.
+ */
+static void
+fw_flusher_move_tail(bool flush)
+{
+	XLogRecPtr	flushed;
+	int			i;
+	int			nrecords = 0;
+
+	if (fw_nmoves == 0)
+		return;
+	if (flush)
+		XLogFlush(fw_moves[fw_nmoves - 1].lsn);
+	flushed = GetFlushRecPtr(NULL);
+	for (i = 0; i < fw_nmoves && fw_moves[i].lsn <= flushed; i++)
+		nrecords += fw_moves[i].nrecords;
+	if (i == 0)
+		return;
+	fw_calllog_advance(fw_moves[i - 1].end_pos, nrecords);
+	fw_nmoves -= i;
+	memmove(fw_moves, fw_moves + i, sizeof(FwTailMove) * fw_nmoves);
+	fw_moves_since = GetCurrentTimestamp();
+}
 
 static void
 fw_flusher_detach(int code, Datum arg)
@@ -231,17 +291,31 @@ fw_flusher_drain_batch(void)
 				used,
 				head,
 				tail;
+	uint64		start;
 	int			n;
 	bool		from_spill = false;
 	bool		may_repeat;
+	bool		async = false;
 	uint64		rows = 0;
+	XLogRecPtr	lsn = InvalidXLogRecPtr;
 
+	/* the moves the walwriter has made durable since; all when full */
+	fw_flusher_move_tail(fw_nmoves >= FW_MOVES_MAX);
 	fw_calllog_usage(&size, &used, &head, &tail);
-	if (used == 0)
+	if (fw_nmoves > 0 && (fw_read_pos < tail || fw_read_pos > head))
 	{
-		/* the ring is empty: everything in the spill came after it */
+		/* the ring was reset (a damaged header): nothing to wait for */
+		fw_flusher_move_tail(true);
+		fw_calllog_usage(&size, &used, &head, &tail);
+	}
+	start = fw_nmoves > 0 ? fw_read_pos : tail;
+	if (head == start)
+	{
+		/* the ring is read: everything in the spill came after it */
 		if (!fw_spill_pending())
 			return -1;
+		/* with the ring's moves done: the spill's commits are synchronous */
+		fw_flusher_move_tail(true);
 		from_spill = true;
 	}
 
@@ -252,18 +326,28 @@ fw_flusher_drain_batch(void)
 		if (from_spill)
 			n = fw_spill_read(fw_batch, FW_BATCH_MAX, &end_pos, &spill_bytes);
 		else
-			n = fw_calllog_read(fw_batch, FW_BATCH_MAX, &end_pos);
+			n = fw_calllog_read_after(start, fw_batch, FW_BATCH_MAX, &end_pos);
 		MemoryContextSwitchTo(old);
 	}
-	if (from_spill ? n < 0 : end_pos == tail)
+	if (from_spill ? n < 0 : end_pos == start)
 		return -1;				/* the first record is still being written */
 
 	may_repeat = fw_advance_pending ||
-		(from_spill ? fw_spill_checked : tail < fw_checked_below);
+		(from_spill ? fw_spill_checked : start < fw_checked_below);
 	if (n > 0)
 	{
+		TransactionId xid;
+
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
+		/* issue 15: the tail move waits for the WAL instead (above) */
+		async = !from_spill &&
+			!(SyncRepRequested() && SyncRepStandbyNames != NULL &&
+			  SyncRepStandbyNames[0] != '\0');
+		if (async)
+			(void) set_config_option("synchronous_commit", "off",
+									 PGC_SUSET, PGC_S_SESSION,
+									 GUC_ACTION_LOCAL, true, 0, false);
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "fw_tier: writing the call log");
@@ -274,7 +358,15 @@ fw_flusher_drain_batch(void)
 		SPI_finish();
 		PopActiveSnapshot();
 		fw_advance_pending = true;
+		xid = GetTopTransactionIdIfAny();
 		CommitTransactionCommand();
+		/*
+		 * Durable once the WAL is flushed past the commit record; without
+		 * an xid nothing was written (every row was there already): what
+		 * made those rows is below the WAL's insert position.
+		 */
+		lsn = TransactionIdIsValid(xid) ? XactLastCommitEnd :
+			GetXLogInsertRecPtr();
 		pgstat_report_activity(STATE_IDLE, NULL);
 		/*
 		 * A long-lived flusher would otherwise report its inserts only at
@@ -288,7 +380,21 @@ fw_flusher_drain_batch(void)
 	if (from_spill)
 		fw_spill_advance(end_pos, n, spill_bytes);
 	else
-		fw_calllog_advance(end_pos, n);
+	{
+		/*
+		 * In order behind the moves waiting: a batch of damaged records
+		 * only (n = 0, no commit) waits for them too.  Synchronous: the
+		 * WAL is flushed already.
+		 */
+		if (fw_nmoves == 0)
+			fw_moves_since = GetCurrentTimestamp();
+		fw_moves[fw_nmoves].end_pos = end_pos;
+		fw_moves[fw_nmoves].nrecords = n;
+		fw_moves[fw_nmoves].lsn = async ? lsn : InvalidXLogRecPtr;
+		fw_nmoves++;
+		fw_read_pos = end_pos;
+		fw_flusher_move_tail(false);
+	}
 	fw_advance_pending = false;
 
 	/*
@@ -369,6 +475,7 @@ fw_flusher_lock_timeout(void)
 static void
 fw_flusher_leave_for_drop(void)
 {
+	fw_flusher_move_tail(true);
 	ereport(LOG,
 			(errmsg("fw_tier flusher: leaving database \"%s\" for a pending DROP DATABASE or ALTER DATABASE",
 					fw_database),
@@ -523,12 +630,17 @@ fw_flusher_main(Datum main_arg)
 		/* issue 18: attempts whose owner exited without its callbacks */
 		fw_intents_reap();
 
+		/* backing off after an error: what is committed still lands */
+		if (retry_at != 0)
+			fw_flusher_move_tail(true);
+
 		now = GetCurrentTimestamp();
 		if (retry_at == 0 || now >= retry_at || ShutdownRequestPending)
 		{
 			PG_TRY();
 			{
 				bool		flush_now;
+				bool		requested;
 				uint64		size,
 							used,
 							head,
@@ -540,7 +652,8 @@ fw_flusher_main(Datum main_arg)
 				now = GetCurrentTimestamp();
 				if (used > 0 && flush_deadline == 0)
 					flush_deadline = now + (int64) fw_flush_interval_ms * 1000;
-				flush_now = pg_atomic_exchange_u32(&fw_shared->flush_requested, 0) != 0 ||
+				requested = pg_atomic_exchange_u32(&fw_shared->flush_requested, 0) != 0;
+				flush_now = requested ||
 					used > size / 2 ||
 					(flush_deadline != 0 && now >= flush_deadline) ||
 					ShutdownRequestPending;
@@ -569,6 +682,19 @@ fw_flusher_main(Datum main_arg)
 							break;
 						}
 					}
+				}
+				/*
+				 * Issue 15: the tail moves waiting for the WAL; flushed by
+				 * us when fw_flush() waits, when the ring needs space, or
+				 * when the walwriter is late.
+				 */
+				fw_flusher_move_tail(requested || used > size / 2 ||
+									 ShutdownRequestPending ||
+									 (fw_nmoves > 0 &&
+									  GetCurrentTimestamp() - fw_moves_since >=
+									  (int64) FW_MOVE_WAIT_MS * 1000));
+				if (used > 0 && flush_now)
+				{
 					flush_deadline = fw_log_pending() ?
 						GetCurrentTimestamp() + (int64) fw_flush_interval_ms * 1000 : 0;
 					/* bound what an OS crash can lose (calllog.c) */
@@ -628,6 +754,10 @@ fw_flusher_main(Datum main_arg)
 		}
 		if (sync_retry_at != 0 && (deadline == 0 || sync_retry_at < deadline))
 			deadline = sync_retry_at;
+		/* issue 15: tail moves waiting for the walwriter */
+		if (fw_nmoves > 0 &&
+			(deadline == 0 || deadline > now + (int64) WalWriterDelay * 1000))
+			deadline = now + (int64) WalWriterDelay * 1000;
 		cap = idle_since + (int64) FW_FLUSHER_IDLE_MS * 1000;
 		if (cap <= now)
 			cap = now + (int64) FW_FLUSHER_IDLE_MS * 1000;
@@ -638,6 +768,7 @@ fw_flusher_main(Datum main_arg)
 		ResetLatch(MyLatch);
 	}
 
+	fw_flusher_move_tail(true);
 	fw_calllog_sync(true);
 	/* shutdown: the final drain above ran with ShutdownRequestPending set */
 	if (ShutdownRequestPending && fw_calllog_pending())

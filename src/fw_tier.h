@@ -427,6 +427,8 @@ typedef struct FwDrainedRecord
 } FwDrainedRecord;
 
 extern int	fw_calllog_read(FwDrainedRecord *out, int max, uint64 *end_pos);
+extern int	fw_calllog_read_after(uint64 start, FwDrainedRecord *out, int max,
+								  uint64 *end_pos);	/* issue 15 */
 extern void fw_calllog_advance(uint64 end_pos, int nrecords);
 extern void fw_calllog_usage(uint64 *size, uint64 *used, uint64 *head,
 							 uint64 *tail);

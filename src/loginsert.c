@@ -41,22 +41,32 @@
  * attempt) is unique (issue 11: the origin makes it unique across servers,
  * origin.c): a row written
  * twice is a unique violation.  Where can a record already be in the
- * table?  The flusher moves the ring's tail only after COMMIT, so a crash
- * between the two leaves committed records in the ring; the next flusher
- * reads them again from the same tail.  The flusher decides (flusher.c,
- * fw_flusher_may_repeat) and passes may_repeat:
+ * table?  The flusher moves the ring's tail only after COMMIT, and (issue
+ * 15) a ring batch commits with synchronous_commit off, its tail move
+ * waiting until the WAL is flushed past its commit record: a crash leaves
+ * in the ring both committed records (durable, the move not yet made) and
+ * records whose commit was lost with the WAL not yet flushed; the next
+ * flusher reads all of them again from the same tail.  The flusher
+ * decides (flusher.c, at the may_repeat of fw_flusher_drain_batch) and
+ * passes may_repeat:
  *	- records the ring held when this flusher process started (below the
  *	  head it saw then) were read by earlier processes: they may be in the
  *	  table, until a batch of them, written with the conflict check, has
- *	  inserted a row.  Committed records are a prefix of the ring's order
- *	  (batches are contiguous from the tail and commit in order), so after
- *	  the first record not yet in the table none is.  After a process
- *	  crash this is the first batch; after an operating-system crash the
- *	  tail on disk may lag by more than a batch, hence the rule;
+ *	  inserted a row.  The records in the table are a prefix of the ring's
+ *	  order: batches are contiguous from the tail and commit in order, and
+ *	  the WAL is flushed in order, so what a crash keeps of the commits
+ *	  (those flushed) is a prefix of them.  After the first record not yet
+ *	  in the table, none is.  Every record whose tail move was waiting at
+ *	  the crash is at or above the tail, below that head: covered.  After
+ *	  a process crash the check may span the batches whose moves waited;
+ *	  after an operating-system crash the tail on disk may lag by more,
+ *	  hence the rule;
  *	- records pushed after the flusher started were never read by another
- *	  process; this one writes each once, unless an error hit between a
- *	  COMMIT and the tail moving (fw_advance_pending in flusher.c): then
- *	  the next batch is checked;
+ *	  process; this one writes each once (it reads the next batch after
+ *	  the moves that wait, never the same records again), unless an error
+ *	  hit between a COMMIT and the batch being queued for its tail move
+ *	  (fw_advance_pending in flusher.c): then the next batch, read from the
+ *	  same place, is checked;
  *	- the spill: its read position (spill.read) is written after the
  *	  commit and may lag or be missing after a crash (the oldest segment
  *	  is then read from its start): spill batches are checked, by the
