@@ -74,6 +74,8 @@ CREATE TABLE fw_tier.origin_nodes (
 	PRIMARY KEY (origin_sysid, origin_node)
 );
 REVOKE ALL ON fw_tier.origin_nodes FROM PUBLIC;
+-- Not dumped: after a restore the first standby to ship claims its name
+-- again.
 COMMENT ON TABLE fw_tier.origin_nodes IS
 	'the node id that first shipped under each standby origin (fw_tier.ingest_calls refuses another)';
 
