@@ -160,6 +160,7 @@ static struct
 	XLogRecPtr	lsn;
 	TimeLineID	tli;			/* the primary's, when it said lsn */
 	TimestampTz since;
+	long		nap_ms;			/* the main loop's next nap: 1 ms, 2, ... 50 */
 } fw_acked;
 
 /* the conninfo in effect: fw_tier.log_conninfo, else primary_conninfo */
@@ -897,6 +898,7 @@ fw_ship_batch(void)
 	fw_acked.lsn = lsn;
 	fw_acked.tli = tli;
 	fw_acked.since = GetCurrentTimestamp();
+	fw_acked.nap_ms = 1;
 	return fw_ship_acked();
 }
 
@@ -907,7 +909,6 @@ fw_shipper_main(Datum main_arg)
 	TimestampTz retry_at = 0;
 	TimestampTz ship_deadline = 0;
 	int			backoff_ms = FW_SHIP_BACKOFF_MIN_MS;
-	long		replay_nap = 1;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -1052,10 +1053,7 @@ fw_shipper_main(Datum main_arg)
 					ship_deadline = 0;
 				}
 				if (rc != 2)
-				{
-					replay_nap = 1;
 					continue;
-				}
 			}
 		}
 		else
@@ -1075,8 +1073,8 @@ fw_shipper_main(Datum main_arg)
 		if (fw_acked.valid)
 		{
 			if (now - fw_acked.since < (int64) FW_SHIP_REPLAY_MS * 1000)
-				timeout = replay_nap;
-			replay_nap = Min(replay_nap * 2, 50);
+				timeout = fw_acked.nap_ms;
+			fw_acked.nap_ms = Min(fw_acked.nap_ms * 2, 50);
 		}
 		else if (pending)
 			timeout = Min(timeout, fw_ms_until(Max(retry_at, ship_deadline), now));
