@@ -14,9 +14,9 @@
 -- Section R: issue 11, replicas and fleets (origin of a row, standby shipping)
 -- ---------------------------------------------------------------------
 -- The server a row comes from (src/origin.c): its system identifier and
--- its node name (fw_tier.node_name, else cluster_name, else an id kept in
--- pg_fw_tier/node; a streaming standby shares its primary's system
--- identifier, not its node name).  (origin_sysid, origin_node) in the key
+-- its node name (fw_tier.node_name, else an id kept in pg_fw_tier/node; a
+-- streaming standby shares its primary's system identifier, not its node
+-- name).  (origin_sysid, origin_node) in the key
 -- makes a row's key unique across servers: call_id is unique per server.
 CREATE FUNCTION fw_tier.local_origin(OUT origin_sysid bigint, OUT origin_node text)
 RETURNS record
@@ -39,7 +39,7 @@ ALTER TABLE fw_tier.calls
 COMMENT ON COLUMN fw_tier.calls.origin_sysid IS
 	'system identifier (pg_control_system()) of the server that made the call';
 COMMENT ON COLUMN fw_tier.calls.origin_node IS
-	'node name of the server that made the call (fw_tier.node_name, cluster_name or a generated id)';
+	'node name of the server that made the call (fw_tier.node_name or a generated id)';
 ALTER TABLE fw_tier.calls DROP CONSTRAINT calls_pkey;
 ALTER TABLE fw_tier.calls ADD CONSTRAINT calls_pkey
 	PRIMARY KEY (origin_sysid, origin_node, call_id, attempt);
@@ -65,6 +65,23 @@ AS 'MODULE_PATHNAME', 'fw_tier_ingest_calls'
 LANGUAGE C VOLATILE STRICT SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp;
 REVOKE EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) FROM PUBLIC;
+
+-- Which server ships under a name: fw_tier.ingest_calls records the node
+-- id (pg_fw_tier/node) of the first standby that ships under an origin and
+-- refuses another under the same name (two servers given one
+-- fw_tier.node_name would otherwise lose rows to ON CONFLICT DO NOTHING).
+CREATE TABLE fw_tier.origin_nodes (
+	origin_sysid bigint NOT NULL,
+	origin_node text NOT NULL,
+	node_id text NOT NULL,
+	first_shipped timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	PRIMARY KEY (origin_sysid, origin_node)
+);
+REVOKE ALL ON fw_tier.origin_nodes FROM PUBLIC;
+-- Not dumped: after a restore the first standby to ship claims its name
+-- again.
+COMMENT ON TABLE fw_tier.origin_nodes IS
+	'the node id that first shipped under each standby origin (fw_tier.ingest_calls refuses another)';
 
 -- (section R, C: central analytics over logical replication)
 -- A call is (origin, call_id): call ids of two servers may be equal, so a

@@ -280,6 +280,18 @@ fw_rec_problem(const FwRingRec *r, uint64 avail, bool check_crc)
 		return "a flag is not a boolean";
 	if (c->attempt < 1 || !IS_VALID_TIMESTAMP(c->started_at))
 		return "its attempt or start time is out of range";
+	/* issue 11: a shipped batch is checked here too (shipper.c) */
+	if (c->kind < 0 || c->kind >= FW_NUM_KINDS)
+		return "its kind is out of range";
+	memcpy(&b1, &c->probe, 1);
+	if (b1 > 1)
+		return "a flag is not a boolean";
+	if (c->http_status < -1 || c->http_status > 999)
+		return "its HTTP status is out of range";
+	/* not the latencies: a clock stepped back makes one negative */
+	if (c->prompt_tokens < -1 || c->cached_prompt_tokens < -1 ||
+		c->completion_tokens < -1)
+		return "a count is out of range";
 	if (!fw_terminated(c->dbname.data, NAMEDATALEN) ||
 		!fw_terminated(c->username.data, NAMEDATALEN) ||
 		!fw_terminated(c->workload, FW_NAMELEN) ||

@@ -463,6 +463,7 @@ extern char *fw_node_name_guc;
 extern void fw_origin_define_gucs(void);
 extern void fw_origin_startup(void);
 extern const char *fw_origin_node_name(void);
+extern const char *fw_origin_node_id(void);
 extern int64 fw_origin_sysid(void);
 extern bool fw_origin_name_ok(const char *s);
 

@@ -13,13 +13,16 @@
  * origin_node, call_id, attempt), unique across a fleet.
  *
  * The node name, fixed for the life of the postmaster:
- *	- fw_tier.node_name when set (PGC_POSTMASTER);
- *	- else cluster_name when set;
+ *	- fw_tier.node_name when set (PGC_POSTMASTER), an explicit override;
  *	- else the generated id kept in pg_fw_tier/node.
- * Names must be unique among the servers that log into one table: a
- * standby named like its primary would write rows the primary's key
- * already has, so shipping under the primary's own identity is refused
- * (fw_tier.ingest_calls, shipper.c).
+ * Not cluster_name: packagers set it alike on every server (Debian's
+ * pg_createcluster writes '15/main'), so a primary and its standbys, or
+ * two standbys, would share a name.  Names must be unique among the
+ * servers that log into one table: a standby named like its primary would
+ * write rows the primary's key already has, so shipping under the
+ * primary's own identity is refused, and the primary remembers which node
+ * id first shipped under a name (fw_tier.origin_nodes) and refuses
+ * another (fw_tier.ingest_calls, shipper.c).
  *
  * The node file.  pg_basebackup (or any file copy of the data directory)
  * copies pg_fw_tier/ to the new server: its generated id, and the ring,
@@ -27,18 +30,20 @@
  * written: the system identifier, the data directory's path and inode
  * and the host name.  The postmaster checks them at its first start
  * (fw_origin_startup, before the call log is mapped):
- *	- all match: the same server; the id and the call log are kept;
- *	- one differs: a copy.  It gets a new id, and the ring, the intents
+ *	- the system identifier differs: a copy (initdb'd elsewhere, the
+ *	  file carried over).  It gets a new id, and the ring, the intents
  *	  and the spill found beside it are removed before they are mapped:
  *	  their records belong to the server they were copied from, which
  *	  writes them itself.  (Written again from here they would be
  *	  duplicates at best; an intent's 'unknown' record could even win
- *	  over the real record that its own server logs later.)  A new
- *	  directory (pg_basebackup, cp, rsync, a restore) has a new inode, so
- *	  a copy to the same path on another host of the same name is still
- *	  told apart.  A restart, a reboot or a port change keep all four;
- *	  moving the data directory or renaming the host count as a copy
- *	  (stop the server cleanly first: its final flush drains the log);
+ *	  over the real record that its own server logs later.)
+ *	- the path, the inode or the host name differ: the same server
+ *	  moved, restored in place or renamed (host names change without a
+ *	  copy: containers, DHCP).  The id and the call log are kept, with a
+ *	  LOG, and the file is rewritten.  Deleting the log would lose paid
+ *	  records; a copy that is not a base backup (cp or rsync of a stopped
+ *	  server) is therefore not told apart: make copies with
+ *	  pg_basebackup, or delete pg_fw_tier/ in the copy;
  *	- a backup_label file (the first start of a base backup: the startup
  *	  process renames it as soon as it reads it, after this hook): a copy,
  *	  whatever the node file says (a base backup of a server that ran
@@ -90,6 +95,7 @@ char	   *fw_node_name_guc = NULL;
 
 /* postmaster-filled, inherited by children */
 static char fw_node[FW_NODELEN];
+static char fw_node_id[FW_NODELEN];	/* the node file's id */
 static bool fw_node_known = false;
 
 /* what the node file says (or should say) */
@@ -135,7 +141,7 @@ fw_origin_define_gucs(void)
 {
 	DefineCustomStringVariable("fw_tier.node_name",
 							   "Name of this server in the origin_node column of fw_tier.calls.",
-							   "Empty: cluster_name, else an id generated once and kept in pg_fw_tier/node.",
+							   "Empty: an id generated once and kept in pg_fw_tier/node.",
 							   &fw_node_name_guc, "",
 							   PGC_POSTMASTER, 0,
 							   fw_node_name_check, NULL, NULL);
@@ -240,8 +246,10 @@ fw_node_read(FwNodeFile *nf)
 	char		buf[FW_NODE_FILE_MAX + 1];
 	int			fd;
 	ssize_t		n;
+	struct stat st;
 
-	fd = BasicOpenFile(FW_NODE_FILE, O_RDONLY | PG_BINARY);
+	/* not through a symlink, and no wait on a FIFO: a regular file only */
+	fd = BasicOpenFile(FW_NODE_FILE, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | PG_BINARY);
 	if (fd < 0)
 	{
 		if (errno == ENOENT)
@@ -249,6 +257,13 @@ fw_node_read(FwNodeFile *nf)
 		ereport(LOG,
 				(errcode_for_file_access(),
 				 errmsg("could not open file \"%s\": %m", FW_NODE_FILE)));
+		return -1;
+	}
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+	{
+		close(fd);
+		ereport(LOG,
+				(errmsg("fw_tier: \"%s\" is not a regular file", FW_NODE_FILE)));
 		return -1;
 	}
 	n = read(fd, buf, FW_NODE_FILE_MAX + 1);
@@ -368,15 +383,33 @@ fw_origin_startup(void)
 	}
 	else if (st == 1)
 	{
+		const char *moved = NULL;
+
 		if (found.sysid != here.sysid)
 			why = "The node file was written by a server of another system identifier";
-		else if (strcmp(found.datadir, here.datadir) != 0)
-			why = "The node file was written in another data directory";
-		else if (strcmp(found.host, here.host) != 0)
-			why = "The node file was written on another host";
-		else if (found.inode != here.inode)
-			why = "The node file was written in another directory of the same name";
 		copy = (why != NULL);
+
+		/*
+		 * Host names change without a copy (containers, DHCP), and so do a
+		 * data directory's path and inode (a move, a restore of the same
+		 * server): not a copy.  The id and the call log are kept; the file
+		 * is rewritten so this is said once.
+		 */
+		if (!copy && strcmp(found.datadir, here.datadir) != 0)
+			moved = "its data directory path";
+		else if (!copy && strcmp(found.host, here.host) != 0)
+			moved = "its host name";
+		else if (!copy && found.inode != here.inode)
+			moved = "its data directory's inode";
+		if (moved)
+		{
+			ereport(LOG,
+					(errmsg("fw_tier: %s changed since the node file was written; node id \"%s\" and the call log are kept",
+							moved, found.id),
+					 errdetail("Only a base backup (backup_label at the first start) or another system identifier counts as a copy.")));
+			strlcpy(here.id, found.id, sizeof(here.id));
+			fw_node_write(&here);
+		}
 	}
 	else if (st == -1)
 		ereport(LOG,
@@ -401,10 +434,9 @@ fw_origin_startup(void)
 		fw_node_write(&here);
 	}
 
+	strlcpy(fw_node_id, here.id, sizeof(fw_node_id));
 	if (fw_node_name_guc && fw_node_name_guc[0])
 		strlcpy(fw_node, fw_node_name_guc, sizeof(fw_node));
-	else if (cluster_name && cluster_name[0] && fw_origin_name_ok(cluster_name))
-		strlcpy(fw_node, cluster_name, sizeof(fw_node));
 	else
 		strlcpy(fw_node, here.id, sizeof(fw_node));
 	fw_node_known = true;
@@ -413,8 +445,8 @@ fw_origin_startup(void)
 /*
  * This server's node name.  Outside a preloaded server (an ALTER
  * EXTENSION UPDATE in a server without fw_tier preloaded) the same rule
- * is followed without writing anything: the setting, cluster_name, the
- * node file's id, else the empty string.
+ * is followed without writing anything: the setting, the node file's id,
+ * else the empty string.
  */
 const char *
 fw_origin_node_name(void)
@@ -424,17 +456,24 @@ fw_origin_node_name(void)
 		const char *guc = GetConfigOption("fw_tier.node_name", true, false);
 		FwNodeFile nf;
 
+		fw_node_id[0] = '\0';
+		if (fw_node_read(&nf) == 1)
+			strlcpy(fw_node_id, nf.id, sizeof(fw_node_id));
 		if (guc && fw_origin_name_ok(guc))
 			strlcpy(fw_node, guc, sizeof(fw_node));
-		else if (cluster_name && cluster_name[0] && fw_origin_name_ok(cluster_name))
-			strlcpy(fw_node, cluster_name, sizeof(fw_node));
-		else if (fw_node_read(&nf) == 1)
-			strlcpy(fw_node, nf.id, sizeof(fw_node));
 		else
-			fw_node[0] = '\0';
+			strlcpy(fw_node, fw_node_id, sizeof(fw_node));
 		fw_node_known = true;
 	}
 	return fw_node;
+}
+
+/* the node file's id (= the node name unless fw_tier.node_name is set) */
+const char *
+fw_origin_node_id(void)
+{
+	(void) fw_origin_node_name();
+	return fw_node_id;
 }
 
 /* pg_control_system().system_identifier, as the bigint SQL shows */

@@ -20,7 +20,12 @@
  *	3. asks the primary for pg_current_wal_insert_lsn(): the statement of
  *	   step 2 has committed, so this is at or after its commit record;
  *	4. waits until this standby has replayed that far
- *	   (GetXLogReplayRecPtr) and only then moves the tail.
+ *	   (GetXLogReplayRecPtr) and only then moves the tail.  The wait has
+ *	   no time bound (replay may be delayed or paused on purpose) and the
+ *	   acknowledged batch is never sent again meanwhile (fw_acked): the
+ *	   main loop naps and checks, doing its other jobs in between.  The
+ *	   next batch is read once this one is freed (no send-ahead: the
+ *	   tail could not move past an unreplayed batch anyway).
  * Exactly once: a batch is freed only once its rows are in the primary's
  * table and in this standby's own copy of it.  A cut between 2 and 4, a
  * crash, a restart: the records are still at the tail and are sent again;
@@ -42,8 +47,9 @@
  * writer wait during recovery).  drain_state in fw_tier.log_status says
  * "standby" while shipping works and "standby: <why>" when it does not.
  * Reconnects back off from FW_SHIP_BACKOFF_MIN_MS to FW_SHIP_BACKOFF_MAX_MS.
- * Every wait (connect, send, result, replay) is on the latch and the
- * socket, bounded in time, and ends at SIGTERM or promotion.
+ * Every wait (connect, send, result) is on the latch and the socket,
+ * bounded in time; the replay wait is a nap of the main loop; all end at
+ * SIGTERM or promotion.
  *
  * The connection: fw_tier.log_conninfo (superuser-only, SIGHUP); empty
  * means primary_conninfo with dbname = fw_tier.database.  On the primary
@@ -55,9 +61,12 @@
  * fw_tier.ingest_calls is a trust boundary: whoever may execute it may
  * write call-log rows, and the bytes it receives are checked as a damaged
  * ring file is (fw_rec_check: lengths, CRC, enums, terminated strings),
- * plus the batch header (magic, wire version, record layout), the record
- * count (1 to FW_BATCH_MAX), the total size, and the origin (a valid node
- * name; never this server's own identity, whose keys its flusher uses).
+ * plus the batch header (magic, wire version, record layout, the
+ * sender's node id), the record count (1 to FW_BATCH_MAX), the total
+ * size, and the origin (a valid node name; never this server's own
+ * identity, whose keys its flusher uses; one node id per name, as
+ * fw_tier.origin_nodes remembers it).  Ranges of the record's counts and
+ * status are fw_rec_check's; more cached than prompt tokens is capped.
  *
  * The shipper is connected to fw_tier.database (read-only there, in
  * recovery) for one more job of the flusher's: a budget's spend rebuilt
@@ -101,13 +110,13 @@
 #include "worker.h"
 
 #define FW_SHIP_MAGIC			0x46575348	/* "FWSH" */
-#define FW_SHIP_VERSION			1
-#define FW_SHIP_HDRSZ			16	/* records start 8-byte aligned */
+#define FW_SHIP_VERSION			2	/* 2: the node id in the header */
+#define FW_SHIP_HDRSZ			(16 + FW_NODELEN)	/* records start 8-byte aligned */
 #define FW_SHIP_BACKOFF_MIN_MS	100
 #define FW_SHIP_BACKOFF_MAX_MS	10000
 #define FW_SHIP_CONNECT_MS		10000	/* connect, send, one result */
 #define FW_SHIP_QUERY_MS		60000
-#define FW_SHIP_REPLAY_MS		30000	/* then the batch is sent again */
+#define FW_SHIP_REPLAY_MS		30000	/* then log_status says we wait */
 #define FW_SHIPPER_IDLE_MS		5000	/* then the shipper leaves */
 
 /* the batch header, in the byte order of both ends (physical replicas) */
@@ -118,10 +127,12 @@ typedef struct FwShipHeader
 	uint16		unused;
 	uint32		rec_header_size;	/* fw_rec_header_size(): layout check */
 	uint32		nrecords;
+	char		node_id[FW_NODELEN];	/* the sender's node file id */
 } FwShipHeader;
 
-StaticAssertDecl(sizeof(FwShipHeader) == FW_SHIP_HDRSZ,
-				 "the shipping header is 16 bytes");
+StaticAssertDecl(sizeof(FwShipHeader) == FW_SHIP_HDRSZ &&
+				 FW_SHIP_HDRSZ % 8 == 0,
+				 "the shipping header keeps the records aligned");
 
 char	   *fw_log_conninfo = NULL;
 
@@ -131,6 +142,35 @@ static char *fw_conn_for = NULL;	/* fw_tier.log_conninfo it was made for */
 static MemoryContext fw_ship_cxt = NULL;
 static MemoryContext fw_ship_batch_cxt = NULL;
 static FwDrainedRecord *fw_ship_recs = NULL;
+
+/*
+ * The batch the primary has committed, kept until this standby has
+ * replayed its commit (lsn): never sent again meanwhile, however long
+ * replay takes (recovery_min_apply_delay, a conflicting query with
+ * max_standby_streaming_delay = -1, pg_wal_replay_pause()).  A newer LSN
+ * taken for a resend would only move the target further away.
+ */
+static struct
+{
+	bool		valid;
+	bool		from_spill;
+	int			nrecords;
+	uint64		end_pos;
+	uint64		spill_bytes;
+	XLogRecPtr	lsn;
+	TimeLineID	tli;			/* the primary's, when it said lsn */
+	TimestampTz since;
+	long		nap_ms;			/* the main loop's next nap: 1 ms, 2, ... 50 */
+} fw_acked;
+
+/* the conninfo in effect: fw_tier.log_conninfo, else primary_conninfo */
+static const char *
+fw_ship_conninfo(void)
+{
+	if (fw_log_conninfo && fw_log_conninfo[0])
+		return fw_log_conninfo;
+	return PrimaryConnInfo ? PrimaryConnInfo : "";
+}
 
 void
 fw_shipper_define_gucs(void)
@@ -152,6 +192,52 @@ fw_ingest_refuse(const char *detail)
 			(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 			 errmsg("fw_tier.ingest_calls: the batch is not valid"),
 			 errdetail("%s", detail)));
+}
+
+/*
+ * One node id per (origin_sysid, origin_node): the first server that
+ * ships under a name owns it (fw_tier.origin_nodes).  Another server
+ * under the same name (a second standby given the same fw_tier.node_name,
+ * a standby rebuilt under its predecessor's name) would have its rows
+ * that share a key with the first's silently dropped by ON CONFLICT DO
+ * NOTHING: refused instead (42710).  Inside the caller's SPI connection.
+ */
+static void
+fw_ingest_check_node(int64 sysid, const char *node, const char *node_id)
+{
+	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		args[3];
+	int			ret;
+	bool		isnull;
+	char	   *owner;
+
+	args[0] = Int64GetDatum(sysid);
+	args[1] = CStringGetTextDatum(node);
+	args[2] = CStringGetTextDatum(node_id);
+	ret = SPI_execute_with_args("INSERT INTO fw_tier.origin_nodes (origin_sysid, origin_node, node_id)"
+								" VALUES ($1, $2, $3)"
+								" ON CONFLICT (origin_sysid, origin_node) DO NOTHING",
+								3, types, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "fw_tier.ingest_calls: recording the origin failed: %s",
+			 SPI_result_code_string(ret));
+	ret = SPI_execute_with_args("SELECT node_id FROM fw_tier.origin_nodes"
+								" WHERE origin_sysid OPERATOR(pg_catalog.=) $1"
+								"   AND origin_node OPERATOR(pg_catalog.=) $2",
+								2, types, args, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "fw_tier.ingest_calls: reading the origin failed: %s",
+			 SPI_result_code_string(ret));
+	owner = TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull || strcmp(owner, node_id) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("fw_tier.ingest_calls: the origin \"%s\" belongs to another server",
+						node),
+				 errdetail("Node \"%s\" first shipped under this name; this batch comes from node \"%s\".",
+						   isnull ? "" : owner, node_id),
+				 errhint("Give each server its own fw_tier.node_name, or leave it empty.  A server rebuilt under its predecessor's name: DELETE its row from fw_tier.origin_nodes once the old one is gone.")));
 }
 
 /*
@@ -192,7 +278,7 @@ fw_tier_ingest_calls(PG_FUNCTION_ARGS)
 				 errmsg("fw_tier.ingest_calls: the records' origin \"%s\" is this server's own identity",
 						node),
 				 errdetail("Rows with this server's origin are its own flusher's; a standby's rows need a node name of their own."),
-				 errhint("Give the standby its own cluster_name or fw_tier.node_name.")));
+				 errhint("Leave fw_tier.node_name empty on the standby (its generated id is its own), or give it a name of its own.")));
 
 	if (len < FW_SHIP_HDRSZ)
 		fw_ingest_refuse("It is shorter than its header.");
@@ -211,6 +297,9 @@ fw_tier_ingest_calls(PG_FUNCTION_ARGS)
 				 errhint("Run the same fw_tier library on the primary and its standbys.")));
 	if (hdr.nrecords < 1 || hdr.nrecords > FW_BATCH_MAX)
 		fw_ingest_refuse("Its record count is out of range.");
+	if (strnlen(hdr.node_id, FW_NODELEN) >= FW_NODELEN ||
+		!fw_origin_name_ok(hdr.node_id))
+		fw_ingest_refuse("Its node id is not a valid node name.");
 
 	/* aligned for the record structs */
 	buf = palloc(len);
@@ -227,6 +316,14 @@ fw_tier_ingest_calls(PG_FUNCTION_ARGS)
 		if (problem)
 			fw_ingest_refuse(psprintf("Record %u: %s.", i + 1, problem));
 		fw_rec_to_drained(buf + pos, &batch[i]);
+		/*
+		 * More cached tokens than prompt tokens would cost less than
+		 * nothing: capped, not refused (an API answer can say so, and a
+		 * refused batch would stop the standby's shipping for good)
+		 */
+		if (batch[i].rec.prompt_tokens >= 0 &&
+			batch[i].rec.cached_prompt_tokens > batch[i].rec.prompt_tokens)
+			batch[i].rec.cached_prompt_tokens = batch[i].rec.prompt_tokens;
 		pos += fw_rec_len(buf + pos);
 	}
 	if (pos != len)
@@ -234,6 +331,7 @@ fw_tier_ingest_calls(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	fw_ingest_check_node(sysid, node, hdr.node_id);
 	fw_loginsert_set_origin(sysid, node);
 	PG_TRY();
 	{
@@ -332,7 +430,11 @@ fw_shipper_detach(int code, Datum arg)
 
 /*
  * drain_state: "standby" (what == NULL: shipping works), else "standby:
- * <what>[: <libpq's message, one line>]"; logged when it changes.
+ * <what>": a fixed phrase, plus the SQLSTATE when the primary sent one
+ * (fw_ship_state_res).  libpq's own text (msg) goes to the server log
+ * only, as the walreceiver's does: it may echo the connection string,
+ * password included, and fw_tier.log_status is readable by PUBLIC.
+ * Logged when the state changes.
  */
 static void
 fw_ship_state(const char *what, const char *msg)
@@ -343,29 +445,41 @@ fw_ship_state(const char *what, const char *msg)
 	if (what == NULL)
 		strlcpy(state, "standby", sizeof(state));
 	else
-	{
-		snprintf(state, sizeof(state), "standby: %s%s%s", what,
-				 msg ? ": " : "", msg ? msg : "");
-		for (char *p = state; *p; p++)
-			if (*p == '\n' || *p == '\r' || *p == '\t')
-				*p = ' ';
-		/* trailing blanks of libpq's messages */
-		for (int i = strlen(state) - 1; i > 0 && state[i] == ' '; i--)
-			state[i] = '\0';
-		pg_clean_ascii(state);
-	}
+		snprintf(state, sizeof(state), "standby: %s", what);
 	fw_get_drain_state(prev, sizeof(prev));
 	if (strcmp(prev, state) != 0)
 	{
 		if (what == NULL)
 			ereport(LOG,
 					(errmsg("fw_tier shipper: shipping the call log to the primary")));
+		else if (msg && msg[0])
+			ereport(LOG,
+					(errmsg("fw_tier shipper: %s", what),
+					 errdetail_internal("%s", msg),
+					 errhint("Call-log records wait in the ring and the spill; the shipper tries again.")));
 		else
 			ereport(LOG,
-					(errmsg("fw_tier shipper: %s", state + strlen("standby: ")),
-					 errdetail("Call-log records wait in the ring and the spill; the shipper tries again.")));
+					(errmsg("fw_tier shipper: %s", what),
+					 errhint("Call-log records wait in the ring and the spill; the shipper tries again.")));
 		fw_set_drain_state(state);
 	}
+}
+
+/* the same for an error result: the SQLSTATE is shown, the text logged */
+static void
+fw_ship_state_res(const char *what, const PGresult *res)
+{
+	const char *code = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+	char		buf[FW_ERRLEN];
+	bool		ok = code != NULL && strlen(code) == 5;
+
+	for (int i = 0; ok && i < 5; i++)
+		ok = (code[i] >= '0' && code[i] <= '9') || (code[i] >= 'A' && code[i] <= 'Z');
+	if (ok)
+		snprintf(buf, sizeof(buf), "%s (SQLSTATE %s)", what, code);
+	else
+		strlcpy(buf, what, sizeof(buf));
+	fw_ship_state(buf, res ? PQresultErrorMessage(res) : NULL);
 }
 
 static void
@@ -466,7 +580,12 @@ fw_ship_connect(void)
 		v[n] = fw_database;
 		n++;
 	}
-	k[n] = "fallback_application_name";
+	/*
+	 * last, so it wins over an application_name of primary_conninfo (the
+	 * walreceiver's, e.g. for synchronous_standby_names): the primary's
+	 * pg_stat_activity must tell the shipper from the walreceiver
+	 */
+	k[n] = "application_name";
 	v[n] = "fw_tier shipper";
 	n++;
 	fw_conn = PQconnectStartParams(k, v, false);
@@ -475,7 +594,7 @@ fw_ship_connect(void)
 	pfree(v);
 	if (fw_conn == NULL)
 	{
-		fw_ship_state("could not connect to the primary", "out of memory");
+		fw_ship_state("could not connect to the primary (out of memory)", NULL);
 		return false;
 	}
 	deadline = GetCurrentTimestamp() + (int64) FW_SHIP_CONNECT_MS * 1000;
@@ -494,7 +613,7 @@ fw_ship_connect(void)
 				fw_ship_state("could not connect to the primary",
 							  PQerrorMessage(fw_conn));
 			else if (!ShutdownRequestPending && RecoveryInProgress())
-				fw_ship_state("could not connect to the primary", "timeout");
+				fw_ship_state("could not connect to the primary (timeout)", NULL);
 			fw_ship_disconnect();
 			return false;
 		}
@@ -559,9 +678,10 @@ fail:
 	if (last)
 		PQclear(last);
 	if (!ShutdownRequestPending && RecoveryInProgress())
-		fw_ship_state("the connection to the primary failed",
-					  PQstatus(fw_conn) == CONNECTION_BAD || PQerrorMessage(fw_conn)[0] ?
-					  PQerrorMessage(fw_conn) : "timeout");
+		fw_ship_state(PQstatus(fw_conn) == CONNECTION_BAD || PQerrorMessage(fw_conn)[0] ?
+					  "the connection to the primary failed" :
+					  "the connection to the primary failed (timeout)",
+					  PQerrorMessage(fw_conn));
 	fw_ship_disconnect();
 	return NULL;
 }
@@ -592,8 +712,7 @@ fw_ship_session_setup(void)
 	ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
 	if (!ok)
 	{
-		fw_ship_state("the primary refused the session setup",
-					  PQresultErrorMessage(res));
+		fw_ship_state_res("the primary refused the session setup", res);
 		PQclear(res);
 		fw_ship_disconnect();
 		return false;
@@ -618,34 +737,51 @@ fw_ship_session_setup(void)
 }
 
 /*
- * Wait until this standby has replayed up to lsn.  false when it has not
- * within FW_SHIP_REPLAY_MS, or recovery ended, or SIGTERM: the records
- * are then kept.
+ * The acknowledged batch: freed once this standby has replayed the
+ * primary's commit.  1 = freed, 2 = still waiting (no time bound; the
+ * main loop naps on the latch and comes back, SIGTERM and promotion
+ * honoured there).
  */
-static bool
-fw_ship_wait_replay(XLogRecPtr lsn)
+static int
+fw_ship_acked(void)
 {
-	TimestampTz deadline = GetCurrentTimestamp() + (int64) FW_SHIP_REPLAY_MS * 1000;
-	long		nap = 1;
+	TimeLineID	tli = 0;
+	XLogRecPtr	replayed = GetXLogReplayRecPtr(&tli);
 
-	for (;;)
+	/*
+	 * The LSN belongs to the primary's timeline: on another one (this
+	 * standby follows a newer primary, or the server we reached is an old
+	 * primary after a failover) it says nothing.  Not freed; sent again
+	 * after a reconnect, where the key makes it a no-op.
+	 */
+	if (fw_acked.lsn != InvalidXLogRecPtr && tli != fw_acked.tli &&
+		!(tli < fw_acked.tli && replayed < fw_acked.lsn))
 	{
-		CHECK_FOR_INTERRUPTS();
-		if (GetXLogReplayRecPtr(NULL) >= lsn)
-			return true;
-		if (ShutdownRequestPending || !RecoveryInProgress() ||
-			GetCurrentTimestamp() >= deadline)
-			return false;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 nap, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		nap = Min(nap * 2, 50);
+		fw_acked.valid = false;
+		fw_ship_state("the primary's timeline is not the one this standby replays", NULL);
+		fw_ship_disconnect();
+		return -1;
 	}
+	if (replayed < fw_acked.lsn || (fw_acked.lsn != InvalidXLogRecPtr && tli != fw_acked.tli))
+	{
+		if (GetCurrentTimestamp() - fw_acked.since >= (int64) FW_SHIP_REPLAY_MS * 1000)
+			fw_ship_state("waiting for this standby to replay the primary's commit", NULL);
+		return 2;
+	}
+	/* in the primary's table and replayed here: the space may be reused */
+	if (fw_acked.from_spill)
+		fw_spill_advance(fw_acked.end_pos, fw_acked.nrecords, fw_acked.spill_bytes);
+	else
+		fw_calllog_advance(fw_acked.end_pos, fw_acked.nrecords);
+	fw_acked.valid = false;
+	fw_ship_state(NULL, NULL);
+	return 1;
 }
 
 /*
- * One batch: read, send, wait for the commit's replay, free.  1 = a batch
- * went, 0 = nothing to send, -1 = it failed (kept; back off).
+ * One batch: read, send, note the commit's LSN, free once replayed
+ * (fw_ship_acked).  1 = a batch went, 2 = the last one waits for replay,
+ * 0 = nothing to send, -1 = it failed (kept; back off).
  */
 static int
 fw_ship_batch(void)
@@ -667,7 +803,10 @@ fw_ship_batch(void)
 	Oid			types[3] = {INT8OID, TEXTOID, BYTEAOID};
 	PGresult   *res;
 	XLogRecPtr	lsn;
+	TimeLineID	tli = 0;
 
+	if (fw_acked.valid)
+		return fw_ship_acked();
 	fw_calllog_usage(&size, &used, &head, &tail);
 	if (used == 0)
 	{
@@ -692,6 +831,7 @@ fw_ship_batch(void)
 		hdr.version = FW_SHIP_VERSION;
 		hdr.rec_header_size = fw_rec_header_size();
 		hdr.nrecords = n;
+		strlcpy(hdr.node_id, fw_origin_node_id(), sizeof(hdr.node_id));
 		appendBinaryStringInfo(&buf, (const char *) &hdr, sizeof(hdr));
 		for (int i = 0; i < n; i++)
 			fw_rec_frame(&buf, &fw_ship_recs[i]);
@@ -708,22 +848,21 @@ fw_ship_batch(void)
 			return -1;
 		if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		{
-			fw_ship_state("the primary refused the batch",
-						  PQresultErrorMessage(res));
+			fw_ship_state_res("the primary refused the batch", res);
 			PQclear(res);
 			return -1;
 		}
 		PQclear(res);
 
 		/* the statement above has committed: this is at or past its commit */
-		res = fw_ship_exec("SELECT pg_catalog.pg_current_wal_insert_lsn()",
+		res = fw_ship_exec("SELECT pg_catalog.pg_current_wal_insert_lsn(),"
+						   " pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn())",
 						   0, NULL, NULL, NULL, NULL, FW_SHIP_QUERY_MS);
 		if (res == NULL)
 			return -1;
 		if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
 		{
-			fw_ship_state("the primary did not say its WAL position",
-						  PQresultErrorMessage(res));
+			fw_ship_state_res("the primary did not say its WAL position", res);
 			PQclear(res);
 			return -1;
 		}
@@ -731,7 +870,12 @@ fw_ship_batch(void)
 			unsigned int hi,
 						lo;
 
-			if (sscanf(PQgetvalue(res, 0, 0), "%X/%X", &hi, &lo) != 2)
+			unsigned int ptli;
+
+			/* a WAL file name starts with its timeline, 8 hex digits */
+			if (sscanf(PQgetvalue(res, 0, 0), "%X/%X", &hi, &lo) != 2 ||
+				PQnfields(res) != 2 || strlen(PQgetvalue(res, 0, 1)) != 24 ||
+				sscanf(PQgetvalue(res, 0, 1), "%8X", &ptli) != 1 || ptli == 0)
 			{
 				fw_ship_state("the primary did not say its WAL position", NULL);
 				PQclear(res);
@@ -739,23 +883,23 @@ fw_ship_batch(void)
 				return -1;
 			}
 			lsn = ((uint64) hi << 32) | lo;
+			tli = (TimeLineID) ptli;
 		}
 		PQclear(res);
-		if (!fw_ship_wait_replay(lsn))
-		{
-			if (!ShutdownRequestPending && RecoveryInProgress())
-				fw_ship_state("the primary's commit is not replayed here yet", NULL);
-			return -1;
-		}
 	}
-
-	/* in the primary's table and replayed here: the space may be reused */
-	if (from_spill)
-		fw_spill_advance(end_pos, n, spill_bytes);
 	else
-		fw_calllog_advance(end_pos, n);
-	fw_ship_state(NULL, NULL);
-	return 1;
+		lsn = InvalidXLogRecPtr;	/* only damage skipped: free at once */
+
+	fw_acked.valid = true;
+	fw_acked.from_spill = from_spill;
+	fw_acked.nrecords = n;
+	fw_acked.end_pos = end_pos;
+	fw_acked.spill_bytes = spill_bytes;
+	fw_acked.lsn = lsn;
+	fw_acked.tli = tli;
+	fw_acked.since = GetCurrentTimestamp();
+	fw_acked.nap_ms = 1;
+	return fw_ship_acked();
 }
 
 void
@@ -795,8 +939,11 @@ fw_shipper_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			/* a new fw_tier.log_conninfo: connect again */
-			if (fw_conn_for == NULL || strcmp(fw_conn_for, fw_log_conninfo) != 0)
+			/*
+			 * a new fw_tier.log_conninfo, or (when it is empty) a new
+			 * primary_conninfo, as after a failover: connect again
+			 */
+			if (fw_conn_for == NULL || strcmp(fw_conn_for, fw_ship_conninfo()) != 0)
 				fw_ship_disconnect();
 		}
 		/* records stay for the next shipper, or the flusher after a promotion */
@@ -850,24 +997,29 @@ fw_shipper_main(Datum main_arg)
 			fw_calllog_usage(&size, &used, &head, &tail);
 			if (ship_deadline == 0)
 				ship_deadline = now + (int64) fw_flush_interval_ms * 1000;
-			if (now >= retry_at &&
-				(now >= ship_deadline || used > size / 2 ||
-				 pg_atomic_exchange_u32(&fw_shared->flush_requested, 0) != 0))
+			if (fw_acked.valid ||
+				(now >= retry_at &&
+				 (now >= ship_deadline || used > size / 2 ||
+				  pg_atomic_exchange_u32(&fw_shared->flush_requested, 0) != 0)))
 			{
 				int			rc = 1;
 				int			batches = 0;
 
-				if (fw_conn == NULL)
-				{
-					if (fw_conn_for)
-						pfree(fw_conn_for);
-					fw_conn_for = MemoryContextStrdup(fw_ship_cxt, fw_log_conninfo);
-					if (!fw_ship_connect() || !fw_ship_session_setup())
-						rc = -1;
-				}
 				/* a bounded number of batches per wake */
 				while (rc == 1 && batches++ < 100)
 				{
+					/* a batch waiting for replay needs no connection */
+					if (fw_conn == NULL && !fw_acked.valid)
+					{
+						if (fw_conn_for)
+							pfree(fw_conn_for);
+						fw_conn_for = MemoryContextStrdup(fw_ship_cxt, fw_ship_conninfo());
+						if (!fw_ship_connect() || !fw_ship_session_setup())
+						{
+							rc = -1;
+							break;
+						}
+					}
 					PG_TRY();
 					{
 						rc = fw_ship_batch();
@@ -900,7 +1052,8 @@ fw_shipper_main(Datum main_arg)
 					retry_at = 0;
 					ship_deadline = 0;
 				}
-				continue;
+				if (rc != 2)
+					continue;
 			}
 		}
 		else
@@ -911,9 +1064,19 @@ fw_shipper_main(Datum main_arg)
 				break;
 		}
 
-		/* sleep to the next ship, retry or idle check; promotion polled */
+		/*
+		 * sleep to the next ship, retry or idle check, or (a batch waiting
+		 * for replay) a short nap, 1 ms growing to 50 ms, then 1 s once the
+		 * wait is long; promotion polled
+		 */
 		timeout = 1000;
-		if (pending)
+		if (fw_acked.valid)
+		{
+			if (now - fw_acked.since < (int64) FW_SHIP_REPLAY_MS * 1000)
+				timeout = fw_acked.nap_ms;
+			fw_acked.nap_ms = Min(fw_acked.nap_ms * 2, 50);
+		}
+		else if (pending)
 			timeout = Min(timeout, fw_ms_until(Max(retry_at, ship_deadline), now));
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Max(timeout, 1), PG_WAIT_EXTENSION);

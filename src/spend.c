@@ -16,8 +16,11 @@
  * - the restore of a slot's spend from fw_tier.calls, run by the flusher
  *   (the only process that can read the call log of every database), and
  *   the budget alerts (NOTIFY fw_tier_alert), sent by the flusher too.
- *   Issue 11: the restore counts this server's rows only (origin_sysid,
- *   origin_node: call ids are per server); on a hot standby the shipper
+ *   Issue 11: the restore counts the rows of this server's lineage:
+ *   every origin_node of its system identifier (a primary, its standbys,
+ *   the standby promoted after a failover, the server under an older
+ *   name), so a failover or a rename does not forget the period's spend
+ *   (README "Spend limits", budget scope); on a hot standby the shipper
  *   runs it (shipper.c; the shipped rows are replayed there before the
  *   ring's tail moves), and alerts wait for a promotion (no NOTIFY
  *   during recovery).
@@ -1416,9 +1419,12 @@ bool
 fw_spend_worker_pending(void)
 {
 	bool		pending = false;
+	bool		in_recovery;
 
 	if (fw_spend == NULL)
 		return false;
+	/* not under the spinlock: it may take one of its own */
+	in_recovery = RecoveryInProgress();
 	SpinLockAcquire(&fw_spend->mutex);
 	for (int i = 0; i < FW_SPEND_SLOTS && !pending; i++)
 	{
@@ -1427,7 +1433,7 @@ fw_spend_worker_pending(void)
 		/* issue 11: no NOTIFY during recovery; alerts wait for promotion */
 		pending = s->state == FW_SS_RESTORING ||
 			(s->state != FW_SS_EMPTY && s->notify_pending != 0 &&
-			 !RecoveryInProgress());
+			 !in_recovery);
 	}
 	SpinLockRelease(&fw_spend->mutex);
 	return pending;
@@ -1462,9 +1468,12 @@ static const char *fw_restore_sql =
 "   AND c.call_id OPERATOR(pg_catalog.<) $4"
 "   AND ($5 IS NULL OR c.workload OPERATOR(pg_catalog.=) $5)"
 "   AND ($6 IS NULL OR c.username OPERATOR(pg_catalog.=) $6)"
-/* issue 11: this server's calls (call ids, and budgets, are per server) */
+/*
+ * issue 11: the lineage's calls: every node of this system identifier
+ * (call ids are start-time microseconds plus a counter, so another node's
+ * ids of the period fall below the cutoff too)
+ */
 "   AND c.origin_sysid OPERATOR(pg_catalog.=) $7"
-"   AND c.origin_node OPERATOR(pg_catalog.=) $8"
 "   AND NOT c.replayed AND c.cost_usd IS NOT NULL";
 
 typedef struct FwSpendJob
@@ -1587,10 +1596,10 @@ fw_spend_worker_run(void)
 
 		if (j->restore)
 		{
-			Oid			types[8] = {NAMEOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, TEXTOID, NAMEOID,
-			INT8OID, TEXTOID};
-			Datum		args[8];
-			char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+			Oid			types[7] = {NAMEOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, TEXTOID, NAMEOID,
+			INT8OID};
+			Datum		args[7];
+			char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 			int			ret;
 			bool		isnull;
 
@@ -1605,8 +1614,7 @@ fw_spend_worker_run(void)
 			if (j->any_role)
 				nulls[5] = 'n';
 			args[6] = Int64GetDatum(fw_origin_sysid());
-			args[7] = CStringGetTextDatum(fw_origin_node_name());
-			ret = SPI_execute_with_args(fw_restore_sql, 8, types, args, nulls, true, 1);
+			ret = SPI_execute_with_args(fw_restore_sql, 7, types, args, nulls, true, 1);
 			if (ret != SPI_OK_SELECT || SPI_processed != 1)
 				elog(ERROR, "fw_tier: reading the spend of budget \"%s\" failed: %s",
 					 j->budget, SPI_result_code_string(ret));

@@ -7,7 +7,8 @@
 # escalation window opened on the standby (by a shed request, in its own
 # shared memory, nothing written there during recovery) is in the new
 # primary's fw_tier.escalations after the promotion; no fw_tier worker
-# fails in a loop.
+# fails in a loop; a budget's spend restored on the new primary counts the
+# old primary's calls of the period (its lineage: one system identifier).
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -35,6 +36,13 @@ fw_tier.log_content = on
 $primary->start;
 $primary->safe_psql('postgres', 'CREATE DATABASE fwdb');
 $primary->safe_psql('fwdb', 'CREATE EXTENSION fw_tier');
+# spend under a budget on the old primary, before the failover
+$primary->safe_psql('fwdb', q{
+SELECT fw_tier.set_price('accounts/fireworks/models/kimi-k2p6', 'standard', 1, 0.5, 2);
+INSERT INTO fw_tier.workloads (workload) VALUES ('fbw');
+INSERT INTO fw_tier.budgets (budget, workload, period, limit_usd) VALUES ('fb', 'fbw', 'day', 100)});
+$primary->safe_psql('fwdb', q{SELECT count(fw_complete('old primary spend ' || g, 'fbw')) FROM generate_series(1, 4) g});
+$primary->safe_psql('fwdb', 'SELECT fw_flush()');
 $primary->backup('bk');
 
 my $standby = PostgreSQL::Test::Cluster->new('standby');
@@ -76,11 +84,26 @@ my ($ret, $out, $err) = $standby->psql('fwdb', "SET statement_timeout = '90s'; S
 is($ret, 0, 'fw_flush() on the new primary returns') or diag $err;
 is( $standby->safe_psql('fwdb', q{
 	SELECT count(*), count(DISTINCT (origin_sysid, origin_node, call_id, attempt)),
-		   count(DISTINCT prompt), count(*) FILTER (WHERE origin_node = 'standby')
+		   count(DISTINCT prompt),
+		   count(*) FILTER (WHERE origin_node = (SELECT origin_node FROM fw_tier.local_origin()))
 	  FROM fw_tier.calls WHERE prompt LIKE 'm %'}),
 	"$n|$n|$n|$n", "count = distinct = calls made ($shipped_before shipped before the promotion)");
 is($standby->safe_psql('fwdb', 'SELECT drain_state, bytes_used, spill_records FROM fw_tier.log_status'),
 	'ok|0|0', 'the new primary drains locally: nothing left');
+
+# ---- the budget after the failover: the old primary's spend is counted ------
+# the restore counts every origin of the system identifier (the lineage)
+$standby->safe_psql('fwdb', q{SET statement_timeout = '60s'; SELECT fw_complete('after failover', 'fbw')});
+$standby->safe_psql('fwdb', q{SET statement_timeout = '60s'; SELECT fw_flush()});
+my ($spent, $all, $own) = split /\|/, $standby->safe_psql('fwdb', q{
+	SELECT (SELECT spent_usd FROM fw_tier.budget_status WHERE budget = 'fb'),
+		   (SELECT sum(cost_usd) FROM fw_tier.calls WHERE workload = 'fbw'),
+		   (SELECT sum(cost_usd) FROM fw_tier.calls WHERE workload = 'fbw'
+			   AND origin_node = (SELECT origin_node FROM fw_tier.local_origin()))});
+cmp_ok($own, '>', 0, 'the new primary has its own spend under the budget');
+cmp_ok(abs($spent - $all), '<', 0.000002,
+	"the new primary's budget counts the old primary's spend of the period ($spent = $all)");
+cmp_ok($spent, '>', $own + 0.000001, 'more than its own calls');
 
 # ---- the standby's window, mirrored after the promotion ----------------------
 ok( $standby->poll_query_until('fwdb',

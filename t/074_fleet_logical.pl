@@ -181,10 +181,11 @@ my %sysid;
 for my $name ('app1', 'app2')
 {
 	$sysid{$name} = $pub{$name}->safe_psql($name, 'SELECT system_identifier FROM pg_control_system()');
+	my $node = $pub{$name}->safe_psql($name, 'SELECT origin_node FROM fw_tier.local_origin()');
 	is($central->safe_psql('central',
 			"SELECT origin_node, count(*), count(*) FILTER (WHERE database = '$name')"
 			  . " FROM fw_tier.calls WHERE origin_sysid = $sysid{$name} GROUP BY 1"),
-		"$name|$n{$name}|$n{$name}", "central: $n{$name} rows of ${name}'s origin (system identifier, node name)");
+		"$node|$n{$name}|$n{$name}", "central: $n{$name} rows of ${name}'s origin (system identifier, node name)");
 }
 isnt($sysid{app1}, $sysid{app2}, 'the two publishers are two origins');
 
