@@ -355,6 +355,9 @@ fw_fill_record(FwCall *call, const FwHttpResult *r, FwOutcome outcome,
 		(r ? r->hdr_prompt_tokens : -1);
 	rec.cached_prompt_tokens = parsed->cached_tokens >= 0 ? parsed->cached_tokens :
 		(r ? r->hdr_cached_tokens : -1);
+	/* an answer claiming more cached than prompt tokens: a negative cost */
+	if (rec.prompt_tokens >= 0 && rec.cached_prompt_tokens > rec.prompt_tokens)
+		rec.cached_prompt_tokens = rec.prompt_tokens;
 	rec.completion_tokens = parsed->completion_tokens;
 	rec.latency_us = r ? (int32) Min(r->latency_us, PG_INT32_MAX) :
 		(int32) Min(GetCurrentTimestamp() - call->attempt_start, PG_INT32_MAX);

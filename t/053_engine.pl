@@ -407,6 +407,17 @@ CREATE DATABASE lat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE temp
 	   FROM (SELECT * FROM fw_tier.calls ORDER BY started_at DESC LIMIT 6) s}),
 		'bad_response/- bad_response/- ok/- ok/- bad_response/- bad_response/-',
 		'classes in the log: bad_response, ok (tokens unknown), bad_response');
+
+	# an answer claiming more cached than prompt tokens is logged capped,
+	# so its cost is never negative
+	my $cached = qq({"choices":[{"message":{"content":"cached"}}],"usage":{"prompt_tokens":10,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":50}}});
+	my $cc0 = calls_count();
+	($ret, $out, $err) = run_sql('postgres', "SELECT fw_complete('" . raw_prompt(200, $cached) . "')");
+	is($out, 'cached', 'cached tokens above prompt tokens: the answer is returned') or diag($err);
+	ok(wait_for('its log row', sub { calls_count() >= $cc0 + 1 }), 'and logged');
+	is($node->safe_psql('postgres', q{SELECT prompt_tokens || '/' || cached_prompt_tokens
+	   FROM fw_tier.calls ORDER BY started_at DESC LIMIT 1}), '10/10',
+		'cached tokens are capped at the prompt tokens in the log');
 }
 
 # ===== record mode: a body that is not valid text is no fixture ============
