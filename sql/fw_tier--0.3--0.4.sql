@@ -91,9 +91,9 @@ GROUP BY 1, 2, 3, 4;
  * fw_tier.enrichments is the registry (dumped: pg_extension_config_dump).
  * fw_tier.enrich_queue is ONE queue shared by every enrichment of the
  * database, keyed by (enrichment, pk): pk is the row's primary key as a
- * jsonb object {"col": value, ...} (jsonb_populate_record turns it back
- * into the key's own types, so any key type round-trips and the lookup
- * uses the table's primary key index).  One table, not one per
+ * jsonb object {"col": value, ...} (the worker casts ->> back to the
+ * key's own type, which is a built-in scalar type, so the lookup uses the
+ * table's primary key index and no user code runs).  One table, not one per
  * enrichment: the triggers and the workers run fixed SQL against fixed
  * names, an enrichment is created and dropped without DDL on fw_tier, and
  * the status views are one scan.  A row is enqueued at most once (the
@@ -180,7 +180,8 @@ REVOKE EXECUTE ON FUNCTION fw_tier.enrich_notify() FROM PUBLIC;
  * referenced columns with a WHEN clause comparing them, so an UPDATE that
  * changes none of them (the workers' own write-back among them) never
  * calls the function.  SECURITY DEFINER: writers of the table cannot
- * write the queue themselves.  TG_ARGV: enrichment id, target column,
+ * write the queue themselves; so they read only the key columns (built-in
+ * types: no user cast or CHECK runs) and the target's IS NULL.  TG_ARGV: enrichment id, target column,
  * (INSERT only) the mode, then the key columns.
  */
 CREATE FUNCTION fw_tier.enrich_enqueue_insert()
@@ -239,11 +240,14 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	r	jsonb := pg_catalog.to_jsonb(NEW);
 	k	jsonb;
 BEGIN
-	SELECT pg_catalog.jsonb_object_agg(c, r -> c) INTO k
-	  FROM pg_catalog.unnest(TG_ARGV[2:]) c;
+	-- the key columns only (built-in types, enrich_install): never
+	-- to_jsonb(NEW), which would run a cast of any other column's type
+	EXECUTE (SELECT pg_catalog.format('SELECT pg_catalog.jsonb_build_object(%s)',
+									  pg_catalog.string_agg(pg_catalog.format('%L, ($1).%I', c, c), ', '))
+			   FROM pg_catalog.unnest(TG_ARGV[2:]) c)
+	  INTO k USING NEW;
 	INSERT INTO fw_tier.enrich_queue AS q (enrichment, pk)
 	VALUES (TG_ARGV[0]::integer, k)
 	ON CONFLICT (enrichment, pk) DO UPDATE
@@ -339,6 +343,23 @@ BEGIN
 			USING ERRCODE = '55000',
 				  DETAIL = 'The queue names rows by their primary key.',
 				  HINT = 'Add a primary key to the table.';
+	END IF;
+	/*
+	 * The key's values are turned into jsonb (triggers, backfill) and back
+	 * (worker) by the extension's owner: only built-in scalar types, whose
+	 * conversions and operators run no user code (a user type's cast to
+	 * json, an enum's, a domain's CHECK would run as a superuser).
+	 */
+	SELECT a.attname, a.atttypid::regtype INTO c, atype
+	  FROM pg_catalog.pg_attribute a, pg_catalog.pg_type t
+	 WHERE a.attrelid = src AND a.attname = ANY (keys) AND t.oid = a.atttypid
+	   AND NOT (t.oid < 16384 AND t.typtype = 'b' AND t.typcategory <> 'A'
+				AND t.typnamespace = 'pg_catalog'::regnamespace)
+	 LIMIT 1;
+	IF FOUND THEN
+		RAISE EXCEPTION 'primary key column "%" of "%" has type %, which an enrichment cannot key on', c, src, atype::regtype
+			USING ERRCODE = '0A000',
+				  DETAIL = 'The key columns must be of built-in scalar types (no domain, enum, array, composite or extension type).';
 	END IF;
 	FOREACH c IN ARRAY cols || ARRAY[target] LOOP
 		IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute

@@ -37,7 +37,12 @@
  * object); the worker that claims next expands it, in the claim's
  * transaction, into one item per row of the range whose target is NULL
  * (ON CONFLICT DO NOTHING), as the superuser (the rows are read again as
- * the owner before anything is sent).
+ * the owner before anything is sent).  That statement, like the triggers,
+ * touches only the key (built-in scalar types, enrich_install) and the
+ * target's nullness: no cast, domain CHECK or operator of a user type
+ * runs as the superuser.  Rows are found by (pk ->> 'col')::type, never by
+ * jsonb_populate_record(NULL::rel, ...), which runs every domain column's
+ * CHECK.
  *
  * A chunk: claim up to `chunk` queued items (FOR UPDATE SKIP LOCKED, state
  * in_flight, claimed_by = our pid), read their rows, build the prompts,
@@ -92,6 +97,7 @@
 #include "access/heapam.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
@@ -739,7 +745,10 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	Datum	   *kd;
 	int			nk;
 	StringInfoData sel,
-				join;
+				join,
+				joinv,
+				joinu;
+	char	  **keytypes;
 	ListCell   *lc;
 	int			rc;
 
@@ -811,37 +820,68 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	foreach(lc, cols)
 		appendStringInfo(&sel, ", (t.%s)::pg_catalog.text", quote_identifier(lfirst(lc)));
 	deconstruct_array(keys, NAMEOID, NAMEDATALEN, false, TYPALIGN_CHAR, &kd, NULL, &nk);
-	initStringInfo(&join);
+	/*
+	 * The key, compared as (pk ->> 'k')::type: its types are built-in
+	 * scalars (enrich_install), so the casts and operators run no user
+	 * code, unlike jsonb_populate_record(NULL::rel, ...), which runs the
+	 * CHECK of every domain-typed column of the table.
+	 */
+	keytypes = palloc(sizeof(char *) * nk);
 	for (int i = 0; i < nk; i++)
 	{
-		const char *k = quote_identifier(NameStr(*DatumGetName(kd[i])));
+		const char *k = NameStr(*DatumGetName(kd[i]));
+		AttrNumber	att = get_attnum(relid, k);
+		Oid			kt = att == InvalidAttrNumber ? InvalidOid : get_atttype(relid, att);
 
-		appendStringInfo(&join, "%s t.%s = p.%s", i ? " AND" : "", k, k);
+		if (!OidIsValid(kt) || kt >= FirstNormalObjectId || get_typtype(kt) != TYPTYPE_BASE ||
+			type_is_array(kt))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("enrichment %d: primary key column \"%s\" is not of a built-in scalar type", id, k)));
+		keytypes[i] = format_type_extended(kt, -1, FORMAT_TYPE_FORCE_QUALIFY);
+	}
+	initStringInfo(&join);
+	initStringInfo(&joinv);
+	initStringInfo(&joinu);
+	for (int i = 0; i < nk; i++)
+	{
+		const char *k = NameStr(*DatumGetName(kd[i]));
+		const char *fmt = "%s t.%s OPERATOR(pg_catalog.=) (%s OPERATOR(pg_catalog.->>) %s)::%s";
+
+		appendStringInfo(&join, fmt, i ? " AND" : "", quote_identifier(k),
+						 "$1::pg_catalog.jsonb", quote_literal_cstr(k), keytypes[i]);
+		appendStringInfo(&joinv, fmt, i ? " AND" : "", quote_identifier(k),
+						 "k.pk", quote_literal_cstr(k), keytypes[i]);
+		appendStringInfo(&joinu, fmt, i ? " AND" : "", quote_identifier(k),
+						 "$2::pg_catalog.jsonb", quote_literal_cstr(k), keytypes[i]);
 	}
 	job->sql_values = psprintf("SELECT k.o%s FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) WITH ORDINALITY k(pk, o)"
-							   " CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, k.pk) p"
 							   " JOIN %s t ON %s",
-							   sel.data, rel, rel, join.data);
-	job->sql_lock = psprintf("SELECT 1%s FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
-							 " WHERE %s FOR UPDATE OF t SKIP LOCKED",
-							 sel.data, rel, rel, join.data);
-	job->sql_exists = psprintf("SELECT 1 FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
-							   " WHERE %s", rel, rel, join.data);
+							   sel.data, rel, joinv.data);
+	job->sql_lock = psprintf("SELECT 1%s FROM %s t WHERE %s FOR UPDATE OF t SKIP LOCKED",
+							 sel.data, rel, join.data);
+	job->sql_exists = psprintf("SELECT 1 FROM %s t WHERE %s", rel, join.data);
 	/* by the key, not ctid: a creator with column privileges cannot read ctid */
-	job->sql_update = psprintf("UPDATE %s t SET %s = $1 FROM pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb) p"
-							   " WHERE %s", rel, quote_identifier(target), rel, join.data);
+	job->sql_update = psprintf("UPDATE %s t SET %s = $1 WHERE %s",
+							   rel, quote_identifier(target), joinu.data);
 	if (nk == 1)
 	{
 		const char *k = NameStr(*DatumGetName(kd[0]));
 		const char *qk = quote_identifier(k);
+		const char *lk = quote_literal_cstr(k);
 
+		/*
+		 * Run as the superuser (it writes the queue): reads the key and
+		 * the target's nullness only, built-in casts and operators.
+		 */
 		job->sql_expand = psprintf("INSERT INTO fw_tier.enrich_queue (enrichment, pk)"
 								   " SELECT $1, pg_catalog.jsonb_build_object(%s, t.%s)"
-								   " FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb -> 0) lo,"
-								   " pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb -> 1) hi"
-								   " WHERE t.%s >= lo.%s AND t.%s <= hi.%s AND t.%s IS NULL"
+								   " FROM %s t"
+								   " WHERE t.%s OPERATOR(pg_catalog.>=) ($2::pg_catalog.jsonb -> 0 ->> %s)::%s"
+								   " AND t.%s OPERATOR(pg_catalog.<=) ($2::pg_catalog.jsonb -> 1 ->> %s)::%s"
+								   " AND t.%s IS NULL"
 								   " ON CONFLICT (enrichment, pk) DO NOTHING",
-								   quote_literal_cstr(k), qk, rel, rel, rel, qk, qk, qk, qk,
+								   lk, qk, rel, qk, lk, keytypes[0], qk, lk, keytypes[0],
 								   quote_identifier(target));
 	}
 	MemoryContextSwitchTo(old);

@@ -358,6 +358,61 @@ like($node->safe_psql('postgres', q{SELECT 1}), qr/1/, 'alive');
 }
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('many')});
 
+# --- a table owner's code never runs as a superuser --------------------
+# The reviewer's attacks: a cast to json of an enum and a domain's CHECK,
+# both calling ALTER ROLE mallory SUPERUSER (caught: harmless when not
+# privileged).  Key of such a type: refused; extra column of such a type:
+# the triggers and the worker never convert it.
+$node->safe_psql('postgres', q{
+CREATE ROLE mallory LOGIN;
+CREATE SCHEMA mal AUTHORIZATION mallory;
+GRANT EXECUTE ON FUNCTION fw_enrich_create(text, regclass, name, text, text, jsonb),
+	fw_enrich_drop(text) TO mallory;
+SET ROLE mallory;
+CREATE TYPE mal.e AS ENUM ('a', 'b');
+CREATE FUNCTION mal.evil(mal.e) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN ALTER ROLE mallory SUPERUSER; EXCEPTION WHEN others THEN NULL; END;
+	RETURN '"x"';
+END $$;
+CREATE CAST (mal.e AS json) WITH FUNCTION mal.evil(mal.e);
+CREATE FUNCTION mal.evil2(int) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN ALTER ROLE mallory SUPERUSER; EXCEPTION WHEN others THEN NULL; END;
+	RETURN true;
+END $$;
+CREATE DOMAIN mal.d AS int CHECK (mal.evil2(VALUE));
+CREATE TABLE mal.k (k mal.e PRIMARY KEY, body text, summary text);
+INSERT INTO mal.k VALUES ('a', 'key row', NULL);
+CREATE TABLE mal.x (id int PRIMARY KEY, body text, mood mal.e, summary text);
+INSERT INTO mal.x VALUES (1, 'first', 'a', NULL);
+CREATE TABLE mal.dm (id int PRIMARY KEY, body text, dd mal.d, summary text);
+});
+my ($rc, $out, $err) = $node->psql('postgres',
+	q{SET ROLE mallory; SELECT fw_enrich_create('malk', 'mal.k', 'summary', 'K: {body}')});
+like($err, qr/built-in scalar type/, 'a key of a user type (enum with a cast to json) is refused');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
+	'f', 'and creating it did not run the cast as a superuser');
+$node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	SELECT fw_enrich_create('malx', 'mal.x', 'summary', 'X: {body}');
+	SELECT fw_enrich_create('maldm', 'mal.dm', 'summary', 'D: {body}')});
+ok(wait_for(q{SELECT summary = 'Echo: X: first' FROM mal.x WHERE id = 1}, 'malx backfill', 60),
+	'an enrichment of a table with an enum column works');
+$node->safe_psql('postgres', q{SET ROLE mallory; UPDATE mal.x SET body = 'second' WHERE id = 1});
+ok(wait_for(q{SELECT summary = 'Echo: X: second' FROM mal.x WHERE id = 1}, 'malx update', 60),
+	'its UPDATE trigger re-enqueued the row');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
+	'f', 'the UPDATE trigger did not convert the enum column as a superuser');
+$node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+$node->safe_psql('postgres', q{SET ROLE mallory; INSERT INTO mal.dm (id, body) VALUES (1, 'dom'), (2, 'dom2')});
+ok(wait_for(q{SELECT count(*) = 2 FROM mal.dm WHERE summary LIKE 'Echo: D: dom%'}, 'maldm', 60),
+	'an enrichment of a table with a domain column works');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
+	'f', 'the worker did not run the domain\'s CHECK as a superuser');
+$node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+$node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malx'); SELECT fw_enrich_drop('maldm')});
+
 # --- drop -----------------------------------------------------------------
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('sum')});
 is( $node->safe_psql('postgres',
