@@ -259,7 +259,10 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION fw_tier.enrich_enqueue_update() FROM PUBLIC;
 
--- enqueue the rows whose target is NULL (create, resume)
+-- enqueue the rows whose target is NULL (create, resume); ONLY: the
+-- triggers are on this table, not its children (a child may be a foreign
+-- table, whose FDW must not run as the extension's owner); it reads the
+-- key (built-in types) and the target's nullness, nothing else
 CREATE FUNCTION fw_tier.enrich_backfill(e fw_tier.enrichments)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -274,7 +277,7 @@ BEGIN
 	  FROM pg_catalog.unnest(e.key_columns) k;
 	EXECUTE pg_catalog.format(
 		'INSERT INTO fw_tier.enrich_queue (enrichment, pk)
-		 SELECT $1, pg_catalog.jsonb_build_object(%s) FROM %s t WHERE t.%I IS NULL
+		 SELECT $1, pg_catalog.jsonb_build_object(%s) FROM ONLY %s t WHERE t.%I IS NULL
 		 ON CONFLICT (enrichment, pk) DO NOTHING',
 		keyexpr, e.source, e.target_column)
 	  USING e.id;

@@ -622,7 +622,14 @@ fw_enrich_sigterm(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
 
-	/* stop the engine as a cancel does, then leave cleanly */
+	/*
+	 * Stop the engine as a cancel does, then leave cleanly (the write-back
+	 * holds cancel, but waits for no row lock and at most lock_timeout for
+	 * the table); a second SIGTERM is die(): FATAL at the next
+	 * CHECK_FOR_INTERRUPTS, lock waits included.
+	 */
+	if (fw_enrich_stop)
+		ProcDiePending = true;
 	fw_enrich_stop = true;
 	InterruptPending = true;
 	QueryCancelPending = true;
@@ -709,10 +716,14 @@ fw_enrich_recover(void)
 	Oid			types[1] = {INT4OID};
 	Datum		values[1] = {Int32GetDatum(MyProcPid)};
 
+	/* SKIP LOCKED: a writer's open transaction may hold a queue row */
 	fw_q("UPDATE fw_tier.enrich_queue q SET state = 'queued', claimed_by = NULL, claimed_at = NULL"
-		 " WHERE q.state = 'in_flight' AND (q.claimed_by = $1 OR NOT EXISTS ("
-		 "  SELECT 1 FROM pg_catalog.pg_stat_get_activity(q.claimed_by) a"
-		 "   WHERE a.backend_start <= q.claimed_at))",
+		 " FROM (SELECT x.enrichment, x.pk FROM fw_tier.enrich_queue x"
+		 "  WHERE x.state = 'in_flight' AND (x.claimed_by = $1 OR NOT EXISTS ("
+		 "   SELECT 1 FROM pg_catalog.pg_stat_get_activity(x.claimed_by) a"
+		 "    WHERE a.backend_start <= x.claimed_at))"
+		 "  FOR UPDATE OF x SKIP LOCKED) c"
+		 " WHERE q.enrichment = c.enrichment AND q.pk = c.pk",
 		 1, types, values, NULL);
 }
 
@@ -856,13 +867,13 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 						 "$2::pg_catalog.jsonb", quote_literal_cstr(k), keytypes[i]);
 	}
 	job->sql_values = psprintf("SELECT k.o%s FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) WITH ORDINALITY k(pk, o)"
-							   " JOIN %s t ON %s",
+							   " JOIN ONLY %s t ON %s",
 							   sel.data, rel, joinv.data);
-	job->sql_lock = psprintf("SELECT 1%s FROM %s t WHERE %s FOR UPDATE OF t SKIP LOCKED",
+	job->sql_lock = psprintf("SELECT 1%s FROM ONLY %s t WHERE %s FOR UPDATE OF t SKIP LOCKED",
 							 sel.data, rel, join.data);
-	job->sql_exists = psprintf("SELECT 1 FROM %s t WHERE %s", rel, join.data);
+	job->sql_exists = psprintf("SELECT 1 FROM ONLY %s t WHERE %s", rel, join.data);
 	/* by the key, not ctid: a creator with column privileges cannot read ctid */
-	job->sql_update = psprintf("UPDATE %s t SET %s = $1 WHERE %s",
+	job->sql_update = psprintf("UPDATE ONLY %s t SET %s = $1 WHERE %s",
 							   rel, quote_identifier(target), joinu.data);
 	if (nk == 1)
 	{
@@ -876,7 +887,7 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 		 */
 		job->sql_expand = psprintf("INSERT INTO fw_tier.enrich_queue (enrichment, pk)"
 								   " SELECT $1, pg_catalog.jsonb_build_object(%s, t.%s)"
-								   " FROM %s t"
+								   " FROM ONLY %s t"
 								   " WHERE t.%s OPERATOR(pg_catalog.>=) ($2::pg_catalog.jsonb -> 0 ->> %s)::%s"
 								   " AND t.%s OPERATOR(pg_catalog.<=) ($2::pg_catalog.jsonb -> 1 ->> %s)::%s"
 								   " AND t.%s IS NULL"
@@ -1044,9 +1055,12 @@ fw_enrich_claim(FwEnrichJob *job)
 
 /*
  * Write back (or requeue, or fail) item i, in a subtransaction of the
- * caller's transaction.  answer NULL: the call failed with err.
+ * caller's transaction.  answer NULL: the call failed with err.  Returns
+ * false when a writer holds the queue row (its trigger's ON CONFLICT):
+ * never wait for it (the writer may keep its transaction open, and the
+ * write-back holds cancel); the caller tries again next turn.
  */
-static void
+static bool
 fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 					  const char *answer, const char *err)
 {
@@ -1057,6 +1071,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 	char		qn[7] = "      ";
 	const char *fail = err;
 	bool		save = false;	/* keep the answer in the item */
+	volatile bool busy = false; /* a writer holds the queue row */
 
 	qv[0] = Int32GetDatum(job->id);
 	qv[1] = CStringGetTextDatum(it->pk);
@@ -1071,9 +1086,18 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 		/* still ours?  (fw_enrich_drop deletes it; never write then) */
 		rc = SPI_execute_with_args("SELECT 1 FROM fw_tier.enrich_queue WHERE enrichment = $1"
 								   " AND pk = $2::pg_catalog.jsonb AND state = 'in_flight'"
-								   " AND claimed_by = $3 FOR UPDATE",
+								   " AND claimed_by = $3 FOR UPDATE SKIP LOCKED",
 								   3, qtypes, qv, NULL, false, 1);
-		if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		if (rc == SPI_OK_SELECT && SPI_processed == 0)
+		{
+			rc = SPI_execute_with_args("SELECT 1 FROM fw_tier.enrich_queue WHERE enrichment = $1"
+									   " AND pk = $2::pg_catalog.jsonb AND state = 'in_flight'"
+									   " AND claimed_by = $3",
+									   3, qtypes, qv, NULL, true, 1);
+			busy = (rc == SPI_OK_SELECT && SPI_processed == 1);
+			fail = NULL;
+		}
+		else if (rc != SPI_OK_SELECT || SPI_processed != 1)
 			fail = NULL;		/* not ours any more: nothing to do */
 		else if (answer != NULL)
 		{
@@ -1203,6 +1227,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 			 6, ftypes, fv, qn);
 	}
 	(void) qtypes;
+	return !busy;
 }
 
 static void
@@ -1246,25 +1271,23 @@ fw_enrich_write_turn(FwEnrichJob *job)
 			continue;
 		if (it->call == -2)
 		{
-			fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
-			it->handled = true;
+			it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
 			continue;
 		}
 		if (it->call < 0)
 		{
 			/* nothing to send, or a saved answer still good */
 			if (it->prompt && it->saved)
-				fw_enrich_finish_item(job, it,
-									  OidInputFunctionCall(job->typinput, it->saved, job->typioparam, -1),
-									  it->saved, NULL);
+				it->handled = fw_enrich_finish_item(job, it,
+													OidInputFunctionCall(job->typinput, it->saved, job->typioparam, -1),
+													it->saved, NULL);
 			else
-				fw_enrich_finish_item(job, it, (Datum) 0, NULL, NULL);
-			it->handled = true;
+				it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL, NULL);
 			continue;
 		}
 		c = &job->calls[it->call];
 		if (it->err && !c->finished)
-			fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
+			it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
 		else if (!c->finished)
 			continue;
 		else if (c->ok)
@@ -1277,13 +1300,12 @@ fw_enrich_write_turn(FwEnrichJob *job)
 				v = PointerGetDatum(fw_embed_answer(c));
 			else
 				v = CStringGetTextDatum(c->content);
-			fw_enrich_finish_item(job, it, v, OidOutputFunctionCall(job->typoutput, v), NULL);
+			it->handled = fw_enrich_finish_item(job, it, v, OidOutputFunctionCall(job->typoutput, v), NULL);
 		}
 		else
-			fw_enrich_finish_item(job, it, (Datum) 0, NULL,
-								  psprintf("%s: %s", fw_outcome_name(c->outcome),
-										   c->detail ? c->detail : "no detail"));
-		it->handled = true;
+			it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL,
+												psprintf("%s: %s", fw_outcome_name(c->outcome),
+														 c->detail ? c->detail : "no detail"));
 	}
 	fw_enrich_count_done(job);
 }
@@ -1327,6 +1349,18 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 	}
 	else
 		fw_enrich_write_turn(job);
+	if (!in_engine)
+	{
+		/*
+		 * The last turn: an item whose queue row a writer still holds stays
+		 * in_flight, ours; fw_enrich_recover (SKIP LOCKED, every 10 s)
+		 * queues it again once the writer is done.  Its answer is dropped:
+		 * the writer's trigger touched the row because a watched column
+		 * changed, so it answers a value the row no longer has.
+		 */
+		for (int i = 0; i < job->nitems; i++)
+			job->items[i].handled = true;
+	}
 	fw_xact_end();
 	if (in_engine)
 	{
@@ -1561,6 +1595,8 @@ fw_enrich_main(Datum main_arg)
 	fw_worker_pin_search_path();
 	/* an answer is durable when its turn commits (see the header) */
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
+	/* never wait long for a writer or DDL (the queue rows are SKIP LOCKED) */
+	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
 	cxt = AllocSetContextCreate(TopMemoryContext, "fw_tier enrich chunk", ALLOCSET_DEFAULT_SIZES);
 
 	fw_xact_begin();

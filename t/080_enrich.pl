@@ -411,6 +411,33 @@ ok(wait_for(q{SELECT count(*) = 2 FROM mal.dm WHERE summary LIKE 'Echo: D: dom%'
 is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
 	'f', 'the worker did not run the domain\'s CHECK as a superuser');
 $node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+
+# --- a writer holding a queue row does not stall the worker ---------------
+# Its trigger's ON CONFLICT locks the in-flight item's queue row; the
+# write-back skips it (no wait under held cancel), other rows go on, and
+# the row is answered for its new value once the writer commits.
+$node->safe_psql('postgres', q{UPDATE mal.x SET body = '[fwsim:slow=2000] slow' WHERE id = 1});
+ok( wait_for(q{SELECT count(*) = 1 FROM fw_tier.enrich_queue q JOIN fw_tier.enrichments e ON e.id = q.enrichment
+			 WHERE e.name = 'malx' AND q.state = 'in_flight'}, 'the slow malx request', 30),
+	'the slow request is in flight');
+my $holder = $node->background_psql('postgres');
+$holder->query_safe(q{BEGIN; UPDATE mal.x SET body = 'held' WHERE id = 1});
+sleep 3;	# the slow answer arrives while the writer holds the queue row
+my $lockwaits = 0;
+for (1 .. 5)
+{
+	$lockwaits += $node->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich' AND wait_event_type = 'Lock'});
+	usleep(400_000);
+}
+is($lockwaits, 0, 'no worker waits for the lock of the writer holding the queue row');
+$node->safe_psql('postgres', q{INSERT INTO mal.x (id, body) VALUES (2, 'free')});
+ok(wait_for(q{SELECT summary = 'Echo: X: free' FROM mal.x WHERE id = 2}, 'row 2 while row 1 is held', 30),
+	'the worker goes on while a writer holds a queue row');
+$holder->query_safe('COMMIT');
+$holder->quit;
+ok(wait_for(q{SELECT summary = 'Echo: X: held' FROM mal.x WHERE id = 1}, 'the held row', 60),
+	'the held row is answered for its committed value');
 $node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malx'); SELECT fw_enrich_drop('maldm')});
 
 # --- drop -----------------------------------------------------------------
