@@ -330,6 +330,11 @@ BEGIN
 		RAISE EXCEPTION 'enrichment source "%" is not a table', src
 			USING ERRCODE = '42809', DETAIL = 'Only ordinary tables take an enrichment.';
 	END IF;
+	-- a worker cannot see another session's temporary table
+	IF rel.relpersistence = 't' THEN
+		RAISE EXCEPTION 'enrichment source "%" is a temporary table', src
+			USING ERRCODE = '42809', DETAIL = 'The workers cannot read another session''s temporary tables.';
+	END IF;
 	cols := fw_tier.enrich_template_columns(template);	-- 22023 on bad syntax
 	IF pg_catalog.cardinality(cols) = 0 THEN
 		RAISE EXCEPTION 'the prompt template names no column'
@@ -478,13 +483,17 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	e	fw_tier.enrichments;
-	n	bigint := 0;
+	e		fw_tier.enrichments;
+	n		bigint := 0;
+	present	boolean;
 BEGIN
 	IF ename IS NULL THEN
 		RAISE EXCEPTION 'enrichment name must not be NULL' USING ERRCODE = '22004';
 	END IF;
-	SELECT * INTO e FROM fw_tier.enrichments WHERE name = ename FOR UPDATE;
+	-- no row lock yet: the rights first (nobody queues for someone else's
+	-- locks), then the table before the registry row, the order a writer
+	-- takes them (its trigger's queue insert takes FOR KEY SHARE of it)
+	SELECT * INTO e FROM fw_tier.enrichments WHERE name = ename;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'enrichment "%" does not exist', ename USING ERRCODE = '42704';
 	END IF;
@@ -494,8 +503,23 @@ BEGIN
 			USING ERRCODE = '42501';
 	END IF;
 	IF action = 'drop' THEN
-		EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_insert', e.source);
-		EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_update', e.source);
+		-- a table gone without an event trigger (a temporary table at the
+		-- end of its session) leaves a dangling regclass: no triggers to drop
+		present := EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = e.source);
+		IF present THEN
+			EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', e.source);	-- DROP TRIGGER's
+		END IF;
+	END IF;
+	-- NO KEY UPDATE: compatible with the FOR KEY SHARE of writers' queue inserts
+	SELECT * INTO e FROM fw_tier.enrichments WHERE id = e.id FOR NO KEY UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'enrichment "%" does not exist', ename USING ERRCODE = '42704';
+	END IF;
+	IF action = 'drop' THEN
+		IF present THEN
+			EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_insert', e.source);
+			EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_update', e.source);
+		END IF;
 		DELETE FROM fw_tier.enrichments WHERE id = e.id;	-- the queue goes with it
 	ELSIF action = 'pause' THEN
 		UPDATE fw_tier.enrichments SET paused = true WHERE id = e.id;

@@ -367,7 +367,7 @@ $node->safe_psql('postgres', q{
 CREATE ROLE mallory LOGIN;
 CREATE SCHEMA mal AUTHORIZATION mallory;
 GRANT EXECUTE ON FUNCTION fw_enrich_create(text, regclass, name, text, text, jsonb),
-	fw_enrich_drop(text) TO mallory;
+	fw_enrich_drop(text), fw_enrich_pause(text), fw_enrich_resume(text) TO mallory;
 SET ROLE mallory;
 CREATE TYPE mal.e AS ENUM ('a', 'b');
 CREATE FUNCTION mal.evil(mal.e) RETURNS json LANGUAGE plpgsql AS $$
@@ -438,6 +438,30 @@ $holder->query_safe('COMMIT');
 $holder->quit;
 ok(wait_for(q{SELECT summary = 'Echo: X: held' FROM mal.x WHERE id = 1}, 'the held row', 60),
 	'the held row is answered for its committed value');
+
+# --- managing an enrichment does not block its table's writers -----------
+my $pauser = $node->background_psql('postgres');
+$pauser->query_safe(q{SET ROLE mallory; BEGIN; SELECT fw_enrich_pause('malx')});
+($rc, $out, $err) = $node->psql('postgres',
+	q{SET statement_timeout = '5s'; INSERT INTO mal.x (id, body) VALUES (3, 'while paused')});
+is($rc, 0, 'an INSERT goes through while a pause of its enrichment is uncommitted')
+  or diag($err);
+$pauser->query_safe('COMMIT');
+$pauser->query_safe(q{BEGIN; SELECT fw_enrich_resume('malx')});
+($rc, $out, $err) = $node->psql('postgres',
+	q{SET statement_timeout = '5s'; INSERT INTO mal.x (id, body) VALUES (4, 'while resumed')});
+is($rc, 0, 'and while a resume is') or diag($err);
+$pauser->query_safe('COMMIT');
+$pauser->quit;
+ok(wait_for(q{SELECT count(*) = 2 FROM mal.x WHERE id IN (3, 4) AND summary LIKE 'Echo: X: while %'}, 'rows 3, 4', 60),
+	'both are enriched after the resume');
+
+# --- a temporary table is refused -----------------------------------------
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory;
+	CREATE TEMP TABLE tmpdocs (id int PRIMARY KEY, body text, summary text);
+	SELECT fw_enrich_create('maltmp', 'tmpdocs', 'summary', 'T: {body}')});
+like($err, qr/is a temporary table/, 'a temporary table cannot be an enrichment source');
+
 $node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malx'); SELECT fw_enrich_drop('maldm')});
 
 # --- drop -----------------------------------------------------------------
