@@ -431,6 +431,20 @@ BEGIN
 	IF maxatt NOT BETWEEN 1 AND 100 THEN
 		RAISE EXCEPTION 'options.max_attempts must be between 1 and 100' USING ERRCODE = '22023';
 	END IF;
+	-- the worker reads these as int4: checked here, not at every claim
+	FOREACH c IN ARRAY ARRAY['chunk', 'concurrency']::name[] LOOP
+		IF opts ? c THEN
+			BEGIN
+				maxatt := (opts ->> c)::integer;
+			EXCEPTION WHEN others THEN
+				maxatt := NULL;
+			END;
+			IF maxatt IS NULL OR maxatt NOT BETWEEN 1 AND 10000 THEN
+				RAISE EXCEPTION 'options.% must be an integer between 1 and 10000', c USING ERRCODE = '22023';
+			END IF;
+		END IF;
+	END LOOP;
+	maxatt := coalesce((opts ->> 'max_attempts')::integer, 5);
 	IF NOT EXISTS (SELECT 1 FROM fw_tier.workloads w WHERE w.workload = wl) THEN
 		RAISE EXCEPTION 'workload "%" does not exist', wl USING ERRCODE = '22023';
 	END IF;

@@ -140,6 +140,7 @@
 #define FW_ENRICH_IDLE_MS	10000	/* a worker with nothing to do leaves */
 #define FW_ENRICH_RECOVER_MS 10000	/* look for orphaned in_flight items */
 #define FW_ENRICH_ERRLEN	500 /* last_error kept, bytes */
+#define FW_ENRICH_PROMPT_MAX (4 * 1024 * 1024)	/* a longer prompt is an item's error */
 
 /* options.kind */
 #define FW_ENRICH_COMPLETE	0
@@ -435,13 +436,27 @@ fw_enrich_template_columns(PG_FUNCTION_ARGS)
 	PG_RETURN_ARRAYTYPE_P(construct_array(d, n, NAMEOID, NAMEDATALEN, false, TYPALIGN_CHAR));
 }
 
-/* the prompt of one row: vals[i] is column i's text, none NULL */
+/*
+ * The prompt of one row: vals[i] is column i's text, none NULL.  NULL when
+ * longer than FW_ENRICH_PROMPT_MAX (measured first: columns of up to 1 GB
+ * each must not reach StringInfo's limit, an error that would fail the
+ * whole chunk).
+ */
 static char *
 fw_template_render(List *segs, char **vals)
 {
 	StringInfoData b;
 	ListCell   *lc;
+	Size		len = 0;
 
+	foreach(lc, segs)
+	{
+		FwSeg	   *s = lfirst(lc);
+
+		len += s->lit ? (Size) s->len : strlen(vals[s->col]);
+		if (len > FW_ENRICH_PROMPT_MAX)
+			return NULL;
+	}
 	initStringInfo(&b);
 	foreach(lc, segs)
 	{
@@ -1047,6 +1062,13 @@ fw_enrich_claim(FwEnrichJob *job)
 		if (o < 0 || o >= n || anynull)
 			continue;
 		job->items[o].prompt = fw_template_render(job->segs, vals);
+		if (job->items[o].prompt == NULL)
+		{
+			/* too long: an attempt charged (a dead letter at max_attempts) */
+			job->items[o].call = -2;
+			job->items[o].err = psprintf("the prompt is longer than %d bytes", FW_ENRICH_PROMPT_MAX);
+			continue;
+		}
 		fw_md5(job->items[o].prompt, job->items[o].md5);
 	}
 	MemoryContextSwitchTo(old);
@@ -1113,16 +1135,18 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 				char	  **vals = palloc(sizeof(char *) * (job->ncols + 1));
 				bool		anynull = false;
 				char		md5[33];
+				char	   *p;
 
 				for (int c = 0; c < job->ncols; c++)
 				{
 					vals[c] = SPI_getvalue(tup, td, c + 2);
 					anynull |= (vals[c] == NULL);
 				}
-				if (anynull)
+				p = anynull ? NULL : fw_template_render(job->segs, vals);
+				if (p == NULL)
 					md5[0] = '\0';
 				else
-					fw_md5(fw_template_render(job->segs, vals), md5);
+					fw_md5(p, md5);
 				if (strcmp(md5, it->md5) == 0)
 				{
 					Datum		uv[2];
@@ -1387,13 +1411,55 @@ static int
 fw_enrich_chunk(int id, MemoryContext cxt)
 {
 	FwEnrichJob *volatile job = NULL;
-	int			n;
+	volatile int n = 0;
 	MemoryContext old;
 
-	fw_xact_begin();
-	job = fw_enrich_load_job(id, cxt);
-	n = job ? fw_enrich_claim(job) : 0;
-	fw_xact_end();
+	PG_TRY();
+	{
+		fw_xact_begin();
+		job = fw_enrich_load_job(id, cxt);
+		n = job ? fw_enrich_claim(job) : 0;
+		fw_xact_end();
+	}
+	PG_CATCH();
+	{
+		/*
+		 * The enrichment cannot be loaded or its items read (SELECT
+		 * revoked, a column's text cast raising, a bad option): its due
+		 * items are charged an attempt, with the items' backoff, so it
+		 * neither loops nor hides (last_error, a dead letter at
+		 * max_attempts, fw_enrich_retry).  A cancel charges nothing.
+		 */
+		ErrorData  *edata;
+		Oid			ftypes[2] = {INT4OID, TEXTOID};
+		Datum		fv[2];
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		if (fw_enrich_stop || edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+		fv[0] = Int32GetDatum(id);
+		fv[1] = CStringGetTextDatum(psprintf("claim: %s", pnstrdup(edata->message, FW_ENRICH_ERRLEN)));
+		fw_xact_begin();
+		fw_q("UPDATE fw_tier.enrich_queue q SET attempts = q.attempts + 1, last_error = $2,"
+			 " state = CASE WHEN q.attempts + 1 >= e.max_attempts THEN 'dead' ELSE 'queued' END,"
+			 " not_before = pg_catalog.now() + pg_catalog.make_interval(secs => LEAST(300, 2 ^ q.attempts))"
+			 " FROM fw_tier.enrichments e"
+			 " WHERE e.id = $1 AND q.enrichment = $1 AND q.state = 'queued'"
+			 " AND q.not_before <= pg_catalog.now()",
+			 2, ftypes, fv, NULL);
+		fw_xact_end();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("fw_tier enrich: enrichment %d cannot claim its items: %s", id, edata->message),
+				 errdetail("Its due items were charged an attempt (fw_tier.enrich_dead_letters at max_attempts).")));
+		FreeErrorData(edata);
+		return 0;
+	}
+	PG_END_TRY();
 	if (n == 0)
 		return 0;
 
@@ -1651,10 +1717,13 @@ fw_enrich_main(Datum main_arg)
 
 		if (id >= 0)
 		{
+			volatile int got = 0;
+
 			pgstat_report_activity(STATE_RUNNING, "fw_tier enrich: a chunk");
+
 			PG_TRY();
 			{
-				(void) fw_enrich_chunk(id, cxt);
+				got = fw_enrich_chunk(id, cxt);
 			}
 			PG_CATCH();
 			{
@@ -1668,6 +1737,13 @@ fw_enrich_main(Datum main_arg)
 			MemoryContextReset(cxt);
 			last_id = id;
 			idle_since = 0;
+			/* nothing claimed (others took it, the table is gone): no spinning */
+			if (got == 0)
+			{
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 200, PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+			}
 			continue;
 		}
 		last_id = 0;

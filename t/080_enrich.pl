@@ -462,6 +462,22 @@ ok(wait_for(q{SELECT count(*) = 2 FROM mal.x WHERE id IN (3, 4) AND summary LIKE
 	SELECT fw_enrich_create('maltmp', 'tmpdocs', 'summary', 'T: {body}')});
 like($err, qr/is a temporary table/, 'a temporary table cannot be an enrichment source');
 
+
+# --- a poisoned enrichment neither loops nor hides -------------------------
+($rc, $out, $err) = $node->psql('postgres',
+	q{SET ROLE mallory; SELECT fw_enrich_create('malbad', 'mal.x', 'summary', 'X: {body}', 'batch', '{"chunk": "many"}')});
+like($err, qr/options.chunk must be an integer/, 'a bad options.chunk is refused at create');
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	CREATE TABLE mal.p (id int PRIMARY KEY, body text, summary text);
+	SELECT fw_enrich_create('malp', 'mal.p', 'summary', 'P: {body}', 'batch', '{"max_attempts": 2}');
+	REVOKE SELECT ON mal.p FROM mallory;
+	INSERT INTO mal.p (id, body) VALUES (1, 'unreadable')});
+ok( wait_for(q{SELECT failed = 1 FROM fw_tier.enrich_status WHERE name = 'malp'}, 'the unreadable row', 30),
+	'an enrichment whose rows its creator cannot read charges attempts and ends as a dead letter');
+like( $node->safe_psql('postgres', q{SET ROLE mallory; SELECT last_error FROM fw_tier.enrich_dead_letters WHERE name = 'malp'}),
+	qr/^claim: permission denied/, 'the dead letter says why');
+$node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malp')});
+
 $node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malx'); SELECT fw_enrich_drop('maldm')});
 
 # --- drop -----------------------------------------------------------------
