@@ -196,6 +196,16 @@ DECLARE
 	hi		jsonb;
 	n		bigint;
 BEGIN
+	-- a column the enrichment names was renamed: never fail the writer
+	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(TG_ARGV[1:1] || TG_ARGV[3:]) c
+				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+								   WHERE a.attrelid = TG_RELID AND a.attname = c
+									 AND a.attnum > 0 AND NOT a.attisdropped)) THEN
+		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
+			TG_ARGV[0], TG_TABLE_NAME
+			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+		RETURN NULL;
+	END IF;
 	IF TG_ARGV[2] = 'range' THEN
 		EXECUTE pg_catalog.format(
 			'SELECT pg_catalog.to_jsonb(pg_catalog.min(n.%1$I)), pg_catalog.to_jsonb(pg_catalog.max(n.%1$I))
@@ -242,6 +252,16 @@ AS $$
 DECLARE
 	k	jsonb;
 BEGIN
+	-- a key column was renamed: never fail the writer
+	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(TG_ARGV[2:]) c
+				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+								   WHERE a.attrelid = TG_RELID AND a.attname = c
+									 AND a.attnum > 0 AND NOT a.attisdropped)) THEN
+		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
+			TG_ARGV[0], TG_TABLE_NAME
+			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+		RETURN NULL;
+	END IF;
 	-- the key columns only (built-in types, enrich_install): never
 	-- to_jsonb(NEW), which would run a cast of any other column's type
 	EXECUTE (SELECT pg_catalog.format('SELECT pg_catalog.jsonb_build_object(%s)',

@@ -859,6 +859,10 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 		AttrNumber	att = get_attnum(relid, k);
 		Oid			kt = att == InvalidAttrNumber ? InvalidOid : get_atttype(relid, att);
 
+		if (att == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("enrichment %d: primary key column \"%s\" no longer exists (renamed?)", id, k)));
 		if (!OidIsValid(kt) || kt >= FirstNormalObjectId || get_typtype(kt) != TYPTYPE_BASE ||
 			type_is_array(kt))
 			ereport(ERROR,

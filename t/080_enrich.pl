@@ -478,6 +478,23 @@ like( $node->safe_psql('postgres', q{SET ROLE mallory; SELECT last_error FROM fw
 	qr/^claim: permission denied/, 'the dead letter says why');
 $node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malp')});
 
+
+# --- renaming a column the enrichment names never fails the writers -------
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	CREATE TABLE mal.r (id int PRIMARY KEY, body text, summary text);
+	INSERT INTO mal.r VALUES (0, 'before', 'done');
+	SELECT fw_enrich_create('malr', 'mal.r', 'summary', 'R: {body}');
+	ALTER TABLE mal.r RENAME COLUMN id TO rid});
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory; INSERT INTO mal.r (rid, body) VALUES (1, 'a')});
+is($rc, 0, 'an INSERT after the key column was renamed succeeds');
+like($err, qr/names a column that no longer exists/, 'with a WARNING');
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory; UPDATE mal.r SET body = 'b' WHERE rid = 0});
+is($rc, 0, 'so does an UPDATE of a watched column') or diag($err);
+$node->safe_psql('postgres', q{SET ROLE mallory; ALTER TABLE mal.r RENAME COLUMN rid TO id; ALTER TABLE mal.r RENAME COLUMN summary TO s2});
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory; INSERT INTO mal.r (id, body) VALUES (2, 'c')});
+is($rc, 0, 'and an INSERT after the target column was renamed');
+$node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malr')});
+
 $node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malx'); SELECT fw_enrich_drop('maldm')});
 
 # --- drop -----------------------------------------------------------------
