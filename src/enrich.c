@@ -888,7 +888,8 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	job->sql_values = psprintf("SELECT k.o%s FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) WITH ORDINALITY k(pk, o)"
 							   " JOIN ONLY %s t ON %s",
 							   sel.data, rel, joinv.data);
-	job->sql_lock = psprintf("SELECT 1%s FROM ONLY %s t WHERE %s FOR UPDATE OF t SKIP LOCKED",
+	/* NO KEY UPDATE: the write-back changes no key; a referencing insert's KEY SHARE need not wait */
+	job->sql_lock = psprintf("SELECT 1%s FROM ONLY %s t WHERE %s FOR NO KEY UPDATE OF t SKIP LOCKED",
 							 sel.data, rel, join.data);
 	job->sql_exists = psprintf("SELECT 1 FROM ONLY %s t WHERE %s", rel, join.data);
 	/* by the key, not ctid: a creator with column privileges cannot read ctid */

@@ -479,6 +479,17 @@ like( $node->safe_psql('postgres', q{SET ROLE mallory; SELECT last_error FROM fw
 $node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malp')});
 
 
+# --- a referencing row's FOR KEY SHARE does not hold the write-back up -----
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	CREATE TABLE mal.child (id int PRIMARY KEY, xid int REFERENCES mal.x (id))});
+my $fk = $node->background_psql('postgres');
+$fk->query_safe(q{BEGIN; INSERT INTO mal.child VALUES (1, 2)});	# KEY SHARE of x row 2
+$node->safe_psql('postgres', q{UPDATE mal.x SET body = 'referenced' WHERE id = 2});
+ok(wait_for(q{SELECT summary = 'Echo: X: referenced' FROM mal.x WHERE id = 2}, 'the referenced row', 30),
+	'a row another transaction references (FOR KEY SHARE) is written back meanwhile');
+$fk->query_safe('COMMIT');
+$fk->quit;
+
 # --- renaming a column the enrichment names never fails the writers -------
 $node->safe_psql('postgres', q{SET ROLE mallory;
 	CREATE TABLE mal.r (id int PRIMARY KEY, body text, summary text);
