@@ -112,9 +112,9 @@ GROUP BY 1, 2, 3, 4;
  * fw_tier.enrichments is the registry (dumped: pg_extension_config_dump).
  * fw_tier.enrich_queue is ONE queue shared by every enrichment of the
  * database, keyed by (enrichment, pk): pk is the row's primary key as a
- * jsonb object {"col": value, ...} (jsonb_populate_record turns it back
- * into the key's own types, so any key type round-trips and the lookup
- * uses the table's primary key index).  One table, not one per
+ * jsonb object {"col": value, ...} (the worker casts ->> back to the
+ * key's own type, which is a built-in scalar type, so the lookup uses the
+ * table's primary key index and no user code runs).  One table, not one per
  * enrichment: the triggers and the workers run fixed SQL against fixed
  * names, an enrichment is created and dropped without DDL on fw_tier, and
  * the status views are one scan.  A row is enqueued at most once (the
@@ -201,7 +201,8 @@ REVOKE EXECUTE ON FUNCTION fw_tier.enrich_notify() FROM PUBLIC;
  * referenced columns with a WHEN clause comparing them, so an UPDATE that
  * changes none of them (the workers' own write-back among them) never
  * calls the function.  SECURITY DEFINER: writers of the table cannot
- * write the queue themselves.  TG_ARGV: enrichment id, target column,
+ * write the queue themselves; so they read only the key columns (built-in
+ * types: no user cast or CHECK runs) and the target's IS NULL.  TG_ARGV: enrichment id, target column,
  * (INSERT only) the mode, then the key columns.
  */
 CREATE FUNCTION fw_tier.enrich_enqueue_insert()
@@ -216,6 +217,16 @@ DECLARE
 	hi		jsonb;
 	n		bigint;
 BEGIN
+	-- a column the enrichment names was renamed: never fail the writer
+	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(TG_ARGV[1:1] || TG_ARGV[3:]) c
+				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+								   WHERE a.attrelid = TG_RELID AND a.attname = c
+									 AND a.attnum > 0 AND NOT a.attisdropped)) THEN
+		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
+			TG_ARGV[0], TG_TABLE_NAME
+			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+		RETURN NULL;
+	END IF;
 	IF TG_ARGV[2] = 'range' THEN
 		EXECUTE pg_catalog.format(
 			'SELECT pg_catalog.to_jsonb(pg_catalog.min(n.%1$I)), pg_catalog.to_jsonb(pg_catalog.max(n.%1$I))
@@ -260,11 +271,24 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	r	jsonb := pg_catalog.to_jsonb(NEW);
 	k	jsonb;
 BEGIN
-	SELECT pg_catalog.jsonb_object_agg(c, r -> c) INTO k
-	  FROM pg_catalog.unnest(TG_ARGV[2:]) c;
+	-- a key column was renamed: never fail the writer
+	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(TG_ARGV[2:]) c
+				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+								   WHERE a.attrelid = TG_RELID AND a.attname = c
+									 AND a.attnum > 0 AND NOT a.attisdropped)) THEN
+		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
+			TG_ARGV[0], TG_TABLE_NAME
+			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+		RETURN NULL;
+	END IF;
+	-- the key columns only (built-in types, enrich_install): never
+	-- to_jsonb(NEW), which would run a cast of any other column's type
+	EXECUTE (SELECT pg_catalog.format('SELECT pg_catalog.jsonb_build_object(%s)',
+									  pg_catalog.string_agg(pg_catalog.format('%L, ($1).%I', c, c), ', '))
+			   FROM pg_catalog.unnest(TG_ARGV[2:]) c)
+	  INTO k USING NEW;
 	INSERT INTO fw_tier.enrich_queue AS q (enrichment, pk)
 	VALUES (TG_ARGV[0]::integer, k)
 	ON CONFLICT (enrichment, pk) DO UPDATE
@@ -276,7 +300,10 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION fw_tier.enrich_enqueue_update() FROM PUBLIC;
 
--- enqueue the rows whose target is NULL (create, resume)
+-- enqueue the rows whose target is NULL (create, resume); ONLY: the
+-- triggers are on this table, not its children (a child may be a foreign
+-- table, whose FDW must not run as the extension's owner); it reads the
+-- key (built-in types) and the target's nullness, nothing else
 CREATE FUNCTION fw_tier.enrich_backfill(e fw_tier.enrichments)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -291,7 +318,7 @@ BEGIN
 	  FROM pg_catalog.unnest(e.key_columns) k;
 	EXECUTE pg_catalog.format(
 		'INSERT INTO fw_tier.enrich_queue (enrichment, pk)
-		 SELECT $1, pg_catalog.jsonb_build_object(%s) FROM %s t WHERE t.%I IS NULL
+		 SELECT $1, pg_catalog.jsonb_build_object(%s) FROM ONLY %s t WHERE t.%I IS NULL
 		 ON CONFLICT (enrichment, pk) DO NOTHING',
 		keyexpr, e.source, e.target_column)
 	  USING e.id;
@@ -344,6 +371,11 @@ BEGIN
 		RAISE EXCEPTION 'enrichment source "%" is not a table', src
 			USING ERRCODE = '42809', DETAIL = 'Only ordinary tables take an enrichment.';
 	END IF;
+	-- a worker cannot see another session's temporary table
+	IF rel.relpersistence = 't' THEN
+		RAISE EXCEPTION 'enrichment source "%" is a temporary table', src
+			USING ERRCODE = '42809', DETAIL = 'The workers cannot read another session''s temporary tables.';
+	END IF;
 	cols := fw_tier.enrich_template_columns(template);	-- 22023 on bad syntax
 	IF pg_catalog.cardinality(cols) = 0 THEN
 		RAISE EXCEPTION 'the prompt template names no column'
@@ -360,6 +392,23 @@ BEGIN
 			USING ERRCODE = '55000',
 				  DETAIL = 'The queue names rows by their primary key.',
 				  HINT = 'Add a primary key to the table.';
+	END IF;
+	/*
+	 * The key's values are turned into jsonb (triggers, backfill) and back
+	 * (worker) by the extension's owner: only built-in scalar types, whose
+	 * conversions and operators run no user code (a user type's cast to
+	 * json, an enum's, a domain's CHECK would run as a superuser).
+	 */
+	SELECT a.attname, a.atttypid::regtype INTO c, atype
+	  FROM pg_catalog.pg_attribute a, pg_catalog.pg_type t
+	 WHERE a.attrelid = src AND a.attname = ANY (keys) AND t.oid = a.atttypid
+	   AND NOT (t.oid < 16384 AND t.typtype = 'b' AND t.typcategory <> 'A'
+				AND t.typnamespace = 'pg_catalog'::regnamespace)
+	 LIMIT 1;
+	IF FOUND THEN
+		RAISE EXCEPTION 'primary key column "%" of "%" has type %, which an enrichment cannot key on', c, src, atype::regtype
+			USING ERRCODE = '0A000',
+				  DETAIL = 'The key columns must be of built-in scalar types (no domain, enum, array, composite or extension type).';
 	END IF;
 	FOREACH c IN ARRAY cols || ARRAY[target] LOOP
 		IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
@@ -423,6 +472,20 @@ BEGIN
 	IF maxatt NOT BETWEEN 1 AND 100 THEN
 		RAISE EXCEPTION 'options.max_attempts must be between 1 and 100' USING ERRCODE = '22023';
 	END IF;
+	-- the worker reads these as int4: checked here, not at every claim
+	FOREACH c IN ARRAY ARRAY['chunk', 'concurrency']::name[] LOOP
+		IF opts ? c THEN
+			BEGIN
+				maxatt := (opts ->> c)::integer;
+			EXCEPTION WHEN others THEN
+				maxatt := NULL;
+			END;
+			IF maxatt IS NULL OR maxatt NOT BETWEEN 1 AND 10000 THEN
+				RAISE EXCEPTION 'options.% must be an integer between 1 and 10000', c USING ERRCODE = '22023';
+			END IF;
+		END IF;
+	END LOOP;
+	maxatt := coalesce((opts ->> 'max_attempts')::integer, 5);
 	IF NOT EXISTS (SELECT 1 FROM fw_tier.workloads w WHERE w.workload = wl) THEN
 		RAISE EXCEPTION 'workload "%" does not exist', wl USING ERRCODE = '22023';
 	END IF;
@@ -475,13 +538,17 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	e	fw_tier.enrichments;
-	n	bigint := 0;
+	e		fw_tier.enrichments;
+	n		bigint := 0;
+	present	boolean;
 BEGIN
 	IF ename IS NULL THEN
 		RAISE EXCEPTION 'enrichment name must not be NULL' USING ERRCODE = '22004';
 	END IF;
-	SELECT * INTO e FROM fw_tier.enrichments WHERE name = ename FOR UPDATE;
+	-- no row lock yet: the rights first (nobody queues for someone else's
+	-- locks), then the table before the registry row, the order a writer
+	-- takes them (its trigger's queue insert takes FOR KEY SHARE of it)
+	SELECT * INTO e FROM fw_tier.enrichments WHERE name = ename;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'enrichment "%" does not exist', ename USING ERRCODE = '42704';
 	END IF;
@@ -491,8 +558,23 @@ BEGIN
 			USING ERRCODE = '42501';
 	END IF;
 	IF action = 'drop' THEN
-		EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_insert', e.source);
-		EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_update', e.source);
+		-- a table gone without an event trigger (a temporary table at the
+		-- end of its session) leaves a dangling regclass: no triggers to drop
+		present := EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = e.source);
+		IF present THEN
+			EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', e.source);	-- DROP TRIGGER's
+		END IF;
+	END IF;
+	-- NO KEY UPDATE: compatible with the FOR KEY SHARE of writers' queue inserts
+	SELECT * INTO e FROM fw_tier.enrichments WHERE id = e.id FOR NO KEY UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'enrichment "%" does not exist', ename USING ERRCODE = '42704';
+	END IF;
+	IF action = 'drop' THEN
+		IF present THEN
+			EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_insert', e.source);
+			EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', 'fw_enrich_' || e.id || '_update', e.source);
+		END IF;
 		DELETE FROM fw_tier.enrichments WHERE id = e.id;	-- the queue goes with it
 	ELSIF action = 'pause' THEN
 		UPDATE fw_tier.enrichments SET paused = true WHERE id = e.id;

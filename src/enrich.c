@@ -37,7 +37,12 @@
  * object); the worker that claims next expands it, in the claim's
  * transaction, into one item per row of the range whose target is NULL
  * (ON CONFLICT DO NOTHING), as the superuser (the rows are read again as
- * the owner before anything is sent).
+ * the owner before anything is sent).  That statement, like the triggers,
+ * touches only the key (built-in scalar types, enrich_install) and the
+ * target's nullness: no cast, domain CHECK or operator of a user type
+ * runs as the superuser.  Rows are found by (pk ->> 'col')::type, never by
+ * jsonb_populate_record(NULL::rel, ...), which runs every domain column's
+ * CHECK.
  *
  * A chunk: claim up to `chunk` queued items (FOR UPDATE SKIP LOCKED, state
  * in_flight, claimed_by = our pid), read their rows, build the prompts,
@@ -92,6 +97,7 @@
 #include "access/heapam.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
@@ -134,6 +140,7 @@
 #define FW_ENRICH_IDLE_MS	10000	/* a worker with nothing to do leaves */
 #define FW_ENRICH_RECOVER_MS 10000	/* look for orphaned in_flight items */
 #define FW_ENRICH_ERRLEN	500 /* last_error kept, bytes */
+#define FW_ENRICH_PROMPT_MAX (4 * 1024 * 1024)	/* a longer prompt is an item's error */
 
 /* options.kind */
 #define FW_ENRICH_COMPLETE	0
@@ -429,13 +436,27 @@ fw_enrich_template_columns(PG_FUNCTION_ARGS)
 	PG_RETURN_ARRAYTYPE_P(construct_array(d, n, NAMEOID, NAMEDATALEN, false, TYPALIGN_CHAR));
 }
 
-/* the prompt of one row: vals[i] is column i's text, none NULL */
+/*
+ * The prompt of one row: vals[i] is column i's text, none NULL.  NULL when
+ * longer than FW_ENRICH_PROMPT_MAX (measured first: columns of up to 1 GB
+ * each must not reach StringInfo's limit, an error that would fail the
+ * whole chunk).
+ */
 static char *
 fw_template_render(List *segs, char **vals)
 {
 	StringInfoData b;
 	ListCell   *lc;
+	Size		len = 0;
 
+	foreach(lc, segs)
+	{
+		FwSeg	   *s = lfirst(lc);
+
+		len += s->lit ? (Size) s->len : strlen(vals[s->col]);
+		if (len > FW_ENRICH_PROMPT_MAX)
+			return NULL;
+	}
 	initStringInfo(&b);
 	foreach(lc, segs)
 	{
@@ -616,7 +637,14 @@ fw_enrich_sigterm(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
 
-	/* stop the engine as a cancel does, then leave cleanly */
+	/*
+	 * Stop the engine as a cancel does, then leave cleanly (the write-back
+	 * holds cancel, but waits for no row lock and at most lock_timeout for
+	 * the table); a second SIGTERM is die(): FATAL at the next
+	 * CHECK_FOR_INTERRUPTS, lock waits included.
+	 */
+	if (fw_enrich_stop)
+		ProcDiePending = true;
 	fw_enrich_stop = true;
 	InterruptPending = true;
 	QueryCancelPending = true;
@@ -703,10 +731,14 @@ fw_enrich_recover(void)
 	Oid			types[1] = {INT4OID};
 	Datum		values[1] = {Int32GetDatum(MyProcPid)};
 
+	/* SKIP LOCKED: a writer's open transaction may hold a queue row */
 	fw_q("UPDATE fw_tier.enrich_queue q SET state = 'queued', claimed_by = NULL, claimed_at = NULL"
-		 " WHERE q.state = 'in_flight' AND (q.claimed_by = $1 OR NOT EXISTS ("
-		 "  SELECT 1 FROM pg_catalog.pg_stat_get_activity(q.claimed_by) a"
-		 "   WHERE a.backend_start <= q.claimed_at))",
+		 " FROM (SELECT x.enrichment, x.pk FROM fw_tier.enrich_queue x"
+		 "  WHERE x.state = 'in_flight' AND (x.claimed_by = $1 OR NOT EXISTS ("
+		 "   SELECT 1 FROM pg_catalog.pg_stat_get_activity(x.claimed_by) a"
+		 "    WHERE a.backend_start <= x.claimed_at))"
+		 "  FOR UPDATE OF x SKIP LOCKED) c"
+		 " WHERE q.enrichment = c.enrichment AND q.pk = c.pk",
 		 1, types, values, NULL);
 }
 
@@ -739,7 +771,10 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	Datum	   *kd;
 	int			nk;
 	StringInfoData sel,
-				join;
+				join,
+				joinv,
+				joinu;
+	char	  **keytypes;
 	ListCell   *lc;
 	int			rc;
 
@@ -811,37 +846,73 @@ fw_enrich_load_job(int id, MemoryContext cxt)
 	foreach(lc, cols)
 		appendStringInfo(&sel, ", (t.%s)::pg_catalog.text", quote_identifier(lfirst(lc)));
 	deconstruct_array(keys, NAMEOID, NAMEDATALEN, false, TYPALIGN_CHAR, &kd, NULL, &nk);
-	initStringInfo(&join);
+	/*
+	 * The key, compared as (pk ->> 'k')::type: its types are built-in
+	 * scalars (enrich_install), so the casts and operators run no user
+	 * code, unlike jsonb_populate_record(NULL::rel, ...), which runs the
+	 * CHECK of every domain-typed column of the table.
+	 */
+	keytypes = palloc(sizeof(char *) * nk);
 	for (int i = 0; i < nk; i++)
 	{
-		const char *k = quote_identifier(NameStr(*DatumGetName(kd[i])));
+		const char *k = NameStr(*DatumGetName(kd[i]));
+		AttrNumber	att = get_attnum(relid, k);
+		Oid			kt = att == InvalidAttrNumber ? InvalidOid : get_atttype(relid, att);
 
-		appendStringInfo(&join, "%s t.%s = p.%s", i ? " AND" : "", k, k);
+		if (att == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("enrichment %d: primary key column \"%s\" no longer exists (renamed?)", id, k)));
+		if (!OidIsValid(kt) || kt >= FirstNormalObjectId || get_typtype(kt) != TYPTYPE_BASE ||
+			type_is_array(kt))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("enrichment %d: primary key column \"%s\" is not of a built-in scalar type", id, k)));
+		keytypes[i] = format_type_extended(kt, -1, FORMAT_TYPE_FORCE_QUALIFY);
+	}
+	initStringInfo(&join);
+	initStringInfo(&joinv);
+	initStringInfo(&joinu);
+	for (int i = 0; i < nk; i++)
+	{
+		const char *k = NameStr(*DatumGetName(kd[i]));
+		const char *fmt = "%s t.%s OPERATOR(pg_catalog.=) (%s OPERATOR(pg_catalog.->>) %s)::%s";
+
+		appendStringInfo(&join, fmt, i ? " AND" : "", quote_identifier(k),
+						 "$1::pg_catalog.jsonb", quote_literal_cstr(k), keytypes[i]);
+		appendStringInfo(&joinv, fmt, i ? " AND" : "", quote_identifier(k),
+						 "k.pk", quote_literal_cstr(k), keytypes[i]);
+		appendStringInfo(&joinu, fmt, i ? " AND" : "", quote_identifier(k),
+						 "$2::pg_catalog.jsonb", quote_literal_cstr(k), keytypes[i]);
 	}
 	job->sql_values = psprintf("SELECT k.o%s FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) WITH ORDINALITY k(pk, o)"
-							   " CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, k.pk) p"
-							   " JOIN %s t ON %s",
-							   sel.data, rel, rel, join.data);
-	job->sql_lock = psprintf("SELECT 1%s FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
-							 " WHERE %s FOR UPDATE OF t SKIP LOCKED",
-							 sel.data, rel, rel, join.data);
-	job->sql_exists = psprintf("SELECT 1 FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $1::pg_catalog.jsonb) p"
-							   " WHERE %s", rel, rel, join.data);
+							   " JOIN ONLY %s t ON %s",
+							   sel.data, rel, joinv.data);
+	/* NO KEY UPDATE: the write-back changes no key; a referencing insert's KEY SHARE need not wait */
+	job->sql_lock = psprintf("SELECT 1%s FROM ONLY %s t WHERE %s FOR NO KEY UPDATE OF t SKIP LOCKED",
+							 sel.data, rel, join.data);
+	job->sql_exists = psprintf("SELECT 1 FROM ONLY %s t WHERE %s", rel, join.data);
 	/* by the key, not ctid: a creator with column privileges cannot read ctid */
-	job->sql_update = psprintf("UPDATE %s t SET %s = $1 FROM pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb) p"
-							   " WHERE %s", rel, quote_identifier(target), rel, join.data);
+	job->sql_update = psprintf("UPDATE ONLY %s t SET %s = $1 WHERE %s",
+							   rel, quote_identifier(target), joinu.data);
 	if (nk == 1)
 	{
 		const char *k = NameStr(*DatumGetName(kd[0]));
 		const char *qk = quote_identifier(k);
+		const char *lk = quote_literal_cstr(k);
 
+		/*
+		 * Run as the superuser (it writes the queue): reads the key and
+		 * the target's nullness only, built-in casts and operators.
+		 */
 		job->sql_expand = psprintf("INSERT INTO fw_tier.enrich_queue (enrichment, pk)"
 								   " SELECT $1, pg_catalog.jsonb_build_object(%s, t.%s)"
-								   " FROM %s t, pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb -> 0) lo,"
-								   " pg_catalog.jsonb_populate_record(NULL::%s, $2::pg_catalog.jsonb -> 1) hi"
-								   " WHERE t.%s >= lo.%s AND t.%s <= hi.%s AND t.%s IS NULL"
+								   " FROM ONLY %s t"
+								   " WHERE t.%s OPERATOR(pg_catalog.>=) ($2::pg_catalog.jsonb -> 0 ->> %s)::%s"
+								   " AND t.%s OPERATOR(pg_catalog.<=) ($2::pg_catalog.jsonb -> 1 ->> %s)::%s"
+								   " AND t.%s IS NULL"
 								   " ON CONFLICT (enrichment, pk) DO NOTHING",
-								   quote_literal_cstr(k), qk, rel, rel, rel, qk, qk, qk, qk,
+								   lk, qk, rel, qk, lk, keytypes[0], qk, lk, keytypes[0],
 								   quote_identifier(target));
 	}
 	MemoryContextSwitchTo(old);
@@ -996,6 +1067,13 @@ fw_enrich_claim(FwEnrichJob *job)
 		if (o < 0 || o >= n || anynull)
 			continue;
 		job->items[o].prompt = fw_template_render(job->segs, vals);
+		if (job->items[o].prompt == NULL)
+		{
+			/* too long: an attempt charged (a dead letter at max_attempts) */
+			job->items[o].call = -2;
+			job->items[o].err = psprintf("the prompt is longer than %d bytes", FW_ENRICH_PROMPT_MAX);
+			continue;
+		}
 		fw_md5(job->items[o].prompt, job->items[o].md5);
 	}
 	MemoryContextSwitchTo(old);
@@ -1004,9 +1082,12 @@ fw_enrich_claim(FwEnrichJob *job)
 
 /*
  * Write back (or requeue, or fail) item i, in a subtransaction of the
- * caller's transaction.  answer NULL: the call failed with err.
+ * caller's transaction.  answer NULL: the call failed with err.  Returns
+ * false when a writer holds the queue row (its trigger's ON CONFLICT):
+ * never wait for it (the writer may keep its transaction open, and the
+ * write-back holds cancel); the caller tries again next turn.
  */
-static void
+static bool
 fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 					  const char *answer, const char *err)
 {
@@ -1017,6 +1098,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 	char		qn[7] = "      ";
 	const char *fail = err;
 	bool		save = false;	/* keep the answer in the item */
+	volatile bool busy = false; /* a writer holds the queue row */
 
 	qv[0] = Int32GetDatum(job->id);
 	qv[1] = CStringGetTextDatum(it->pk);
@@ -1031,9 +1113,18 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 		/* still ours?  (fw_enrich_drop deletes it; never write then) */
 		rc = SPI_execute_with_args("SELECT 1 FROM fw_tier.enrich_queue WHERE enrichment = $1"
 								   " AND pk = $2::pg_catalog.jsonb AND state = 'in_flight'"
-								   " AND claimed_by = $3 FOR UPDATE",
+								   " AND claimed_by = $3 FOR UPDATE SKIP LOCKED",
 								   3, qtypes, qv, NULL, false, 1);
-		if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		if (rc == SPI_OK_SELECT && SPI_processed == 0)
+		{
+			rc = SPI_execute_with_args("SELECT 1 FROM fw_tier.enrich_queue WHERE enrichment = $1"
+									   " AND pk = $2::pg_catalog.jsonb AND state = 'in_flight'"
+									   " AND claimed_by = $3",
+									   3, qtypes, qv, NULL, true, 1);
+			busy = (rc == SPI_OK_SELECT && SPI_processed == 1);
+			fail = NULL;
+		}
+		else if (rc != SPI_OK_SELECT || SPI_processed != 1)
 			fail = NULL;		/* not ours any more: nothing to do */
 		else if (answer != NULL)
 		{
@@ -1049,16 +1140,18 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 				char	  **vals = palloc(sizeof(char *) * (job->ncols + 1));
 				bool		anynull = false;
 				char		md5[33];
+				char	   *p;
 
 				for (int c = 0; c < job->ncols; c++)
 				{
 					vals[c] = SPI_getvalue(tup, td, c + 2);
 					anynull |= (vals[c] == NULL);
 				}
-				if (anynull)
+				p = anynull ? NULL : fw_template_render(job->segs, vals);
+				if (p == NULL)
 					md5[0] = '\0';
 				else
-					fw_md5(fw_template_render(job->segs, vals), md5);
+					fw_md5(p, md5);
 				if (strcmp(md5, it->md5) == 0)
 				{
 					Datum		uv[2];
@@ -1163,6 +1256,7 @@ fw_enrich_finish_item(FwEnrichJob *job, FwEnrichItem *it, Datum value,
 			 6, ftypes, fv, qn);
 	}
 	(void) qtypes;
+	return !busy;
 }
 
 static void
@@ -1206,25 +1300,23 @@ fw_enrich_write_turn(FwEnrichJob *job)
 			continue;
 		if (it->call == -2)
 		{
-			fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
-			it->handled = true;
+			it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
 			continue;
 		}
 		if (it->call < 0)
 		{
 			/* nothing to send, or a saved answer still good */
 			if (it->prompt && it->saved)
-				fw_enrich_finish_item(job, it,
-									  OidInputFunctionCall(job->typinput, it->saved, job->typioparam, -1),
-									  it->saved, NULL);
+				it->handled = fw_enrich_finish_item(job, it,
+													OidInputFunctionCall(job->typinput, it->saved, job->typioparam, -1),
+													it->saved, NULL);
 			else
-				fw_enrich_finish_item(job, it, (Datum) 0, NULL, NULL);
-			it->handled = true;
+				it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL, NULL);
 			continue;
 		}
 		c = &job->calls[it->call];
 		if (it->err && !c->finished)
-			fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
+			it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL, it->err);
 		else if (!c->finished)
 			continue;
 		else if (c->ok)
@@ -1237,13 +1329,12 @@ fw_enrich_write_turn(FwEnrichJob *job)
 				v = PointerGetDatum(fw_embed_answer(c));
 			else
 				v = CStringGetTextDatum(c->content);
-			fw_enrich_finish_item(job, it, v, OidOutputFunctionCall(job->typoutput, v), NULL);
+			it->handled = fw_enrich_finish_item(job, it, v, OidOutputFunctionCall(job->typoutput, v), NULL);
 		}
 		else
-			fw_enrich_finish_item(job, it, (Datum) 0, NULL,
-								  psprintf("%s: %s", fw_outcome_name(c->outcome),
-										   c->detail ? c->detail : "no detail"));
-		it->handled = true;
+			it->handled = fw_enrich_finish_item(job, it, (Datum) 0, NULL,
+												psprintf("%s: %s", fw_outcome_name(c->outcome),
+														 c->detail ? c->detail : "no detail"));
 	}
 	fw_enrich_count_done(job);
 }
@@ -1287,6 +1378,18 @@ fw_enrich_flush(FwEnrichJob *job, bool in_engine)
 	}
 	else
 		fw_enrich_write_turn(job);
+	if (!in_engine)
+	{
+		/*
+		 * The last turn: an item whose queue row a writer still holds stays
+		 * in_flight, ours; fw_enrich_recover (SKIP LOCKED, every 10 s)
+		 * queues it again once the writer is done.  Its answer is dropped:
+		 * the writer's trigger touched the row because a watched column
+		 * changed, so it answers a value the row no longer has.
+		 */
+		for (int i = 0; i < job->nitems; i++)
+			job->items[i].handled = true;
+	}
 	fw_xact_end();
 	if (in_engine)
 	{
@@ -1313,13 +1416,55 @@ static int
 fw_enrich_chunk(int id, MemoryContext cxt)
 {
 	FwEnrichJob *volatile job = NULL;
-	int			n;
+	volatile int n = 0;
 	MemoryContext old;
 
-	fw_xact_begin();
-	job = fw_enrich_load_job(id, cxt);
-	n = job ? fw_enrich_claim(job) : 0;
-	fw_xact_end();
+	PG_TRY();
+	{
+		fw_xact_begin();
+		job = fw_enrich_load_job(id, cxt);
+		n = job ? fw_enrich_claim(job) : 0;
+		fw_xact_end();
+	}
+	PG_CATCH();
+	{
+		/*
+		 * The enrichment cannot be loaded or its items read (SELECT
+		 * revoked, a column's text cast raising, a bad option): its due
+		 * items are charged an attempt, with the items' backoff, so it
+		 * neither loops nor hides (last_error, a dead letter at
+		 * max_attempts, fw_enrich_retry).  A cancel charges nothing.
+		 */
+		ErrorData  *edata;
+		Oid			ftypes[2] = {INT4OID, TEXTOID};
+		Datum		fv[2];
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		if (fw_enrich_stop || edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+		fv[0] = Int32GetDatum(id);
+		fv[1] = CStringGetTextDatum(psprintf("claim: %s", pnstrdup(edata->message, FW_ENRICH_ERRLEN)));
+		fw_xact_begin();
+		fw_q("UPDATE fw_tier.enrich_queue q SET attempts = q.attempts + 1, last_error = $2,"
+			 " state = CASE WHEN q.attempts + 1 >= e.max_attempts THEN 'dead' ELSE 'queued' END,"
+			 " not_before = pg_catalog.now() + pg_catalog.make_interval(secs => LEAST(300, 2 ^ q.attempts))"
+			 " FROM fw_tier.enrichments e"
+			 " WHERE e.id = $1 AND q.enrichment = $1 AND q.state = 'queued'"
+			 " AND q.not_before <= pg_catalog.now()",
+			 2, ftypes, fv, NULL);
+		fw_xact_end();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("fw_tier enrich: enrichment %d cannot claim its items: %s", id, edata->message),
+				 errdetail("Its due items were charged an attempt (fw_tier.enrich_dead_letters at max_attempts).")));
+		FreeErrorData(edata);
+		return 0;
+	}
+	PG_END_TRY();
 	if (n == 0)
 		return 0;
 
@@ -1521,6 +1666,8 @@ fw_enrich_main(Datum main_arg)
 	fw_worker_pin_search_path();
 	/* an answer is durable when its turn commits (see the header) */
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
+	/* never wait long for a writer or DDL (the queue rows are SKIP LOCKED) */
+	SetConfigOption("lock_timeout", "5s", PGC_SUSET, PGC_S_OVERRIDE);
 	cxt = AllocSetContextCreate(TopMemoryContext, "fw_tier enrich chunk", ALLOCSET_DEFAULT_SIZES);
 
 	fw_xact_begin();
@@ -1575,10 +1722,13 @@ fw_enrich_main(Datum main_arg)
 
 		if (id >= 0)
 		{
+			volatile int got = 0;
+
 			pgstat_report_activity(STATE_RUNNING, "fw_tier enrich: a chunk");
+
 			PG_TRY();
 			{
-				(void) fw_enrich_chunk(id, cxt);
+				got = fw_enrich_chunk(id, cxt);
 			}
 			PG_CATCH();
 			{
@@ -1592,6 +1742,13 @@ fw_enrich_main(Datum main_arg)
 			MemoryContextReset(cxt);
 			last_id = id;
 			idle_since = 0;
+			/* nothing claimed (others took it, the table is gone): no spinning */
+			if (got == 0)
+			{
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 200, PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+			}
 			continue;
 		}
 		last_id = 0;

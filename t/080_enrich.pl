@@ -358,6 +358,156 @@ like($node->safe_psql('postgres', q{SELECT 1}), qr/1/, 'alive');
 }
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('many')});
 
+# --- a table owner's code never runs as a superuser --------------------
+# The reviewer's attacks: a cast to json of an enum and a domain's CHECK,
+# both calling ALTER ROLE mallory SUPERUSER (caught: harmless when not
+# privileged).  Key of such a type: refused; extra column of such a type:
+# the triggers and the worker never convert it.
+$node->safe_psql('postgres', q{
+CREATE ROLE mallory LOGIN;
+CREATE SCHEMA mal AUTHORIZATION mallory;
+GRANT EXECUTE ON FUNCTION fw_enrich_create(text, regclass, name, text, text, jsonb),
+	fw_enrich_drop(text), fw_enrich_pause(text), fw_enrich_resume(text) TO mallory;
+SET ROLE mallory;
+CREATE TYPE mal.e AS ENUM ('a', 'b');
+CREATE FUNCTION mal.evil(mal.e) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN ALTER ROLE mallory SUPERUSER; EXCEPTION WHEN others THEN NULL; END;
+	RETURN '"x"';
+END $$;
+CREATE CAST (mal.e AS json) WITH FUNCTION mal.evil(mal.e);
+CREATE FUNCTION mal.evil2(int) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN ALTER ROLE mallory SUPERUSER; EXCEPTION WHEN others THEN NULL; END;
+	RETURN true;
+END $$;
+CREATE DOMAIN mal.d AS int CHECK (mal.evil2(VALUE));
+CREATE TABLE mal.k (k mal.e PRIMARY KEY, body text, summary text);
+INSERT INTO mal.k VALUES ('a', 'key row', NULL);
+CREATE TABLE mal.x (id int PRIMARY KEY, body text, mood mal.e, summary text);
+INSERT INTO mal.x VALUES (1, 'first', 'a', NULL);
+CREATE TABLE mal.dm (id int PRIMARY KEY, body text, dd mal.d, summary text);
+});
+my ($rc, $out, $err) = $node->psql('postgres',
+	q{SET ROLE mallory; SELECT fw_enrich_create('malk', 'mal.k', 'summary', 'K: {body}')});
+like($err, qr/built-in scalar type/, 'a key of a user type (enum with a cast to json) is refused');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
+	'f', 'and creating it did not run the cast as a superuser');
+$node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	SELECT fw_enrich_create('malx', 'mal.x', 'summary', 'X: {body}');
+	SELECT fw_enrich_create('maldm', 'mal.dm', 'summary', 'D: {body}')});
+ok(wait_for(q{SELECT summary = 'Echo: X: first' FROM mal.x WHERE id = 1}, 'malx backfill', 60),
+	'an enrichment of a table with an enum column works');
+$node->safe_psql('postgres', q{SET ROLE mallory; UPDATE mal.x SET body = 'second' WHERE id = 1});
+ok(wait_for(q{SELECT summary = 'Echo: X: second' FROM mal.x WHERE id = 1}, 'malx update', 60),
+	'its UPDATE trigger re-enqueued the row');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
+	'f', 'the UPDATE trigger did not convert the enum column as a superuser');
+$node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+$node->safe_psql('postgres', q{SET ROLE mallory; INSERT INTO mal.dm (id, body) VALUES (1, 'dom'), (2, 'dom2')});
+ok(wait_for(q{SELECT count(*) = 2 FROM mal.dm WHERE summary LIKE 'Echo: D: dom%'}, 'maldm', 60),
+	'an enrichment of a table with a domain column works');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
+	'f', 'the worker did not run the domain\'s CHECK as a superuser');
+$node->safe_psql('postgres', 'ALTER ROLE mallory NOSUPERUSER');
+
+# --- a writer holding a queue row does not stall the worker ---------------
+# Its trigger's ON CONFLICT locks the in-flight item's queue row; the
+# write-back skips it (no wait under held cancel), other rows go on, and
+# the row is answered for its new value once the writer commits.
+$node->safe_psql('postgres', q{UPDATE mal.x SET body = '[fwsim:slow=2000] slow' WHERE id = 1});
+ok( wait_for(q{SELECT count(*) = 1 FROM fw_tier.enrich_queue q JOIN fw_tier.enrichments e ON e.id = q.enrichment
+			 WHERE e.name = 'malx' AND q.state = 'in_flight'}, 'the slow malx request', 30),
+	'the slow request is in flight');
+my $holder = $node->background_psql('postgres');
+$holder->query_safe(q{BEGIN; UPDATE mal.x SET body = 'held' WHERE id = 1});
+sleep 3;	# the slow answer arrives while the writer holds the queue row
+my $lockwaits = 0;
+for (1 .. 5)
+{
+	$lockwaits += $node->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fw_tier enrich' AND wait_event_type = 'Lock'});
+	usleep(400_000);
+}
+is($lockwaits, 0, 'no worker waits for the lock of the writer holding the queue row');
+$node->safe_psql('postgres', q{INSERT INTO mal.x (id, body) VALUES (2, 'free')});
+ok(wait_for(q{SELECT summary = 'Echo: X: free' FROM mal.x WHERE id = 2}, 'row 2 while row 1 is held', 30),
+	'the worker goes on while a writer holds a queue row');
+$holder->query_safe('COMMIT');
+$holder->quit;
+ok(wait_for(q{SELECT summary = 'Echo: X: held' FROM mal.x WHERE id = 1}, 'the held row', 60),
+	'the held row is answered for its committed value');
+
+# --- managing an enrichment does not block its table's writers -----------
+my $pauser = $node->background_psql('postgres');
+$pauser->query_safe(q{SET ROLE mallory; BEGIN; SELECT fw_enrich_pause('malx')});
+($rc, $out, $err) = $node->psql('postgres',
+	q{SET statement_timeout = '5s'; INSERT INTO mal.x (id, body) VALUES (3, 'while paused')});
+is($rc, 0, 'an INSERT goes through while a pause of its enrichment is uncommitted')
+  or diag($err);
+$pauser->query_safe('COMMIT');
+$pauser->query_safe(q{BEGIN; SELECT fw_enrich_resume('malx')});
+($rc, $out, $err) = $node->psql('postgres',
+	q{SET statement_timeout = '5s'; INSERT INTO mal.x (id, body) VALUES (4, 'while resumed')});
+is($rc, 0, 'and while a resume is') or diag($err);
+$pauser->query_safe('COMMIT');
+$pauser->quit;
+ok(wait_for(q{SELECT count(*) = 2 FROM mal.x WHERE id IN (3, 4) AND summary LIKE 'Echo: X: while %'}, 'rows 3, 4', 60),
+	'both are enriched after the resume');
+
+# --- a temporary table is refused -----------------------------------------
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory;
+	CREATE TEMP TABLE tmpdocs (id int PRIMARY KEY, body text, summary text);
+	SELECT fw_enrich_create('maltmp', 'tmpdocs', 'summary', 'T: {body}')});
+like($err, qr/is a temporary table/, 'a temporary table cannot be an enrichment source');
+
+
+# --- a poisoned enrichment neither loops nor hides -------------------------
+($rc, $out, $err) = $node->psql('postgres',
+	q{SET ROLE mallory; SELECT fw_enrich_create('malbad', 'mal.x', 'summary', 'X: {body}', 'batch', '{"chunk": "many"}')});
+like($err, qr/options.chunk must be an integer/, 'a bad options.chunk is refused at create');
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	CREATE TABLE mal.p (id int PRIMARY KEY, body text, summary text);
+	SELECT fw_enrich_create('malp', 'mal.p', 'summary', 'P: {body}', 'batch', '{"max_attempts": 2}');
+	REVOKE SELECT ON mal.p FROM mallory;
+	INSERT INTO mal.p (id, body) VALUES (1, 'unreadable')});
+ok( wait_for(q{SELECT failed = 1 FROM fw_tier.enrich_status WHERE name = 'malp'}, 'the unreadable row', 30),
+	'an enrichment whose rows its creator cannot read charges attempts and ends as a dead letter');
+like( $node->safe_psql('postgres', q{SET ROLE mallory; SELECT last_error FROM fw_tier.enrich_dead_letters WHERE name = 'malp'}),
+	qr/^claim: permission denied/, 'the dead letter says why');
+$node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malp')});
+
+
+# --- a referencing row's FOR KEY SHARE does not hold the write-back up -----
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	CREATE TABLE mal.child (id int PRIMARY KEY, xid int REFERENCES mal.x (id))});
+my $fk = $node->background_psql('postgres');
+$fk->query_safe(q{BEGIN; INSERT INTO mal.child VALUES (1, 2)});	# KEY SHARE of x row 2
+$node->safe_psql('postgres', q{UPDATE mal.x SET body = 'referenced' WHERE id = 2});
+ok(wait_for(q{SELECT summary = 'Echo: X: referenced' FROM mal.x WHERE id = 2}, 'the referenced row', 30),
+	'a row another transaction references (FOR KEY SHARE) is written back meanwhile');
+$fk->query_safe('COMMIT');
+$fk->quit;
+
+# --- renaming a column the enrichment names never fails the writers -------
+$node->safe_psql('postgres', q{SET ROLE mallory;
+	CREATE TABLE mal.r (id int PRIMARY KEY, body text, summary text);
+	INSERT INTO mal.r VALUES (0, 'before', 'done');
+	SELECT fw_enrich_create('malr', 'mal.r', 'summary', 'R: {body}');
+	ALTER TABLE mal.r RENAME COLUMN id TO rid});
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory; INSERT INTO mal.r (rid, body) VALUES (1, 'a')});
+is($rc, 0, 'an INSERT after the key column was renamed succeeds');
+like($err, qr/names a column that no longer exists/, 'with a WARNING');
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory; UPDATE mal.r SET body = 'b' WHERE rid = 0});
+is($rc, 0, 'so does an UPDATE of a watched column') or diag($err);
+$node->safe_psql('postgres', q{SET ROLE mallory; ALTER TABLE mal.r RENAME COLUMN rid TO id; ALTER TABLE mal.r RENAME COLUMN summary TO s2});
+($rc, $out, $err) = $node->psql('postgres', q{SET ROLE mallory; INSERT INTO mal.r (id, body) VALUES (2, 'c')});
+is($rc, 0, 'and an INSERT after the target column was renamed');
+$node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malr')});
+
+$node->safe_psql('postgres', q{SET ROLE mallory; SELECT fw_enrich_drop('malx'); SELECT fw_enrich_drop('maldm')});
+
 # --- drop -----------------------------------------------------------------
 $node->safe_psql('postgres', q{SET ROLE app; SELECT fw_enrich_drop('sum')});
 is( $node->safe_psql('postgres',
