@@ -72,7 +72,7 @@ REVOKE EXECUTE ON FUNCTION fw_tier.ingest_calls(bigint, text, bytea) FROM PUBLIC
 -- fw_tier.node_name would otherwise lose rows to ON CONFLICT DO NOTHING).
 CREATE TABLE fw_tier.origin_nodes (
 	origin_sysid bigint NOT NULL,
-	origin_node text NOT NULL,
+	origin_node text COLLATE "C" NOT NULL,	-- as in fw_tier.calls
 	node_id text NOT NULL,
 	first_shipped timestamptz NOT NULL DEFAULT pg_catalog.now(),
 	PRIMARY KEY (origin_sysid, origin_node)

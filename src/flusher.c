@@ -25,7 +25,8 @@
  * The tail (ring or spill) moves only after the COMMIT is durable: a ring
  * batch commits with synchronous_commit off and its tail move waits, in
  * order, for the WAL flush past its commit record (fw_flusher_move_tail,
- * issue 15); the spill's commits are synchronous.  A failure that is
+ * issue 15); the spill's commits are synchronous (at least 'local', even
+ * where the database's setting is off).  A failure that is
  * not about a row keeps the records and backs off.  The flusher runs with
  * lock_timeout, so a lock held on fw_tier.calls cannot hang it.  Why the
  * log does not drain (no database, no extension, lock timeout, a failing
@@ -51,6 +52,7 @@
 #include "access/table.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "access/xlog_internal.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_extension.h"
 #include "common/string.h"
@@ -135,6 +137,26 @@ static uint64 fw_read_pos = 0;	/* with fw_nmoves > 0: the last move's end */
 static TimestampTz fw_moves_since = 0;	/* the oldest waiting move's age */
 
 /*
+ * The WAL's insert position in the form of a record's end, which
+ * XLogFlush accepts: GetXLogInsertRecPtr gives where the next record
+ * starts, past the page header when that is at a page boundary, a
+ * position the WAL reaches only once more is written (XLogFlush of it
+ * fails on an idle server, after pg_switch_wal say).  Every record
+ * inserted so far ends at or before the boundary.
+ */
+static XLogRecPtr
+fw_insert_end(void)
+{
+	XLogRecPtr	p = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(p, wal_segment_size) == SizeOfXLogLongPHD)
+		p -= SizeOfXLogLongPHD;
+	else if (p % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		p -= SizeOfXLogShortPHD;
+	return p;
+}
+
+/*
  * Move the ring's tail past the batches whose commit the WAL has flushed
  * (all of them, flushing it ourselves, when flush).  No lock held.
  */
@@ -148,7 +170,14 @@ fw_flusher_move_tail(bool flush)
 	if (fw_nmoves == 0)
 		return;
 	if (flush)
-		XLogFlush(fw_moves[fw_nmoves - 1].lsn);
+	{
+		XLogRecPtr	upto = InvalidXLogRecPtr;
+
+		/* the largest: a move queued without an LSN (0) may come last */
+		for (i = 0; i < fw_nmoves; i++)
+			upto = Max(upto, fw_moves[i].lsn);
+		XLogFlush(upto);
+	}
 	flushed = GetFlushRecPtr(NULL);
 	for (i = 0; i < fw_nmoves && fw_moves[i].lsn <= flushed; i++)
 		nrecords += fw_moves[i].nrecords;
@@ -348,6 +377,17 @@ fw_flusher_drain_batch(void)
 			(void) set_config_option("synchronous_commit", "off",
 									 PGC_SUSET, PGC_S_SESSION,
 									 GUC_ACTION_LOCAL, true, 0, false);
+		else if (synchronous_commit == SYNCHRONOUS_COMMIT_OFF)
+		{
+			/*
+			 * A spill batch's space, and a move queued without an LSN, are
+			 * released right after COMMIT: that commit must be flushed,
+			 * whatever synchronous_commit the flusher's database inherits.
+			 */
+			(void) set_config_option("synchronous_commit", "local",
+									 PGC_SUSET, PGC_S_SESSION,
+									 GUC_ACTION_LOCAL, true, 0, false);
+		}
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "fw_tier: writing the call log");
@@ -366,7 +406,7 @@ fw_flusher_drain_batch(void)
 		 * made those rows is below the WAL's insert position.
 		 */
 		lsn = TransactionIdIsValid(xid) ? XactLastCommitEnd :
-			GetXLogInsertRecPtr();
+			fw_insert_end();
 		pgstat_report_activity(STATE_IDLE, NULL);
 		/*
 		 * A long-lived flusher would otherwise report its inserts only at

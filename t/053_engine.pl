@@ -418,6 +418,17 @@ CREATE DATABASE lat1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE temp
 	is($node->safe_psql('postgres', q{SELECT prompt_tokens || '/' || cached_prompt_tokens
 	   FROM fw_tier.calls ORDER BY started_at DESC LIMIT 1}), '10/10',
 		'cached tokens are capped at the prompt tokens in the log');
+
+	# a number beyond numeric's range in the answer: the answer is still
+	# returned (it was paid for), the count logged as unknown
+	my $huge = qq({"choices":[{"message":{"content":"huge"}}],"usage":{"prompt_tokens":1e200000,"completion_tokens":1},"x":-1e200000});
+	$cc0 = calls_count();
+	($ret, $out, $err) = run_sql('postgres', "SELECT fw_complete('" . raw_prompt(200, $huge) . "')");
+	is($out, 'huge', 'a token count of 1e200000: the answer is returned') or diag($err);
+	ok(wait_for('its log row', sub { calls_count() >= $cc0 + 1 }), 'and logged');
+	is($node->safe_psql('postgres', q{SELECT outcome || '/' || coalesce(prompt_tokens::text, '-')
+	   FROM fw_tier.calls ORDER BY started_at DESC LIMIT 1}), 'ok/-',
+		'the count is logged as unknown');
 }
 
 # ===== record mode: a body that is not valid text is no fixture ============
