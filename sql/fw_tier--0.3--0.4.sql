@@ -186,6 +186,30 @@ AS 'MODULE_PATHNAME', 'fw_enrich_notify'
 LANGUAGE C VOLATILE;
 REVOKE EXECUTE ON FUNCTION fw_tier.enrich_notify() FROM PUBLIC;
 
+-- the triggers' check that the columns they were given (by name, in
+-- TG_ARGV) still exist: a rename warns and queues nothing, never failing
+-- the writer's statement
+CREATE FUNCTION fw_tier.enrich_columns_gone(enrichment text, rel oid, cols text[])
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(cols) c
+				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+								   WHERE a.attrelid OPERATOR(pg_catalog.=) rel
+									 AND a.attname OPERATOR(pg_catalog.=) c
+									 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped)) THEN
+		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
+			enrichment, (SELECT r.relname FROM pg_catalog.pg_class r WHERE r.oid OPERATOR(pg_catalog.=) rel)
+			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+		RETURN true;
+	END IF;
+	RETURN false;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION fw_tier.enrich_columns_gone(text, oid, text[]) FROM PUBLIC;
+
 /*
  * The triggers only enqueue.  INSERT: a statement trigger over the
  * transition table.  With a one-column key that has min/max (int, bigint,
@@ -218,13 +242,7 @@ DECLARE
 	n		bigint;
 BEGIN
 	-- a column the enrichment names was renamed: never fail the writer
-	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(TG_ARGV[1:1] || TG_ARGV[3:]) c
-				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-								   WHERE a.attrelid = TG_RELID AND a.attname = c
-									 AND a.attnum > 0 AND NOT a.attisdropped)) THEN
-		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
-			TG_ARGV[0], TG_TABLE_NAME
-			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+	IF fw_tier.enrich_columns_gone(TG_ARGV[0], TG_RELID, TG_ARGV[1:1] || TG_ARGV[3:]) THEN
 		RETURN NULL;
 	END IF;
 	IF TG_ARGV[2] = 'range' THEN
@@ -274,13 +292,7 @@ DECLARE
 	k	jsonb;
 BEGIN
 	-- a key column was renamed: never fail the writer
-	IF EXISTS (SELECT 1 FROM pg_catalog.unnest(TG_ARGV[2:]) c
-				WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-								   WHERE a.attrelid = TG_RELID AND a.attname = c
-									 AND a.attnum > 0 AND NOT a.attisdropped)) THEN
-		RAISE WARNING 'fw_tier: enrichment % of "%" names a column that no longer exists; nothing queued',
-			TG_ARGV[0], TG_TABLE_NAME
-			USING HINT = 'A column was renamed: fw_enrich_drop and fw_enrich_create it again.';
+	IF fw_tier.enrich_columns_gone(TG_ARGV[0], TG_RELID, TG_ARGV[2:]) THEN
 		RETURN NULL;
 	END IF;
 	-- the key columns only (built-in types, enrich_install): never
